@@ -217,8 +217,11 @@ class Transformer(nn.Module):
         self.grad_checkpointing = False  # the trainer turns this on: recompute each layer in backward
         self.source_dir: Path | None = None  # where from_pretrained read us (to copy tokenizer files on save)
 
-    def forward(self, input_ids, positions=None, kv_cache=None, attn_mask=None, return_hidden=False):
-        """input_ids (B, T) -> logits (B, T, vocab), or final-norm hidden states (B, T, hidden).
+    def forward(self, input_ids, positions=None, kv_cache=None, attn_mask=None, return_hidden=False,
+                targets=None, temperature: float = 1.0, return_entropy: bool = False):
+        """input_ids (B, T) -> logits (B, T, vocab), or final-norm hidden states (B, T, hidden), or, given
+        targets (B, T), the fp32 log-prob of each target under softmax(logits / temperature): (B, T)
+        (and the entropy of that distribution, (B, T), with return_entropy).
 
         positions (B, T): absolute position of each token (default 0..T-1 for every row).
         kv_cache: an object with `update(layer_idx, k, v) -> (k, v)` (see sampler.py).
@@ -236,6 +239,14 @@ class Transformer(nn.Module):
             else:
                 x = layer(x, cos, sin, kv_cache, attn_mask)
         x = self.norm(x)
+        if targets is not None:
+            # The fused head never materialises (B*T, vocab) logits. It is called here, inside forward, on
+            # purpose: under FSDP2 the head's weight is only gathered during the root module's forward.
+            from kernels import linear_token_logprobs
+
+            out = linear_token_logprobs(x.flatten(0, 1), self.lm_head.weight, targets.flatten(),
+                                        temperature=temperature, return_entropy=return_entropy)
+            return tuple(o.view(B, T) for o in out) if return_entropy else out.view(B, T)
         return x if return_hidden else self.lm_head(x)
 
     # ------------------------------------------------------------------------------------------------
@@ -364,17 +375,49 @@ def checkpoint_shards(path: Path) -> list[Path]:
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
-def iter_safetensors(path: Path):
-    """Yield (name, tensor) one at a time from a safetensors file (a memory map: a tensor is read when
-    asked for, and its pages can be dropped once copied into the model)."""
-    from safetensors import SafetensorError, safe_open
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
 
+
+def iter_safetensors(path: Path):
+    """Yield (name, cpu tensor) one at a time from a safetensors file.
+
+    The format is an 8-byte header length, a JSON header {name: {dtype, shape, data_offsets}}, then the
+    raw bytes. We read each tensor with a plain read() into a fresh buffer instead of memory-mapping the
+    file: mapped pages count as our resident memory until the map closes, which would hold a whole shard
+    on top of the weights. Reading one tensor at a time bounds the extra memory by the largest tensor.
+    """
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: corrupt or unreadable safetensors file ({e})") from None
+        with open(path, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
+            header_len = int.from_bytes(f.read(8), "little")
+            if file_size < 8 or header_len > file_size - 8:
+                raise CheckpointError(f"{path}: corrupt safetensors file (header length {header_len} "
+                                      f"does not fit in {file_size} bytes)")
+            try:
+                header = json.loads(f.read(header_len))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise CheckpointError(f"{path}: corrupt safetensors file (header is not JSON)") from None
+            data_start = 8 + header_len
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+                if dtype is None:
+                    raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {info.get('dtype')}")
+                begin, end = info["data_offsets"]
+                nbytes = math.prod(info["shape"]) * dtype.itemsize
+                if end - begin != nbytes or data_start + end > file_size:
+                    raise CheckpointError(f"{path}: corrupt safetensors file (tensor '{name}' data is "
+                                          "truncated or does not match its shape)")
+                buf = torch.empty(nbytes, dtype=torch.uint8)
+                f.seek(data_start + begin)
+                if f.readinto(buf.numpy()) != nbytes:
+                    raise CheckpointError(f"{path}: corrupt safetensors file (short read of '{name}')")
+                yield name, buf.view(dtype).reshape(info["shape"])
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
 
 
 # ----------------------------------------------------------------------------------------------------
