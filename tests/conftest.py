@@ -8,3 +8,65 @@ from model import make_tiny_model
 def tiny_model_dir(tmp_path_factory):
     """A Qwen2-architecture checkpoint directory (untied head, GQA, byte-level tokenizer), fp32."""
     return make_tiny_model(tmp_path_factory.mktemp("tiny_qwen2"), arch="qwen2")
+
+
+# ----------------------------------------------------------------------------------------------------
+# tiny COMET checkpoints: built with COMET's own classes on a tiny local BERT, saved the way COMET saves
+# (DIR/checkpoints/model.ckpt next to DIR/hparams.yaml), so comet.load_from_checkpoint loads them through
+# exactly the code path it uses for a real downloaded model
+
+# BERT's tokenizer splits CJK text into single characters, so a hundred-odd common ones cover test strings;
+# anything else becomes [UNK], which is fine for a random model (dict.fromkeys drops repeats, keeps order)
+TINY_BERT_VOCAB = list(dict.fromkeys(
+    ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    + list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'\"-:;()%")
+    + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    + ["the", "##s", "##ed", "##ing", "and", "is", "of", "to", "in", "cat", "dog", "on", "mat", "weather"]
+    + list("的一是不了人我在有他这中大来上国个到说们为子和你地出道也时年得就那要下以生会自着去之过家学对可她里后"
+           "小么心多天而能好都然没日于起还发成事只作当想看文无开手十用主行方又如前所本见经头面公同三已老从动两长知"
+           "猫狗坐垫子今气很翻译世界北京明下雨，。！？")
+))
+
+
+def build_tiny_comet(root, model_class, **kwargs):
+    """A COMET `model_class` checkpoint under `root` on a 2-layer, 16-wide random BERT (seeded, ~0.1 s)."""
+    import pytorch_lightning as ptl
+    import torch
+    from pytorch_lightning.core.saving import save_hparams_to_yaml
+    from transformers import BertConfig, BertTokenizerFast
+
+    encoder = root / "encoder"  # the encoder's tokenizer and config; the checkpoint points here
+    encoder.mkdir(parents=True)
+    (encoder / "vocab.txt").write_text("\n".join(TINY_BERT_VOCAB) + "\n", encoding="utf-8")
+    BertTokenizerFast(vocab_file=str(encoder / "vocab.txt")).save_pretrained(encoder)
+    # initializer_range 1.0 (not 0.02): a near-zero random encoder would score every input alike, and the
+    # tests need samples that score apart so that a mix-up of order or inputs shows
+    BertConfig(vocab_size=len(TINY_BERT_VOCAB), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+               intermediate_size=32, max_position_embeddings=128, initializer_range=1.0).save_pretrained(encoder)
+    torch.manual_seed(0)
+    # the sigmoid keeps scores in (0, 1) like a trained model's, so XCOMET's clamp at 1 never flattens them
+    model = model_class(encoder_model="BERT", pretrained_model=str(encoder), load_pretrained_weights=False,
+                        local_files_only=True, hidden_sizes=[8], final_activation="Sigmoid", **kwargs)
+    trainer = ptl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False)
+    trainer.strategy.connect(model)  # save_checkpoint needs the model attached, not a fit
+    trainer.save_checkpoint(root / "checkpoints" / "model.ckpt")
+    save_hparams_to_yaml(root / "hparams.yaml", model.hparams)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_comet_dir(tmp_path_factory):
+    """Reference-free, shaped like CometKiwi: UnifiedMetric reading [mt, src]."""
+    from comet.models import UnifiedMetric
+
+    return build_tiny_comet(tmp_path_factory.mktemp("tiny_cometkiwi"), UnifiedMetric, input_segments=["mt", "src"])
+
+
+@pytest.fixture(scope="session")
+def tiny_comet_ref_dir(tmp_path_factory):
+    """Reference-based, shaped like XCOMET: word-level error spans + regression over mt/src/ref (also runs
+    without references, as XCOMET does)."""
+    from comet.models import XCOMETMetric
+
+    return build_tiny_comet(tmp_path_factory.mktemp("tiny_xcomet"), XCOMETMetric, word_layer=2)

@@ -1,0 +1,372 @@
+"""The translation task and its rewards: prompts, answer extraction, judge-score parsing, the reward.
+
+One model plays two roles (DESIGN.md, "The method, as this project defines it"):
+  actor: actor_prompt(...) -> sampled response -> extract_answer(response) -> the translation, or None
+         when the response breaks the <think>...</think> <answer>...</answer> format;
+  judge: judge_prompt(...) on each valid translation -> the same model's output -> parse_score(...).
+score_rollouts(...) turns those texts (plus optional COMET scores) into rewards, keeping every component
+apart for logging. CometScorer is SSR-X's CometKiwi reward and eval.py's COMET metric. A custom reward
+(`--reward module:function`) replaces the whole reward.
+
+Everything here is plain Python on strings except CometScorer, which imports COMET only when built.
+"""
+import importlib
+import math
+import numbers
+import re
+import statistics
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from model import Tokenizer
+
+
+class RewardError(ValueError):
+    """Bad input to the task or reward: unknown language or template, bad custom reward, bad COMET model."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# languages and prompts
+
+# WMT23/24 and Flores directions people try first; the prompts name languages in English
+LANGUAGES = {
+    "en": "English", "zh": "Chinese", "de": "German", "fr": "French", "ja": "Japanese", "ru": "Russian",
+    "cs": "Czech", "uk": "Ukrainian", "es": "Spanish", "it": "Italian", "pt": "Portuguese", "ko": "Korean",
+    "ar": "Arabic", "he": "Hebrew", "hi": "Hindi", "is": "Icelandic",
+}
+
+
+def language_name(code: str) -> str:
+    if code not in LANGUAGES:
+        raise RewardError(f"unknown language code {code!r}; known codes: {', '.join(LANGUAGES)}")
+    return LANGUAGES[code]
+
+
+# DeepSeek-R1-Zero's system text, verbatim: the released SSR checkpoints were trained on exactly this
+R1_SYSTEM = (
+    "A conversation between User and Assistant. The User asks a question, and the Assistant solves it. "
+    "The Assistant first thinks about the reasoning process in the mind and then provides the User with the "
+    "answer. The reasoning process is enclosed within <think> </think> and answer is enclosed within "
+    "<answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> "
+    "<answer> answer here </answer>."
+)
+TEMPLATES = ("r1", "chat")
+
+# Generation ends at EOS or right after this text; the sampler keeps it in the response, so
+# extract_answer and parse_score see the closing tag.
+STOP_STRINGS = ("</answer>",)
+
+
+def wrap_prompt(user_text: str, template: str) -> str:
+    """Put one user request into the R1 conversation, as plain text (`r1`) or as a ChatML turn (`chat`).
+
+    `r1` is what a *base* model continues: the system text, then `User:`, the request and `Assistant:`
+    each on their own lines; the response starts right after `Assistant:` (usually with a space or newline).
+    `chat` is for instruction-tuned checkpoints: the R1 text goes in the system message, because it is
+    standing instruction about the output format, and the request is the user turn; the response starts
+    after `<|im_start|>assistant\\n` and the turn ends at `<|im_end|>` (an EOS for the chat template).
+    """
+    if template == "r1":
+        return f"{R1_SYSTEM}\nUser:\n{user_text}\nAssistant:"
+    if template == "chat":
+        return Tokenizer.chat_prompt([{"role": "system", "content": R1_SYSTEM},
+                                      {"role": "user", "content": user_text}])
+    raise RewardError(f"unknown prompt template {template!r}; choose one of {', '.join(TEMPLATES)}")
+
+
+def actor_prompt(src: str, src_lang: str, tgt_lang: str, template: str = "r1") -> str:
+    language_name(src_lang)  # the request names only the target, but a bad source code is still a data error
+    return wrap_prompt(f"Translate the following text to {language_name(tgt_lang)}:\n{src}", template)
+
+
+def judge_prompt(src: str, translation: str, src_lang: str, tgt_lang: str, template: str = "r1") -> str:
+    """GEMBA-DA-style direct assessment with no reference, in the same R1 wrapper as the actor, so the judge
+    reasons in <think> and gives the bare score in <answer>. The zero-score rules close the obvious hacks:
+    copying the source (wrong language), padding with extra text, or offering several candidates."""
+    source, target = language_name(src_lang), language_name(tgt_lang)
+    request = (
+        f"Score the following translation from {source} to {target} on a continuous scale from 0 to 100, "
+        f"where 0 means that no meaning is preserved and 100 means perfect meaning and grammar. "
+        f"Give a score of 0 if the translation contains irrelevant content, is not written in {target}, "
+        f"or offers more than one translation.\n"
+        f'{source} source: "{src}"\n'
+        f'{target} translation: "{translation}"\n'
+        f"Give the score alone, as one number, inside <answer> </answer>."
+    )
+    return wrap_prompt(request, template)
+
+
+# ----------------------------------------------------------------------------------------------------
+# reading the model's outputs
+
+TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+# Leading whitespace is allowed because the response continues "Assistant:" (or the ChatML header) and a
+# model may open with a space or newline; trailing whitespace because EOS may follow the closing tag.
+RESPONSE_FORMAT = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
+
+
+def extract_answer(response: str) -> str | None:
+    """The translation (stripped answer text), or None when the format is invalid.
+
+    Valid = whitespace, one <think>...</think>, whitespace, one non-empty <answer>...</answer>, whitespace,
+    and nothing else. The think part may be empty (the spec asks for the tags, not for a length). Any of the
+    four tags inside the think or answer text (nested or repeated blocks) makes it invalid: the regex alone
+    would let a second block hide inside the first one's text.
+    """
+    m = RESPONSE_FORMAT.fullmatch(response)
+    if m is None or any(tag in m.group(1) or tag in m.group(2) for tag in TAGS):
+        return None
+    return m.group(2).strip() or None
+
+
+# The score alone: plain decimal digits with an optional fraction ("87", "87.5") and an optional final
+# period ("90." is a sentence end, not a second number). Signs, exponents, "/100", "%", words and units
+# are all failures: the prompt asks for the number alone, and anything looser has to guess (is "8/10"
+# 8 or 80?).
+SCORE_FORMAT = re.compile(r"[0-9]+(?:\.[0-9]+)?\.?")
+
+
+def parse_score(judge_response: str) -> float | None:
+    """The judge's score in [0, 100], or None (a parse failure, which the reward counts as score 0).
+
+    The output must hold exactly one <answer> and one </answer>, in that order, with nothing but whitespace
+    after the closing tag (generation stops there). What comes before <answer> is the judge's reasoning and is
+    not checked: a judge that skips <think> still gave a usable score, and judge tokens are never trained on,
+    so leniency there cannot be exploited. Inside the answer: the score alone (SCORE_FORMAT), surrounded by
+    any whitespace. Full-width digits ("９０", as a model may write after Chinese text) are read through
+    NFKC normalisation, which maps them to ASCII.
+    """
+    if judge_response.count("<answer>") != 1 or judge_response.count("</answer>") != 1:
+        return None
+    _, _, rest = judge_response.partition("<answer>")
+    if "</answer>" not in rest:  # the closing tag came before the opening one
+        return None
+    content, _, tail = rest.partition("</answer>")
+    content = unicodedata.normalize("NFKC", content).strip()
+    if tail.strip() or not SCORE_FORMAT.fullmatch(content):
+        return None
+    score = float(content.rstrip("."))
+    return score if 0.0 <= score <= 100.0 else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# the reward
+
+@dataclass
+class RewardBreakdown:
+    """Per-rollout reward components, all lists aligned with the rollouts, so each is logged on its own."""
+    reward: list[float] = field(default_factory=list)  # what GRPO uses
+    format_valid: list[bool] = field(default_factory=list)
+    answer: list[str | None] = field(default_factory=list)  # the extracted translation; None if invalid format
+    self_score: list[float | None] = field(default_factory=list)  # mean parsed judge score 0-100; None if not
+    #                                                                judged or no judgement parsed
+    parse_failures: list[int] = field(default_factory=list)  # judge outputs of this rollout that did not parse
+    judged: list[int] = field(default_factory=list)  # judge outputs of this rollout (0 when invalid, or when
+    #                                                  w_self = 0 and the trainer skipped judging)
+    comet: list[float | None] = field(default_factory=list)  # COMET score as output (~0-1); None if not scored
+
+    def stats(self) -> dict:
+        """Batch means for metrics.jsonl. Means of self/COMET scores are over rollouts that have one; the
+        parse-failure rate is over judge outputs; Spearman between self and COMET scores is the live check
+        that the self-judge ranks translations like an external metric."""
+        selfs = [s for s in self.self_score if s is not None]
+        comets = [c for c in self.comet if c is not None]
+        pairs = [(s, c) for s, c in zip(self.self_score, self.comet) if s is not None and c is not None]
+        return {
+            "reward_mean": statistics.fmean(self.reward),
+            "reward_std": statistics.pstdev(self.reward),
+            "format_valid_rate": statistics.fmean(self.format_valid),
+            "self_score_mean": statistics.fmean(selfs) if selfs else None,
+            "judge_parse_failure_rate": sum(self.parse_failures) / sum(self.judged) if sum(self.judged) else None,
+            "comet_mean": statistics.fmean(comets) if comets else None,
+            "self_comet_spearman": spearman(*zip(*pairs)) if len(pairs) > 1 else None,
+        }
+
+
+def score_rollouts(responses: list[str], judge_outputs: list[list[str]] | None = None,
+                   comet_scores: list[float | None] | None = None, w_self: float = 1.0, w_comet: float = 0.0,
+                   format_penalty: float = -1.0) -> RewardBreakdown:
+    """Rewards for one batch of rollouts: format_penalty when the format is invalid, else
+    w_self * self/100 + w_comet * comet (SSR: w_self=1, w_comet=0; SSR-X: 0.5, 0.5).
+
+    judge_outputs[i] holds the judge's outputs for rollout i (one when greedy, `judge_samples` when sampled;
+    [] for an invalid rollout, which is never judged). The self score averages the judgements that parsed:
+    a parse failure says nothing about the translation, so with several samples it is left out rather than
+    counted as 0; when none parses the self score is 0 for the reward (and None in the log). Every failure
+    is counted. comet_scores[i] is None for rollouts that were not scored (invalid format); both inputs may
+    be None when their weight is 0 and the trainer skipped that work.
+    """
+    n = len(responses)
+    if any(x is not None and len(x) != n for x in (judge_outputs, comet_scores)):
+        raise RewardError(f"score_rollouts: {n} responses but judge_outputs/comet_scores of another length")
+    out = RewardBreakdown()
+    for i, response in enumerate(responses):
+        answer = extract_answer(response)
+        judgements = judge_outputs[i] if judge_outputs is not None else []
+        comet = comet_scores[i] if comet_scores is not None else None
+        scores = [s for s in map(parse_score, judgements) if s is not None] if answer is not None else []
+        self_score = statistics.fmean(scores) if scores else None
+        if answer is None:
+            reward = format_penalty
+        else:
+            if w_self != 0 and not judgements:
+                raise RewardError(f"score_rollouts: rollout {i} has a valid answer but no judge output")
+            if w_comet != 0 and comet is None:
+                raise RewardError(f"score_rollouts: rollout {i} has a valid answer but no COMET score")
+            reward = w_self * (self_score or 0.0) / 100 + (w_comet * comet if w_comet != 0 else 0.0)
+        out.reward.append(reward)
+        out.format_valid.append(answer is not None)
+        out.answer.append(answer)
+        out.self_score.append(self_score)
+        out.judged.append(len(judgements) if answer is not None else 0)
+        out.parse_failures.append(out.judged[-1] - len(scores))
+        out.comet.append(comet if answer is not None else None)
+    return out
+
+
+def spearman(xs, ys) -> float | None:
+    """Spearman rank correlation (ties get their mean rank); None when either side is constant."""
+    def ranks(values):
+        order = sorted(range(len(values)), key=values.__getitem__)
+        r = [0.0] * len(values)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+    rx, ry = ranks(list(xs)), ranks(list(ys))
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    var = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+    return cov / var if var > 0 else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# custom reward plug-in
+
+def load_custom_reward(spec: str):
+    """`module:function` -> a callable taking the list of sample dicts (src, src_lang, tgt_lang, response,
+    answer; answer is None for an invalid format) and returning one float per sample. It replaces the whole
+    reward, format penalty included. The returned wrapper checks every call's output, so a broken reward
+    fails with a clear message instead of turning into NaN advantages later."""
+    module_name, sep, func_name = spec.partition(":")
+    if not sep or not module_name or not func_name or ":" in func_name:
+        raise RewardError(f"custom reward {spec!r}: expected 'module:function', e.g. 'my_rewards:length_bonus'")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        # only a missing target module is our error to explain; a missing import *inside* it is the user's bug
+        # and keeps its own traceback
+        if e.name is None or not (module_name == e.name or module_name.startswith(e.name + ".")):
+            raise
+        raise RewardError(f"custom reward {spec!r}: no module named {e.name!r} (is it on PYTHONPATH?)") from None
+    fn = getattr(module, func_name, None)
+    if not callable(fn):
+        raise RewardError(f"custom reward {spec!r}: module {module_name!r} has no function {func_name!r}")
+
+    def reward(samples: list[dict]) -> list[float]:
+        values = fn(samples)
+        if not isinstance(values, (list, tuple)) or len(values) != len(samples):
+            got = f"{len(values)} values" if isinstance(values, (list, tuple)) else type(values).__name__
+            raise RewardError(f"custom reward {spec!r} must return a list of {len(samples)} floats, got {got}")
+        for v in values:
+            if not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise RewardError(f"custom reward {spec!r} returned {v!r}; every value must be a finite number")
+        return [float(v) for v in values]
+
+    return reward
+
+
+def letter_share_reward(samples: list[dict]) -> list[float]:
+    """An example custom reward (`--reward judge:letter_share_reward`): the share of the letter 'e' among
+    each response's characters. It means nothing for translation; the smoke run uses it because a tiny
+    random model can visibly learn it in a few steps, which shows the whole loop works end to end."""
+    return [s["response"].count("e") / max(1, len(s["response"])) for s in samples]
+
+
+# ----------------------------------------------------------------------------------------------------
+# COMET: SSR-X's reference-free reward (CometKiwi) and eval.py's metrics (XCOMET, CometKiwi, any COMET)
+
+class CometScorer:
+    """Any COMET checkpoint, scored in our own batches on our own device.
+
+    `name_or_path`: a local directory holding checkpoints/model.ckpt and hparams.yaml, a .ckpt file inside
+    such a directory, or a model name (e.g. Unbabel/wmt22-cometkiwi-da) that COMET downloads. A local path
+    never touches the network (local_files_only: the encoder's tokenizer and config must be cached); a name
+    may download, and offline fails with one line saying how to give a local path instead.
+
+    Why not `model.predict()`: it builds a Lightning Trainer, which takes torchrun's environment for a cluster
+    of its own and breaks inside a torchrun job. We run what predict runs per batch (`prepare_for_inference`,
+    then the module's own `predict_step`) without the Trainer. predict_step and not forward, because the final score is
+    model-specific: UnifiedMetric averages its src/ref/src+ref passes, XCOMET mixes regression with an MQM
+    score from its error spans; forward alone would return only one of those parts.
+    """
+
+    def __init__(self, name_or_path: str, device: str | torch.device = "cpu", batch_size: int = 16):
+        import comet  # lazy: COMET pulls in Lightning and torchmetrics (seconds), which plain SSR never needs
+
+        path = Path(name_or_path).expanduser()
+        local = path.exists()
+        if path.is_dir():
+            ckpt = path / "checkpoints" / "model.ckpt"
+        elif local:
+            ckpt = path
+        else:
+            try:
+                ckpt = Path(comet.download_model(name_or_path))
+            except KeyError:  # COMET turns every download failure (offline, unknown name) into a KeyError
+                raise RewardError(
+                    f"COMET model {name_or_path!r}: not a local path and could not be downloaded (offline, or "
+                    f"not a COMET model); pass a local directory holding checkpoints/model.ckpt and hparams.yaml "
+                    f"(e.g. downloaded online with comet.download_model({name_or_path!r}))") from None
+        ckpt = ckpt.resolve()
+        if not ckpt.is_file():
+            raise RewardError(f"{path}: not a COMET checkpoint (no {ckpt.name} in {ckpt.parent})")
+        hparams = ckpt.parents[1] / "hparams.yaml"
+        if not hparams.is_file():  # COMET reads the model class from here
+            raise RewardError(f"{ckpt}: no hparams.yaml in {ckpt.parents[1]} (COMET expects DIR/checkpoints/"
+                              f"model.ckpt next to DIR/hparams.yaml)")
+        try:
+            model = comet.load_from_checkpoint(str(ckpt), local_files_only=local)
+        except OSError:  # transformers found no tokenizer/config for the encoder the checkpoint is built on
+            encoder = yaml.safe_load(hparams.read_text()).get("pretrained_model")
+            raise RewardError(f"{ckpt}: the tokenizer and config of its encoder {encoder!r} are not available "
+                              f"locally; load the model once online by its name so they are cached") from None
+        self.name = str(name_or_path)
+        self.model = model.eval().to(device)
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        # RegressionMetric (wmt22-comet-da) needs references; CometKiwi ignores them; XCOMET uses them if given
+        self.needs_refs = model.requires_references()
+
+    def score(self, srcs: list[str], mts: list[str], refs: list[str] | None = None) -> list[float]:
+        """One score per (src, mt[, ref]) in the input order, as the model outputs it (about 0-1)."""
+        from pytorch_lightning.utilities import move_data_to_device  # the batch mover predict() uses
+
+        if len(srcs) != len(mts) or (refs is not None and len(refs) != len(mts)):
+            raise RewardError(f"COMET {self.name}: srcs, mts and refs must have the same length")
+        if refs is None and self.needs_refs:
+            raise RewardError(f"COMET {self.name}: this model is reference-based; pass refs")
+        samples = [{"src": s, "mt": m} for s, m in zip(srcs, mts)]
+        if refs is not None:
+            for sample, ref in zip(samples, refs):
+                sample["ref"] = ref
+        # batch similar lengths together so little compute goes to padding (predict does the same)
+        order = sorted(range(len(samples)), key=lambda i: len(srcs[i]) + len(mts[i]))
+        scores = [0.0] * len(samples)
+        with torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start:start + self.batch_size]
+                batch = self.model.prepare_for_inference([samples[i] for i in idx])
+                prediction = self.model.predict_step(move_data_to_device(batch, self.device))
+                for i, value in zip(idx, prediction["scores"].tolist()):
+                    scores[i] = value
+        return scores

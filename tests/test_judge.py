@@ -1,0 +1,434 @@
+"""judge.py: prompts, answer extraction, judge-score parsing, rewards, custom rewards, the COMET scorer."""
+import json
+import math
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import judge
+from judge import (LANGUAGES, R1_SYSTEM, STOP_STRINGS, CometScorer, RewardError, actor_prompt, extract_answer,
+                   judge_prompt, language_name, load_custom_reward, parse_score, score_rollouts, spearman)
+
+
+# ----------------------------------------------------------------------------------------------------
+# languages and prompts
+
+def test_language_names():
+    for code in ("en", "zh", "de", "fr", "ja", "ru", "cs", "uk"):
+        assert language_name(code) == LANGUAGES[code]
+    assert language_name("zh") == "Chinese" and language_name("en") == "English"
+
+
+@pytest.mark.parametrize("code", ["xx", "EN", "zh-CN", ""])
+def test_unknown_language_is_a_clear_error(code):
+    with pytest.raises(RewardError, match=r"unknown language code .*known codes: en, zh, de") as e:
+        language_name(code)
+    assert isinstance(e.value, ValueError) and "\n" not in str(e.value)
+    with pytest.raises(RewardError, match="unknown language code"):
+        actor_prompt("Hello.", code, "zh")  # the source code is checked even though the request doesn't use it
+    with pytest.raises(RewardError, match="unknown language code"):
+        judge_prompt("Hello.", "你好。", "en", code)
+
+
+def test_r1_actor_prompt_exact():
+    src = "The river froze overnight, and by morning the children were skating on it."
+    assert actor_prompt(src, "en", "zh") == (
+        "A conversation between User and Assistant. The User asks a question, and the Assistant solves it. "
+        "The Assistant first thinks about the reasoning process in the mind and then provides the User with "
+        "the answer. The reasoning process is enclosed within <think> </think> and answer is enclosed within "
+        "<answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> "
+        "<answer> answer here </answer>.\n"
+        "User:\n"
+        "Translate the following text to Chinese:\n"
+        f"{src}\n"
+        "Assistant:"
+    )
+
+
+def test_r1_actor_prompt_chinese_source():
+    src = "昨晚下了一场大雨，街上的积水到今天早上还没退。"
+    lines = actor_prompt(src, "zh", "en").split("\n")
+    assert lines == [R1_SYSTEM, "User:", "Translate the following text to English:", src, "Assistant:"]
+    assert actor_prompt("Guten Morgen.", "de", "ja", template="r1").split("\n")[2] == \
+        "Translate the following text to Japanese:"
+
+
+def test_chat_actor_prompt():
+    src = "我们明天在北京见。"
+    assert actor_prompt(src, "zh", "en", template="chat") == (
+        f"<|im_start|>system\n{R1_SYSTEM}<|im_end|>\n"
+        f"<|im_start|>user\nTranslate the following text to English:\n{src}<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+def test_unknown_template():
+    with pytest.raises(RewardError, match="unknown prompt template 'alpaca'; choose one of r1, chat"):
+        actor_prompt("Hi.", "en", "zh", template="alpaca")
+    with pytest.raises(RewardError, match="unknown prompt template"):
+        judge_prompt("Hi.", "你好。", "en", "zh", template="R1")
+
+
+def test_judge_prompt():
+    src, mt = "她把那封信读了三遍，然后放回了抽屉。", 'She read the letter three times and put it back in the "drawer".'
+    prompt = judge_prompt(src, mt, "zh", "en")
+    head, request, tail = prompt.partition("User:\n")
+    assert head == R1_SYSTEM + "\n" and request == "User:\n" and tail.endswith("\nAssistant:")
+    assert "from Chinese to English on a continuous scale from 0 to 100" in tail
+    assert "0 means that no meaning is preserved and 100 means perfect meaning and grammar" in tail
+    assert "irrelevant content, is not written in English, or offers more than one translation" in tail
+    assert f'Chinese source: "{src}"\n' in tail and f'English translation: "{mt}"\n' in tail
+    assert "score alone, as one number, inside <answer> </answer>" in tail
+    chat = judge_prompt(src, mt, "zh", "en", template="chat")
+    assert chat.startswith(f"<|im_start|>system\n{R1_SYSTEM}<|im_end|>\n<|im_start|>user\nScore the following")
+    assert f'English translation: "{mt}"' in chat and chat.endswith("<|im_start|>assistant\n")
+
+
+def test_stop_strings():
+    assert STOP_STRINGS == ("</answer>",)
+
+
+# ----------------------------------------------------------------------------------------------------
+# extraction and format
+
+@pytest.mark.parametrize("response, answer", [
+    (" <think>short sentence, keep the tone</think> <answer>今天天气很好。</answer>", "今天天气很好。"),
+    ("\n<think>\n主语是“我们”。\n</think>\n<answer>\nWe will meet in Beijing tomorrow.\n</answer>\n",
+     "We will meet in Beijing tomorrow."),
+    ("<think>x</think><answer>猫坐在垫子上。</answer>", "猫坐在垫子上。"),
+    ("<think></think><answer>Hello.</answer>", "Hello."),  # an empty think is still the format
+    ("<think>a</think>  <answer>  two words  </answer>  \n", "two words"),
+    ("<think>a</think><answer>line one\nline two</answer>", "line one\nline two"),  # inner text kept, only stripped
+    ("<think>a < b and c > d</think><answer>ok</answer>", "ok"),  # angle brackets that are not our tags are fine
+])
+def test_extract_valid(response, answer):
+    assert extract_answer(response) == answer
+
+
+@pytest.mark.parametrize("response", [
+    "<answer>今天天气很好。</answer>",  # missing think
+    "今天天气很好。",  # no tags at all
+    "<think>a</think>",  # missing answer (e.g. ran out of tokens)
+    "<think>a</think><answer>unfinished",  # missing closing tag
+    "<think>a</think><answer></answer>",  # empty answer
+    "<think>a</think><answer>   \n </answer>",  # whitespace-only answer
+    "<think>a</think><answer>one</answer><answer>two</answer>",  # two answers
+    "<think>a</think><think>b</think><answer>x</answer>",  # two thinks
+    "<think>a</think><answer>x</answer> and some more",  # text after the answer
+    "<think>a</think><answer>x</answer><|endoftext|>",  # special-token text is text too
+    "Sure! <think>a</think><answer>x</answer>",  # text before think (only whitespace is allowed)
+    "<think>a</think> Here it is: <answer>x</answer>",  # text between think and answer
+    "<think><think>a</think></think><answer>x</answer>",  # nested think
+    "<think>a</think><answer><answer>x</answer></answer>",  # nested answer
+    "<think>draft <answer>y</answer></think><answer>x</answer>",  # answer tag hidden in think
+    "<answer>x</answer><think>a</think>",  # wrong order
+    "<THINK>a</THINK><ANSWER>x</ANSWER>",  # tags are case-sensitive
+    "",
+])
+def test_extract_invalid(response):
+    assert extract_answer(response) is None
+
+
+# ----------------------------------------------------------------------------------------------------
+# judge-score parsing
+
+@pytest.mark.parametrize("output, score", [
+    ("<think>Accurate and fluent.</think> <answer>87.5</answer>", 87.5),
+    ("<think>ok</think><answer> 90 </answer>", 90.0),
+    ("<think>ok</think><answer>\n90\n</answer>\n", 90.0),
+    ("<think>ok</think><answer>90.</answer>", 90.0),  # a sentence-final period
+    ("<think>ok</think><answer>0</answer>", 0.0),
+    ("<think>ok</think><answer>100</answer>", 100.0),
+    ("<think>ok</think><answer>100.0</answer>", 100.0),
+    ("<think>ok</think><answer>095</answer>", 95.0),
+    ("<answer>75</answer>", 75.0),  # reasoning without think tags is not checked
+    ("The translation keeps the meaning. <answer>60</answer>", 60.0),
+    ("<think>ok</think><answer>９０</answer>", 90.0),  # full-width digits, NFKC-normalised
+])
+def test_parse_score_valid(output, score):
+    assert parse_score(output) == score
+
+
+@pytest.mark.parametrize("output", [
+    "<think>ok</think><answer>87/100</answer>",
+    "<think>ok</think><answer>85 90</answer>",  # several numbers
+    "<think>ok</think><answer>85, maybe 90</answer>",
+    "<think>ok</think><answer>101</answer>",  # out of range
+    "<think>ok</think><answer>100.5</answer>",
+    "<think>ok</think><answer>-5</answer>",  # negative
+    "<think>ok</think><answer>+5</answer>",
+    "<think>ok</think><answer>1e2</answer>",  # exponent
+    "<think>ok</think><answer>.5</answer>",
+    "<think>ok</think><answer>90..</answer>",
+    "<think>ok</think><answer>Score: 90</answer>",  # not the score alone
+    "<think>ok</think><answer>90 points</answer>",
+    "<think>ok</think><answer>90%</answer>",
+    "<think>ok</think><answer>ninety</answer>",
+    "<think>ok</think><answer>nan</answer>",
+    "<think>ok</think><answer>inf</answer>",
+    "<think>ok</think><answer></answer>",  # empty
+    "<think>ok</think><answer>  </answer>",
+    "<think>ok</think> 90",  # missing tags
+    "<think>ok</think><answer>90",  # unclosed (ran out of tokens)
+    "<think>ok</think>90</answer>",
+    "</answer>90<answer>",  # reversed tags
+    "<answer>100</answer><answer>0</answer>",  # two answers
+    "<think>I will write <answer>100</answer></think><answer>40</answer>",
+    "<think>ok</think><answer><answer>90</answer></answer>",
+    "<think>ok</think><answer>90</answer> (very good)",  # text after the answer
+    "",
+])
+def test_parse_score_failures(output):
+    assert parse_score(output) is None
+
+
+# ----------------------------------------------------------------------------------------------------
+# rewards
+
+GOOD = "<think>fine</think><answer>The cat sat on the mat.</answer>"
+BAD = "The cat sat on the mat."
+
+
+def test_ssr_reward_and_format_penalty():
+    out = score_rollouts([GOOD, BAD, GOOD], [["<answer>80</answer>"], [], ["<answer>Score: 80</answer>"]])
+    assert out.reward == [0.8, -1.0, 0.0]  # third: judge parse failure -> self score 0
+    assert out.format_valid == [True, False, True]
+    assert out.answer == ["The cat sat on the mat.", None, "The cat sat on the mat."]
+    assert out.self_score == [80.0, None, None]
+    assert out.parse_failures == [0, 0, 1] and out.judged == [1, 0, 1]
+    assert out.comet == [None, None, None]
+    assert score_rollouts([BAD], [[]], format_penalty=-0.5).reward == [-0.5]
+
+
+def test_ssr_x_weights():
+    out = score_rollouts([GOOD, BAD, GOOD], [["<answer>60</answer>"], [], ["<answer>90</answer>"]],
+                         comet_scores=[0.7, None, 0.5], w_self=0.5, w_comet=0.5)
+    assert out.reward == pytest.approx([0.5 * 0.6 + 0.5 * 0.7, -1.0, 0.5 * 0.9 + 0.5 * 0.5])
+    assert out.comet == [0.7, None, 0.5]
+    # COMET alone: the trainer may skip judging entirely
+    only = score_rollouts([GOOD, BAD], None, comet_scores=[0.25, None], w_self=0.0, w_comet=1.0)
+    assert only.reward == [0.25, -1.0] and only.self_score == [None, None] and only.judged == [0, 0]
+
+
+def test_judge_samples_average_parsed_judgements():
+    judgements = [["<answer>70</answer>", "<answer>80</answer>", "<answer>90</answer>"],
+                  ["<answer>60</answer>", "garbage", "<answer>101</answer>"],
+                  ["no", "tags", "here"]]
+    out = score_rollouts([GOOD, GOOD, GOOD], judgements)
+    assert out.self_score == [80.0, 60.0, None]
+    assert out.reward == pytest.approx([0.8, 0.6, 0.0])
+    assert out.parse_failures == [0, 2, 3] and out.judged == [3, 3, 3]
+
+
+def test_reward_input_errors():
+    with pytest.raises(RewardError, match="rollout 0 has a valid answer but no judge output"):
+        score_rollouts([GOOD], [[]])
+    with pytest.raises(RewardError, match="rollout 1 has a valid answer but no COMET score"):
+        score_rollouts([GOOD, GOOD], [["<answer>1</answer>"]] * 2, [0.5, None], w_self=0.5, w_comet=0.5)
+    with pytest.raises(RewardError, match="2 responses"):
+        score_rollouts([GOOD, BAD], [["<answer>1</answer>"]])
+
+
+def test_stats():
+    out = score_rollouts([GOOD, BAD, GOOD, GOOD],
+                         [["<answer>20</answer>", "x"], [], ["<answer>60</answer>", "<answer>80</answer>"],
+                          ["<answer>90</answer>", "<answer>90</answer>"]],
+                         comet_scores=[0.1, None, 0.9, 0.5], w_self=0.5, w_comet=0.5)
+    s = out.stats()
+    assert s["reward_mean"] == pytest.approx(sum(out.reward) / 4)
+    assert s["reward_std"] == pytest.approx(math.sqrt(sum((r - s["reward_mean"]) ** 2 for r in out.reward) / 4))
+    assert s["format_valid_rate"] == 0.75
+    assert s["self_score_mean"] == pytest.approx((20 + 70 + 90) / 3)
+    assert s["judge_parse_failure_rate"] == pytest.approx(1 / 6)
+    assert s["comet_mean"] == pytest.approx(0.5)
+    assert s["self_comet_spearman"] == pytest.approx(0.5)  # self ranks 0,1,2 vs comet ranks 0,2,1
+    empty = score_rollouts([BAD, BAD], [[], []]).stats()
+    assert empty["format_valid_rate"] == 0.0 and empty["self_score_mean"] is None
+    assert empty["judge_parse_failure_rate"] is None and empty["self_comet_spearman"] is None
+
+
+def test_spearman():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties take their mean rank: x ranks [0, 1.5, 1.5, 3], y ranks [0, 1, 2, 3] -> Pearson of the ranks
+    assert spearman([1, 5, 5, 9], [1, 2, 3, 4]) == pytest.approx(4.5 / math.sqrt(4.5 * 5))
+    assert spearman([3, 3, 3], [1, 2, 3]) is None
+
+
+# ----------------------------------------------------------------------------------------------------
+# custom reward plug-in
+
+@pytest.fixture
+def reward_module(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(textwrap.dedent("""
+        def letter_share(samples):
+            return [(s["answer"] or "").count("a") / max(1, len(s["answer"] or "")) for s in samples]
+        def too_few(samples):
+            return [1.0] * (len(samples) - 1)
+        def not_a_list(samples):
+            return 1.0
+        def strings(samples):
+            return ["0.5" for _ in samples]
+        def nan(samples):
+            return [float("nan") for _ in samples]
+        CONSTANT = 3
+    """))
+    (tmp_path / "broken_rewards.py").write_text("import some_package_that_is_not_installed\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "my_rewards"
+
+
+def test_custom_reward(reward_module):
+    fn = load_custom_reward(f"{reward_module}:letter_share")
+    samples = [{"src": "你好", "src_lang": "zh", "tgt_lang": "en", "response": GOOD, "answer": "aab"},
+               {"src": "你好", "src_lang": "zh", "tgt_lang": "en", "response": BAD, "answer": None}]
+    assert fn(samples) == [pytest.approx(2 / 3), 0.0]
+    assert load_custom_reward("math:sqrt") is not None  # any importable module
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("my_rewards", "expected 'module:function'"),
+    ("my_rewards:", "expected 'module:function'"),
+    (":letter_share", "expected 'module:function'"),
+    ("a:b:c", "expected 'module:function'"),
+    ("no_such_module_xyz:f", "no module named 'no_such_module_xyz'"),
+    ("no_such_pkg_xyz.sub:f", "no module named 'no_such_pkg_xyz'"),
+    ("my_rewards:missing", "module 'my_rewards' has no function 'missing'"),
+    ("my_rewards:CONSTANT", "module 'my_rewards' has no function 'CONSTANT'"),
+])
+def test_custom_reward_spec_errors(reward_module, spec, message):
+    with pytest.raises(RewardError, match=message) as e:
+        load_custom_reward(spec)
+    assert "\n" not in str(e.value)
+
+
+def test_custom_reward_import_error_inside_module_is_not_hidden(reward_module):
+    with pytest.raises(ModuleNotFoundError, match="some_package_that_is_not_installed"):
+        load_custom_reward("broken_rewards:f")
+
+
+@pytest.mark.parametrize("func, message", [
+    ("too_few", "must return a list of 2 floats, got 1 values"),
+    ("not_a_list", "must return a list of 2 floats, got float"),
+    ("strings", "returned '0.5'; every value must be a finite number"),
+    ("nan", "returned nan; every value must be a finite number"),
+])
+def test_custom_reward_output_errors(reward_module, func, message):
+    fn = load_custom_reward(f"{reward_module}:{func}")
+    samples = [{"src": "a", "src_lang": "en", "tgt_lang": "zh", "response": GOOD, "answer": "x"}] * 2
+    with pytest.raises(RewardError, match=message):
+        fn(samples)
+
+
+# ----------------------------------------------------------------------------------------------------
+# COMET
+
+SRCS = ["The cat sat on the mat.", "今天天气很好。", "Is it going to rain in Beijing tomorrow?",
+        "我们明天在北京见。", "the dog", "She read the letter three times and then put it back in the drawer."]
+MTS = ["猫坐在垫子上。", "The weather is nice today.", "北京明天会下雨吗？",
+       "We will meet in Beijing tomorrow.", "狗", "她把信读了三遍。"]
+REFS = ["猫坐在垫子上。", "It is a fine day today.", "明天北京下雨吗？",
+        "See you in Beijing tomorrow.", "那只狗", "她把那封信读了三遍，然后放回了抽屉。"]
+
+
+def predict_scores(model, samples):
+    """The oracle: COMET's own predict (a Lightning Trainer; fine in a plain single-process test)."""
+    return model.predict(samples, batch_size=4, gpus=0, progress_bar=False, num_workers=0).scores
+
+
+def test_comet_kiwi_matches_predict(tiny_comet_dir):
+    scorer = CometScorer(str(tiny_comet_dir), device="cpu", batch_size=4)
+    assert not scorer.needs_refs
+    ours = scorer.score(SRCS, MTS)
+    oracle = predict_scores(scorer.model, [{"src": s, "mt": m} for s, m in zip(SRCS, MTS)])
+    assert ours == pytest.approx(oracle, abs=1e-5)
+    assert max(ours) - min(ours) > 1e-3  # the samples really score differently, so order errors would show
+    # order is kept whatever the batch size and length sorting; references are ignored by a Kiwi model
+    assert CometScorer(str(tiny_comet_dir / "checkpoints" / "model.ckpt"), batch_size=1).score(SRCS, MTS, REFS) \
+        == pytest.approx(ours, abs=1e-5)
+    assert scorer.score([], []) == []
+
+
+def test_comet_reference_based_matches_predict(tiny_comet_ref_dir):
+    scorer = CometScorer(str(tiny_comet_ref_dir), batch_size=4)
+    with_refs = scorer.score(SRCS, MTS, REFS)
+    assert with_refs == pytest.approx(
+        predict_scores(scorer.model, [{"src": s, "mt": m, "ref": r} for s, m, r in zip(SRCS, MTS, REFS)]), abs=1e-5)
+    without = scorer.score(SRCS, MTS)  # XCOMET falls back to quality estimation, as predict does
+    assert without == pytest.approx(predict_scores(scorer.model, [{"src": s, "mt": m} for s, m in zip(SRCS, MTS)]),
+                                    abs=1e-5)
+    assert with_refs != pytest.approx(without, abs=1e-5)
+    scorer.needs_refs = True  # as for a RegressionMetric such as wmt22-comet-da
+    with pytest.raises(RewardError, match="reference-based; pass refs"):
+        scorer.score(SRCS, MTS)
+    with pytest.raises(RewardError, match="same length"):
+        scorer.score(SRCS, MTS, REFS[:2])
+
+
+def test_comet_offline_name_is_one_clear_line(monkeypatch):
+    import comet
+
+    def offline(model, *args, **kwargs):  # what comet.download_model raises for any failure, offline included
+        raise KeyError(f"Model '{model}' not supported by COMET.")
+
+    monkeypatch.setattr(comet, "download_model", offline)
+    with pytest.raises(RewardError) as e:
+        CometScorer("Unbabel/wmt22-cometkiwi-da")
+    message = str(e.value)
+    assert "\n" not in message and "'Unbabel/wmt22-cometkiwi-da'" in message
+    assert "pass a local directory holding checkpoints/model.ckpt and hparams.yaml" in message
+
+
+def test_comet_bad_local_paths(tiny_comet_dir, tmp_path):
+    with pytest.raises(RewardError, match="not a COMET checkpoint"):
+        CometScorer(str(tmp_path))  # a directory without checkpoints/model.ckpt
+    bare = tmp_path / "bare" / "checkpoints"
+    bare.mkdir(parents=True)
+    shutil.copy(tiny_comet_dir / "checkpoints" / "model.ckpt", bare)
+    with pytest.raises(RewardError, match="no hparams.yaml"):
+        CometScorer(str(bare / "model.ckpt"))
+
+
+def test_comet_local_path_is_loaded_offline(tiny_comet_dir, tmp_path, monkeypatch):
+    import comet
+
+    calls = []
+    load = comet.load_from_checkpoint
+    monkeypatch.setattr(comet, "load_from_checkpoint", lambda *a, **kw: calls.append(kw) or load(*a, **kw))
+    CometScorer(str(tiny_comet_dir))
+    assert calls == [{"local_files_only": True}]  # a local path never asks the hub for the encoder files
+    # the checkpoint names its encoder by an absolute path; without it, loading fails with one clear line
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_comet_dir, moved)
+    shutil.move(str(tiny_comet_dir / "encoder"), str(tmp_path / "encoder_away"))
+    try:
+        with pytest.raises(RewardError, match=r"tokenizer and config of its encoder '.*encoder' are not avail") as e:
+            CometScorer(str(moved))
+        assert "\n" not in str(e.value)
+    finally:
+        shutil.move(str(tmp_path / "encoder_away"), str(tiny_comet_dir / "encoder"))
+
+
+def test_sample_data():
+    lines = (Path(judge.__file__).parent / "data" / "sample.jsonl").read_text(encoding="utf-8").splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert len(rows) >= 200 and len({r["src"] for r in rows}) == len(rows)
+    assert all(set(r) == {"src", "src_lang", "tgt_lang"} and r["src"].strip() == r["src"] != "" for r in rows)
+    directions = [(r["src_lang"], r["tgt_lang"]) for r in rows]
+    assert set(directions) == {("en", "zh"), ("zh", "en")} and directions.count(("en", "zh")) >= 100
+    assert directions.count(("zh", "en")) >= 100
+    for r in rows:  # the script really matches the declared language
+        assert any("\u4e00" <= ch <= "\u9fff" for ch in r["src"]) == (r["src_lang"] == "zh")
+        actor_prompt(r["src"], r["src_lang"], r["tgt_lang"])
+
+
+def test_judge_module_does_not_import_comet():
+    # COMET drags in Lightning and torchmetrics (seconds at start-up); plain SSR must not pay for it
+    code = "import sys, judge; print('comet' in sys.modules, 'pytorch_lightning' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(judge.__file__).parent)
+    assert out.stdout.split() == ["False", "False"]
