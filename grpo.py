@@ -1,0 +1,276 @@
+"""GRPO: group-relative advantages and a clipped policy-gradient update, micro-batched and data-parallel.
+
+The update is DeepSeekMath's GRPO objective with the knobs later work found to matter: a separate upper
+clip (DAPO's clip-higher), Dr.GRPO's advantages without std normalisation and its constant length
+normaliser, and a choice of how per-token losses are aggregated.
+
+Conventions. A batch of N rollouts is a `Rollouts`; every (N, T) tensor in it is column-aligned:
+- input_ids (N, T): prompt + response, right-padded. Attention is causal, so right padding never changes
+  the log-probs of the real tokens before it.
+- Column t of any log-prob tensor holds log p(input_ids[:, t+1] | input_ids[:, :t+1]): the model's output
+  at position t predicts the next token (the "shift"). The target of the last column wraps around to
+  column 0 (see `next_tokens`) and is always masked out.
+- response_mask (N, T) bool: True at t when input_ids[:, t+1] is a response token. For a prompt of P tokens
+  and a response of R tokens that is columns P-1 .. P+R-2.
+- old_logprobs, ref_logprobs (N, T) fp32 with the same alignment; values where the mask is False are
+  meaningless and never used.
+
+Distributed: each rank holds its own equal share of the global batch (the same N on every rank, since
+DDP/FSDP2 collectives need every rank to run the same number of forwards and backwards). The model is
+wrapped in DDP or FSDP2 (`fully_shard`), both of which *average* gradients over ranks.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, fields
+
+import torch
+import torch.distributed as dist
+
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, std_normalize: bool = True,
+                     eps: float = 1e-6) -> torch.Tensor:
+    """rewards (N,), N = prompts * group_size with each prompt's group contiguous -> advantages (N,) fp32:
+    (r - mean_g) / (std_g + eps), or r - mean_g (Dr.GRPO) with std_normalize=False.
+
+    std_g is the unbiased sample std (Bessel-corrected, torch.std's default), as verl and TRL compute it,
+    so runs compare with theirs; at group size 8 it is sqrt(8/7) ~ 1.07x the population std, a constant
+    rescale of the advantages.
+    """
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 (got {group_size}): a group of one has no relative signal")
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    r = rewards.float().view(-1, group_size)  # (prompts, G)
+    adv = r - r.mean(1, keepdim=True)
+    if std_normalize:
+        adv = adv / (r.std(1, keepdim=True) + eps)
+    # A group whose rewards are all equal carries no signal, but its float mean can miss the common value
+    # by an ulp (eight 0.87s average to 0.87 +- 6e-8), and dividing that by a ~1e-8 std gives a sizeable
+    # bogus advantage. Such groups get exactly 0.
+    flat = r.amax(1, keepdim=True) == r.amin(1, keepdim=True)
+    return torch.where(flat, 0.0, adv).view(-1)
+
+
+@dataclass
+class Rollouts:
+    """One rollout batch (this rank's share). Shapes and the shift convention: see the module docstring."""
+    input_ids: torch.Tensor  # (N, T) long, prompt + response, right-padded
+    response_mask: torch.Tensor  # (N, T) bool, True where the *target* (token t+1) is a response token
+    advantages: torch.Tensor  # (N,) fp32, one per rollout, shared by all its tokens
+    old_logprobs: torch.Tensor | None = None  # (N, T) fp32, the sampling policy's log-probs (see grpo_update)
+    ref_logprobs: torch.Tensor | None = None  # (N, T) fp32, a frozen reference's, needed when kl_beta > 0
+
+    def __len__(self):
+        return self.input_ids.shape[0]
+
+    def to(self, device) -> "Rollouts":
+        return Rollouts(**{f.name: None if (t := getattr(self, f.name)) is None else t.to(device)
+                           for f in fields(self)})
+
+    def rows(self, start: int, stop: int) -> "Rollouts":
+        """Rows [start, stop), cut to the columns up to the last response target of those rows: the
+        right padding after it would cost compute and change nothing."""
+        mask = self.response_mask[start:stop]
+        cols = mask.any(0).nonzero()
+        # +2: the last target column c needs input column c+1 (its target token) to be kept too
+        width = min(int(cols.max()) + 2, mask.shape[1]) if len(cols) else 1
+
+        def cut(t):
+            return None if t is None else t[start:stop, :width] if t.ndim == 2 else t[start:stop]
+
+        return Rollouts(**{f.name: cut(getattr(self, f.name)) for f in fields(self)})
+
+
+def build_rollouts(prompts: list[list[int]], responses: list[list[int]], advantages, pad_id: int) -> Rollouts:
+    """Token-id lists (N of each) and advantages (N,) -> Rollouts with right-padded input_ids (N, T),
+    T = the longest prompt + response, and its response_mask. Log-probs are filled in later
+    (`sequence_logprobs`)."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("empty prompt: the first response token needs at least one token to condition on")
+    T = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    input_ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    response_mask = torch.zeros((len(prompts), T), dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        input_ids[i, :len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
+        # response tokens sit at columns P .. P+R-1; each is the target of the column before it
+        response_mask[i, len(p) - 1:len(p) + len(r) - 1] = True
+    return Rollouts(input_ids, response_mask, torch.as_tensor(advantages, dtype=torch.float32))
+
+
+def next_tokens(input_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) -> (B, T) targets: column t holds token t+1. The last column wraps to column 0, a valid id
+    (so the head's gather stays in range) whose log-prob is always masked out."""
+    return input_ids.roll(-1, dims=1)
+
+
+def model_device(model) -> torch.device:
+    # under FSDP2 parameters are DTensors; their .device is the local shard's device
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def sequence_logprobs(model, rollouts: Rollouts, micro_batch_size: int, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probs (N, T) fp32 of every next token under `model` (old or reference log-probs), aligned with
+    rollouts.response_mask, on rollouts' device; 0 in the columns a micro-batch cut off.
+
+    Use the same micro_batch_size as grpo_update: identical micro-batches give bit-identical log-probs, so
+    the first update's ratio is exactly 1 (different batch shapes may round differently).
+    temperature must be the sampler's: the policy being trained is softmax(logits / temperature).
+    """
+    out = torch.zeros(rollouts.input_ids.shape, dtype=torch.float32, device=rollouts.input_ids.device)
+    device = model_device(model)
+    for start in range(0, len(rollouts), micro_batch_size):
+        mb = rollouts.rows(start, start + micro_batch_size)
+        ids = mb.input_ids.to(device)  # (b, w)
+        logp = model(ids, targets=next_tokens(ids), temperature=temperature)  # (b, w) fp32
+        out[start:start + len(mb), :ids.shape[1]] = logp.to(out.device)
+    return out
+
+
+def token_losses(logp, old_logp, advantages, response_mask, clip_low=0.2, clip_high=0.2, kl_beta=0.0,
+                 ref_logp=None):
+    """Per-token clipped policy loss (B, T), 0 outside the mask, plus per-token diagnostics (B, T).
+
+    logp (B, T) current log-probs (with grad), old_logp / ref_logp (B, T), advantages (B,),
+    response_mask (B, T) bool.
+      ratio = exp(logp - old_logp)
+      loss  = -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A)  [+ kl_beta * k3_ref]
+      k3_ref = exp(ref - logp) - (ref - logp) - 1, an unbiased, non-negative estimate of KL(policy || ref)
+    """
+    # log-ratios are zeroed outside the mask before exp: padding positions hold arbitrary log-probs, and
+    # an overflow there (exp(...) = inf, times a zero weight) would turn the loss and gradients into NaN
+    log_ratio = torch.where(response_mask, logp - old_logp, 0.0)
+    ratio = torch.exp(log_ratio)
+    adv = advantages[:, None]  # (B, 1): every token of a rollout shares its advantage
+    unclipped = ratio * adv
+    clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * adv
+    loss = -torch.minimum(unclipped, clipped)
+    stats = {
+        # the clipped branch is the one min() picks: the token's gradient is zero
+        "clipped": (clipped < unclipped) & response_mask,
+        # k3 estimate of KL(old || current), from samples of the old policy: (ratio - 1) - log ratio
+        "kl_old": (ratio - 1 - log_ratio).detach(),
+    }
+    if kl_beta > 0:
+        log_ref_ratio = torch.where(response_mask, ref_logp - logp, 0.0)
+        kl_ref = torch.exp(log_ref_ratio) - log_ref_ratio - 1
+        loss = loss + kl_beta * kl_ref
+        stats["kl_ref"] = kl_ref.detach()
+    return torch.where(response_mask, loss, 0.0), stats
+
+
+def loss_weights(response_mask, loss_agg: str, n_tokens: float, n_seqs: float,
+                 max_response_len: int | None = None) -> torch.Tensor:
+    """(B, T) fp32 weight of each token's loss so that sum(weights * token_losses) over every micro-batch
+    of every rank is the global objective. n_tokens / n_seqs count the response tokens / rollouts of the
+    whole global (mini-)batch, all ranks included - never this micro-batch's, or the result would depend
+    on how the batch was split.
+
+    token-mean:              sum_i,t loss / n_tokens (every token counts the same; long responses weigh more)
+    seq-mean-token-mean:     mean_i (sum_t loss / len_i) (every rollout counts the same; GRPO's original)
+    seq-mean-token-sum-norm: mean_i (sum_t loss / max_response_len) (Dr.GRPO: a constant, so no length bias)
+    """
+    mask = response_mask.float()
+    if loss_agg == "token-mean":
+        return mask / n_tokens
+    if loss_agg == "seq-mean-token-mean":
+        # clamp: a rollout with no response tokens contributes nothing instead of 0/0
+        return mask / mask.sum(1, keepdim=True).clamp(min=1) / n_seqs
+    if loss_agg == "seq-mean-token-sum-norm":
+        return mask / (max_response_len * n_seqs)
+    raise ValueError(f"unknown loss_agg '{loss_agg}'; choose from {', '.join(LOSS_AGGS)}")
+
+
+def grpo_update(model, optimizer, rollouts: Rollouts, *, micro_batch_size: int, mini_batches: int = 1,
+                clip_low: float = 0.2, clip_high: float = 0.2, kl_beta: float = 0.0, loss_agg: str = "token-mean",
+                max_response_len: int | None = None, temperature: float = 1.0,
+                max_grad_norm: float = 1.0) -> dict:
+    """Policy update(s) on one rollout batch: `mini_batches` optimizer steps, each on a contiguous 1/M of
+    the rows, each accumulated over micro-batches of `micro_batch_size` rows (forward -> loss -> backward),
+    then grad-norm clipping, optimizer.step() and zero_grad(). LR schedulers are the caller's.
+
+    Old log-probs are the sampling policy's: the trainer computes them with `sequence_logprobs` before this
+    call, with the same micro_batch_size. With mini_batches == 1 the first (only) step then has ratio == 1
+    exactly, so clipping never fires and the gradient is the plain policy gradient; rollouts.old_logprobs may then be
+    None, and the current log-probs (detached) stand in for them, saving that forward pass. With several
+    mini-batches old log-probs are required: from the second step on the model has moved, and the ratio
+    and its clipping are what keep those steps close to the sampling policy.
+
+    max_response_len: the constant of seq-mean-token-sum-norm (the generation budget), required by it.
+    Returns stats (floats, over the global batch): loss (mean over the steps), clip_frac, kl_old,
+    kl_ref (when kl_beta > 0), entropy (token means over response tokens), grad_norm (pre-clip, mean over
+    the steps), tokens (response tokens), steps.
+    """
+    N = len(rollouts)
+    if N % mini_batches:
+        raise ValueError(f"{N} rollouts do not split into {mini_batches} mini-batches")
+    if loss_agg not in LOSS_AGGS:
+        raise ValueError(f"unknown loss_agg '{loss_agg}'; choose from {', '.join(LOSS_AGGS)}")
+    if loss_agg == "seq-mean-token-sum-norm" and not max_response_len:
+        raise ValueError("loss_agg 'seq-mean-token-sum-norm' needs max_response_len")
+    if rollouts.old_logprobs is None and mini_batches > 1:
+        raise ValueError("several mini-batches need old_logprobs (compute them with sequence_logprobs)")
+    if kl_beta > 0 and rollouts.ref_logprobs is None:
+        raise ValueError("kl_beta > 0 needs ref_logprobs from the frozen reference (sequence_logprobs)")
+    device = model_device(model)
+    distributed = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size() if distributed else 1
+    mini = N // mini_batches
+
+    # Global normalisers, one (tokens, rollouts) pair per mini-batch, summed over ranks in one collective.
+    counts = torch.stack([rollouts.response_mask.reshape(mini_batches, mini, -1).sum((1, 2)).double(),
+                          torch.full((mini_batches,), float(mini), dtype=torch.float64)], 1).to(device)  # (M, 2)
+    if distributed:
+        dist.all_reduce(counts)
+    # running sums over this rank's tokens: loss, clipped tokens, kl_old, kl_ref, entropy
+    totals = torch.zeros(5, dtype=torch.float64, device=device)
+    grad_norms = []
+    for m in range(mini_batches):
+        batch = rollouts.rows(m * mini, (m + 1) * mini)
+        n_tokens, n_seqs = counts[m].tolist()
+        starts = range(0, mini, micro_batch_size)
+        for start in starts:
+            mb = batch.rows(start, start + micro_batch_size)
+            # DDP all-reduces gradients in every backward unless told not to: only the last micro-batch
+            # of a step needs it. (FSDP2 reduce-scatters every backward; nothing to do.)
+            last = start == starts[-1]
+            sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+            with sync:
+                ids = mb.input_ids.to(device)  # (b, w)
+                mask = mb.response_mask.to(device)  # (b, w)
+                logp, entropy = model(ids, targets=next_tokens(ids), temperature=temperature,
+                                      return_entropy=True)  # (b, w) fp32 each
+                old = mb.old_logprobs.to(device) if mb.old_logprobs is not None else logp.detach()
+                ref = mb.ref_logprobs.to(device) if kl_beta > 0 else None
+                tok_loss, tok_stats = token_losses(logp, old, mb.advantages.to(device), mask, clip_low,
+                                                   clip_high, kl_beta, ref)
+                loss = (tok_loss * loss_weights(mask, loss_agg, n_tokens, n_seqs, max_response_len)).sum()
+                # `loss` is this rank's share of a global *sum*; DDP and FSDP2 divide the summed gradients
+                # by the world size, so scale it back up to make N ranks equal one process on the batch
+                (loss * world).backward()
+            with torch.no_grad():
+                totals += torch.stack([loss.detach(), tok_stats["clipped"].sum().float(),
+                                       (tok_stats["kl_old"] * mask).sum(),
+                                       (tok_stats["kl_ref"] * mask).sum() if kl_beta > 0 else loss.new_zeros(()),
+                                       (entropy * mask).sum()]).double()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        # with FSDP2's DTensor parameters the norm is a DTensor; full_tensor() gives the plain global value
+        grad_norms.append(float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    if distributed:
+        dist.all_reduce(totals)
+    loss_sum, clipped, kl_old, kl_ref, entropy = totals.tolist()
+    tokens = counts[:, 0].sum().item()
+    stats = {"loss": loss_sum / mini_batches, "clip_frac": clipped / max(tokens, 1),
+             "kl_old": kl_old / max(tokens, 1), "entropy": entropy / max(tokens, 1),
+             "grad_norm": sum(grad_norms) / len(grad_norms), "tokens": int(tokens), "steps": mini_batches}
+    if kl_beta > 0:
+        stats["kl_ref"] = kl_ref / max(tokens, 1)
+    return stats
