@@ -455,6 +455,8 @@ def load_tokenizer(path) -> Tokenizer:
 
     path = Path(path)
     tok_file = path / "tokenizer.json"
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
     if not tok_file.is_file():
         raise CheckpointError(f"{tok_file}: no such file (the model directory needs its tokenizer)")
     try:
