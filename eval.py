@@ -1,0 +1,640 @@
+"""Evaluate translation checkpoints the way the paper does, and compare several side by side.
+
+    python eval.py --model /ckpt/Qwen2.5-7B --model out/ssr-zero-7b/step_400      # the paper's table
+    python eval.py --model DIR --src test.en --ref test.zh --src-lang en --tgt-lang zh --metrics bleu,chrf
+
+Three phases, each resumable from what is already under --out:
+  1. translate  each model in turn translates each test set with our sampler (greedy by default), with the
+                training prompt and <answer> extraction; every batch is appended to
+                OUT/<model>/<set>/segments.jsonl, so an interrupted run continues where it stopped.
+                `self-judge` also runs here, while the model is loaded: the model scores its own
+                translations with the training judge prompt, greedy.
+  2. score      each COMET model in turn (XCOMET-XXL, CometKiwi-XXL, any other) scores every model x set,
+                then is freed before the next loads: two XXL models never share the GPU. BLEU and chrF
+                through sacrebleu, tokenize="zh" for Chinese targets.
+  3. report     OUT/results.json (per model, per set, per metric), OUT/table.md (the paper's table: rows =
+                models; per direction WMT23/WMT24/Flores x CometKiwi/XCOMET and their average; then every
+                metric of every set), also printed.
+
+A response whose format is invalid (no single <think>..</think> <answer>..</answer>) keeps its raw text in
+segments.jsonl and is scored as an empty translation by every metric: dropping it would flatter the model.
+COMET and self-judge scores are x100 (0-100, like BLEU and chrF).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import sacrebleu
+import torch
+from tqdm import tqdm
+
+import judge
+from judge import RewardError
+from model import CheckpointError, Transformer, load_tokenizer
+from sampler import Sampler
+
+
+class EvalError(ValueError):
+    """Bad input to the evaluation (a test set, a file, a flag); the message says what and how to fix it."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# test sets
+
+# the paper's table: WMT23, WMT24 and Flores200 devtest, both directions between English and Chinese
+PAPER_SETS = ("wmt23:zh-en", "wmt24:zh-en", "flores:zh-en", "wmt23:en-zh", "wmt24:en-zh", "flores:en-zh")
+# Flores file names per language; flores_plus (the maintained release) renamed zho_Hans to cmn_Hans
+FLORES_CODES = {"en": ("eng_Latn",), "zh": ("zho_Hans", "cmn_Hans")}
+
+
+@dataclass
+class TestSet:
+    name: str  # "wmt23:en-zh", "flores:zh-en", or a local file's stem
+    src_lang: str
+    tgt_lang: str
+    srcs: list[str]
+    refs: list[str]
+    origin: str  # where the text came from, recorded in results.json
+    note: str = ""  # what a reader of the numbers must know (wmt24:zh-en is en-zh reversed)
+
+
+def checked_set(ts: TestSet) -> TestSet:
+    """Every set goes through here: aligned, non-empty sources, languages the prompts can name."""
+    for code in (ts.src_lang, ts.tgt_lang):
+        judge.language_name(code)  # RewardError on an unknown code, before any model is loaded
+    if len(ts.srcs) != len(ts.refs):
+        raise EvalError(f"{ts.name}: {len(ts.srcs)} sources but {len(ts.refs)} references ({ts.origin})")
+    if not ts.srcs:
+        raise EvalError(f"{ts.name}: no segments ({ts.origin})")
+    for i, src in enumerate(ts.srcs):
+        if not src.strip():  # an empty prompt asks the model to translate nothing: a data error, not a test
+            raise EvalError(f"{ts.name}: segment {i + 1} has an empty source ({ts.origin})")
+    return ts
+
+
+def read_lines(path: Path) -> list[str]:
+    """One segment a line. Split on "\\n" only: str.splitlines would also split at U+2028 and friends, which
+    occur inside real segments and would shift every later line against its reference."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise EvalError(f"{path}: cannot read ({e})") from None
+    return [line.strip() for line in text.removesuffix("\n").split("\n")] if text else []
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    for n, line in enumerate(read_lines(path), 1):
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EvalError(f"{path}:{n}: not JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise EvalError(f"{path}:{n}: expected a JSON object")
+        rows.append(row)
+    return rows
+
+
+def load_sacrebleu(corpus: str, pair: str, name: str) -> tuple[list[str], list[str], str]:
+    """Source and first reference of a sacrebleu test set (`name` is the set asked for, for messages); sacrebleu
+    downloads it once into $SACREBLEU (default ~/.sacrebleu) and reads the cached copy from then on."""
+    from sacrebleu.dataset import DATASETS
+
+    if corpus not in DATASETS or pair not in DATASETS[corpus].langpairs:
+        raise EvalError(f"{name}: sacrebleu {sacrebleu.__version__} has no test set {corpus} {pair} "
+                        f"(WMT24 needs sacrebleu >= 2.5); named sets: {', '.join(PAPER_SETS)} or any sacrebleu "
+                        f"set as NAME:SRC-TGT; for other data use --src/--ref")
+    dataset = DATASETS[corpus]
+    try:
+        src_file = dataset.get_source_file(pair)
+        ref_files = dataset.get_reference_files(pair)
+    except (OSError, SystemExit):  # URLError is an OSError; sacrebleu calls sys.exit on a bad checksum or SSL
+        cache = os.environ.get("SACREBLEU", "~/.sacrebleu")
+        raise EvalError(f"{name}: not in the sacrebleu cache ({cache}) and the download failed (offline?); run "
+                        f"once online, or copy a ~/.sacrebleu cache here and point SACREBLEU at it, or pass "
+                        f"the files with --src/--ref") from None
+    if not ref_files:
+        raise EvalError(f"{name}: sacrebleu has no reference for {corpus} {pair}")
+    return read_lines(Path(src_file)), read_lines(Path(ref_files[0])), f"sacrebleu {corpus} {pair}"
+
+
+def flores_file(root: Path, lang: str, name: str) -> Path:
+    """The devtest file of `lang` in any of the common layouts: the FLORES-200 release
+    (flores200_dataset/devtest/eng_Latn.devtest, or the folder inside it) or flores_plus (devtest/eng_Latn.jsonl)."""
+    tried = []
+    for base in (root, root / "flores200_dataset"):
+        for code in FLORES_CODES[lang]:
+            for path in (base / "devtest" / f"{code}.devtest", base / "devtest" / f"{code}.jsonl"):
+                if path.is_file():
+                    return path
+                tried.append(path)
+    raise EvalError(f"{name}: no Flores devtest file for {lang} under {root} (looked for {tried[0]}, "
+                    f"{tried[1]} and {len(tried) - 2} more: FLORES-200 or flores_plus layouts)")
+
+
+def read_flores(path: Path) -> list[str]:
+    if path.suffix == ".jsonl":  # flores_plus: one object per sentence, the text under "text", in id order
+        rows = read_jsonl(path)
+        if any("text" not in r for r in rows):
+            raise EvalError(f"{path}: a line has no 'text' field (expected flores_plus jsonl)")
+        return [r["text"].strip() for r in rows]
+    return read_lines(path)
+
+
+def load_named_set(name: str, flores_dir: str | None) -> TestSet:
+    corpus, _, pair = name.partition(":")
+    src_lang, _, tgt_lang = pair.partition("-")
+    if not corpus or not src_lang or not tgt_lang:
+        raise EvalError(f"test set {name!r}: expected NAME:SRC-TGT, e.g. wmt23:en-zh")
+    if corpus == "flores":
+        if src_lang not in FLORES_CODES or tgt_lang not in FLORES_CODES:
+            raise EvalError(f"{name}: Flores sets here are en-zh and zh-en")
+        if not flores_dir:
+            raise EvalError(f"{name}: no Flores directory; pass --flores-dir DIR or set FLORES_DIR (the FLORES-200 "
+                            f"release, flores200_dataset/devtest/*.devtest, or flores_plus, devtest/*.jsonl)")
+        root = Path(flores_dir).expanduser()
+        src_file, ref_file = flores_file(root, src_lang, name), flores_file(root, tgt_lang, name)
+        return checked_set(TestSet(name, src_lang, tgt_lang, read_flores(src_file), read_flores(ref_file),
+                                   f"{src_file} / {ref_file}"))
+    if name == "wmt24:zh-en":
+        # WMT24 has no zh->en task. The paper reports a WMT24 ZH->EN column all the same; the only reading that
+        # gives one is en-zh run backwards: the Chinese references become sources, the English sources references.
+        srcs, refs, origin = load_sacrebleu("wmt24", "en-zh", name)
+        return checked_set(TestSet(name, "zh", "en", refs, srcs, origin + ", reversed",
+                                   note="WMT24 has no zh-en: this is wmt24 en-zh reversed (Chinese references "
+                                        "as sources, English sources as references)"))
+    srcs, refs, origin = load_sacrebleu(corpus, pair, name)
+    return checked_set(TestSet(name, src_lang, tgt_lang, srcs, refs, origin))
+
+
+def load_local_set(src: str, ref: str | None, src_lang: str | None, tgt_lang: str | None) -> TestSet:
+    """--src FILE: plain text with --ref/--src-lang/--tgt-lang, or jsonl lines {src, ref, src_lang, tgt_lang}.
+    The set is named after the file (test.en -> "test")."""
+    path = Path(src).expanduser()
+    name = path.stem
+    if path.suffix == ".jsonl":
+        if ref or src_lang or tgt_lang:
+            raise EvalError(f"{path}: a jsonl carries its own ref, src_lang and tgt_lang; drop --ref/--src-lang/"
+                            f"--tgt-lang")
+        rows = read_jsonl(path)
+        for n, row in enumerate(rows, 1):
+            missing = [k for k in ("src", "ref", "src_lang", "tgt_lang") if not isinstance(row.get(k), str)]
+            if missing:
+                raise EvalError(f"{path}: line {n} lacks {', '.join(missing)} (each line needs src, ref, src_lang, "
+                                f"tgt_lang as strings)")
+        directions = {(r["src_lang"], r["tgt_lang"]) for r in rows}
+        if len(directions) != 1:  # one set = one direction: BLEU's tokenizer and the table's columns depend on it
+            raise EvalError(f"{path}: " + (f"mixes directions {sorted(directions)}; use one file per direction"
+                                           if directions else "no segments"))
+        (src_lang, tgt_lang), = directions
+        return checked_set(TestSet(name, src_lang, tgt_lang, [r["src"].strip() for r in rows],
+                                   [r["ref"].strip() for r in rows], str(path)))
+    if not (ref and src_lang and tgt_lang):
+        raise EvalError(f"{path}: a plain-text --src needs --ref, --src-lang and --tgt-lang (or give a .jsonl)")
+    return checked_set(TestSet(name, src_lang, tgt_lang, read_lines(path), read_lines(Path(ref).expanduser()),
+                               f"{path} / {ref}"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# metrics
+
+# the paper's two metrics, by the names its table uses; both are gated on the Hugging Face hub (accept the
+# licence and log in once) and ~10.7B parameters each
+COMET_ALIASES = {"xcomet-xxl": "Unbabel/XCOMET-XXL", "cometkiwi-xxl": "Unbabel/wmt23-cometkiwi-da-xxl"}
+SACREBLEU_METRICS = ("bleu", "chrf")
+SELF_JUDGE = "self-judge"
+
+
+@dataclass
+class Metric:
+    label: str  # the key in results.json, segments.jsonl and the tables
+    comet: str | None = None  # COMET model name or local path; None for bleu, chrf, self-judge
+
+
+def parse_metrics(spec: str) -> list[Metric]:
+    """`xcomet-xxl,cometkiwi-xxl,bleu,chrf,self-judge`, any COMET model name or checkpoint path, and LABEL=PATH
+    to give a local copy a label: `xcomet-xxl=/ckpt/XCOMET-XXL` fills the paper's table offline."""
+    metrics = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        label, sep, source = item.partition("=")
+        if not sep:
+            source = COMET_ALIASES.get(item, item)
+        if not label or not source:
+            raise EvalError(f"metric {item!r}: expected NAME or LABEL=PATH")
+        if label in SACREBLEU_METRICS or label == SELF_JUDGE:
+            if sep:
+                raise EvalError(f"metric {item!r}: {label} is built in and takes no model")
+            metrics.append(Metric(label))
+        else:
+            metrics.append(Metric(label, source))
+    if not metrics:
+        raise EvalError("--metrics is empty")
+    if len({m.label for m in metrics}) < len(metrics):
+        raise EvalError(f"--metrics {spec!r} names a metric twice")
+    return metrics
+
+
+def bleu_tokenizer(tgt_lang: str) -> str:
+    # BLEU counts word n-grams, and Chinese has no spaces: 13a would make a whole sentence one "word"
+    return "zh" if tgt_lang == "zh" else "13a"
+
+
+def corpus_scores(rows: list[dict], ts: TestSet) -> dict[str, float]:
+    hyps, refs = [r["hyp"] for r in rows], [[r["ref"] for r in rows]]
+    return {"bleu": sacrebleu.corpus_bleu(hyps, refs, tokenize=bleu_tokenizer(ts.tgt_lang)).score,
+            "chrf": sacrebleu.corpus_chrf(hyps, refs).score}
+
+
+def sentence_scores(row: dict, ts: TestSet) -> dict[str, float]:
+    """Per-segment BLEU/chrF for segments.jsonl, to find the segments a model gets wrong; the system scores in
+    results.json are corpus-level (corpus_scores), never the mean of these."""
+    return {"bleu": sacrebleu.sentence_bleu(row["hyp"], [row["ref"]], tokenize=bleu_tokenizer(ts.tgt_lang)).score,
+            "chrf": sacrebleu.sentence_chrf(row["hyp"], [row["ref"]]).score}
+
+
+# ----------------------------------------------------------------------------------------------------
+# segments.jsonl: one row per segment, appended per batch while translating, rewritten when scores are added
+
+def segments_path(out: Path, model_label: str, ts: TestSet) -> Path:
+    return out / model_label / ts.name.replace(":", "_") / "segments.jsonl"
+
+
+def load_rows(path: Path, ts: TestSet) -> list[dict]:
+    """The rows a previous run wrote, checked against the set: row i must hold segment i's source and reference."""
+    if not path.exists():
+        return []
+    text = path.read_text(encoding="utf-8")
+    complete = text[:text.rfind("\n") + 1]
+    if complete != text:  # the run was killed inside a write: drop the broken last line, keep the rest
+        path.write_text(complete, encoding="utf-8")
+    rows = []
+    for n, line in enumerate(complete.splitlines(), 1):  # JSON escapes every line break: splitlines is safe here
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise EvalError(f"{path}:{n}: not JSON; delete the file to translate this set again") from None
+    if len(rows) > len(ts.srcs) or any(r.get("i") != i or r.get("src") != ts.srcs[i] or r.get("ref") != ts.refs[i]
+                                       for i, r in enumerate(rows)):
+        raise EvalError(f"{path}: holds other segments than {ts.name} ({ts.origin}) has now; use another --out or "
+                        f"delete the file")
+    return rows
+
+
+def save_rows(path: Path, rows: list[dict]):
+    """Rewrite the whole file through a temporary one, so an interrupt leaves either the old or the new file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# phase 1: translate (and self-judge) with each model
+
+def generate(sampler: Sampler, tok, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+             seed: int) -> tuple[list[str], list[str]]:
+    """Responses as text and why each ended ("stop" or "length"), for one batch of prompts."""
+    outs = sampler.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                            stop_token_ids=tok.eos_ids, stop_strings=judge.STOP_STRINGS, tokenizer=tok, seed=seed)
+    # special tokens skipped, as in training: a trailing EOS ends the response, it is not part of its text
+    return [tok.decode(o.tokens, skip_special_tokens=True) for o in outs], [o.finish_reason for o in outs]
+
+
+def translate(model, tok, ts: TestSet, path: Path, label: str, args, device, dtype) -> list[dict]:
+    """Translate the segments `path` does not hold yet, `--batch-size` at a time, appending each batch."""
+    rows = load_rows(path, ts)
+    n = len(ts.srcs)
+    if len(rows) < n:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        prompts = [tok.encode(judge.actor_prompt(s, ts.src_lang, ts.tgt_lang, args.template)) for s in ts.srcs]
+        # the KV cache is sized for this set's longest prompt, so no segment is cut or refused
+        sampler = Sampler(model, max_batch_size=min(args.batch_size, n), max_seq_len=max(map(len, prompts)) +
+                          args.max_new_tokens, device=device, dtype=dtype)
+        with open(path, "a", encoding="utf-8") as f, \
+                tqdm(total=n, initial=len(rows), desc=f"{label} {ts.name}", unit="seg") as bar:
+            for start in range(len(rows), n, args.batch_size):
+                stop = min(start + args.batch_size, n)
+                # the seed follows the batch's position, so a resumed sampled run repeats an uninterrupted one
+                raws, reasons = generate(sampler, tok, prompts[start:stop], args.max_new_tokens, args.temperature,
+                                         args.seed + start)
+                new = []
+                for i, raw, reason in zip(range(start, stop), raws, reasons):
+                    answer = judge.extract_answer(raw)
+                    new.append({"i": i, "src": ts.srcs[i], "ref": ts.refs[i], "hyp": answer or "", "raw": raw,
+                                "extracted": answer is not None, "finish_reason": reason, "scores": {}})
+                f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new))
+                f.flush()  # a batch on disk is a batch a rerun does not translate again
+                rows += new
+                bar.update(len(new))
+        del sampler
+    return rows
+
+
+def self_judge(model, tok, ts: TestSet, rows: list[dict], path: Path, label: str, args, device, dtype):
+    """The model's own judge score of each translation: the training judge prompt, greedy, parse_score.
+    A failed extraction is judged as the empty translation it is scored as everywhere; a judgement that does
+    not parse scores 0 and is counted. Saved after every batch, like the translations."""
+    todo = [i for i, r in enumerate(rows) if SELF_JUDGE not in r["scores"]]
+    if not todo:
+        return
+    prompts = {i: tok.encode(judge.judge_prompt(rows[i]["src"], rows[i]["hyp"], ts.src_lang, ts.tgt_lang,
+                                                args.template)) for i in todo}
+    sampler = Sampler(model, max_batch_size=min(args.batch_size, len(todo)), device=device, dtype=dtype,
+                      max_seq_len=max(map(len, prompts.values())) + args.judge_max_new_tokens)
+    with tqdm(total=len(rows), initial=len(rows) - len(todo), desc=f"{label} {ts.name} self-judge",
+              unit="seg") as bar:
+        for start in range(0, len(todo), args.batch_size):
+            batch = todo[start:start + args.batch_size]
+            raws, _ = generate(sampler, tok, [prompts[i] for i in batch], args.judge_max_new_tokens, 0.0, args.seed)
+            for i, raw in zip(batch, raws):
+                score = judge.parse_score(raw)
+                rows[i]["judge_raw"] = raw
+                rows[i]["judge_parsed"] = score is not None
+                rows[i]["scores"][SELF_JUDGE] = score if score is not None else 0.0
+            save_rows(path, rows)
+            bar.update(len(batch))
+    del sampler
+
+
+def free_memory():
+    """Drop what the last model left behind, so the next one (an XXL COMET after a 7B) finds the GPU empty."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_models(models: dict[str, str], sets: list[TestSet], metrics: list[Metric], out: Path, args):
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 on GPU, as the trainer samples
+    needs_judge = any(m.label == SELF_JUDGE for m in metrics)
+
+    def done(label, ts):
+        rows = load_rows(segments_path(out, label, ts), ts)
+        return len(rows) == len(ts.srcs) and not (needs_judge and any(SELF_JUDGE not in r["scores"] for r in rows))
+
+    for label, model_dir in models.items():
+        pending = [ts for ts in sets if not done(label, ts)]
+        if not pending:  # everything on disk already: don't load a 7B model to do nothing
+            continue
+        tok = load_tokenizer(model_dir)
+        model = Transformer.from_pretrained(model_dir, device=device, dtype=dtype).eval()
+        for ts in pending:
+            path = segments_path(out, label, ts)
+            rows = translate(model, tok, ts, path, label, args, device, dtype)
+            if needs_judge:
+                self_judge(model, tok, ts, rows, path, label, args, device, dtype)
+        del model
+        free_memory()
+
+
+# ----------------------------------------------------------------------------------------------------
+# phase 2: score
+
+def run_metrics(models: dict[str, str], sets: list[TestSet], metrics: list[Metric], out: Path, args):
+    outputs = {(label, ts.name): (segments_path(out, label, ts), load_rows(segments_path(out, label, ts), ts), ts)
+               for label in models for ts in sets}
+    for metric in (m for m in metrics if m.comet):
+        todo = [key for key, (_, rows, _) in outputs.items() if any(metric.label not in r["scores"] for r in rows)]
+        if not todo:  # scored by an earlier run: skip loading the model
+            continue
+        print(f"{metric.label}: loading COMET model {metric.comet}", file=sys.stderr)
+        scorer = judge.CometScorer(metric.comet, device=args.device, batch_size=args.comet_batch_size)
+        for key in tqdm(todo, desc=metric.label, unit="set"):
+            path, rows, _ = outputs[key]
+            # references always go in: reference-based models (XCOMET) use them, QE models (CometKiwi) ignore them
+            scores = scorer.score([r["src"] for r in rows], [r["hyp"] for r in rows], [r["ref"] for r in rows])
+            for r, s in zip(rows, scores):
+                r["scores"][metric.label] = 100 * s
+            save_rows(path, rows)
+        del scorer
+        free_memory()
+    wanted = [m.label for m in metrics if m.label in SACREBLEU_METRICS]
+    if wanted:  # cheap: recomputed on every run
+        for path, rows, ts in outputs.values():
+            for r in rows:
+                r["scores"].update({k: v for k, v in sentence_scores(r, ts).items() if k in wanted})
+            save_rows(path, rows)
+    return outputs
+
+
+# ----------------------------------------------------------------------------------------------------
+# phase 3: report
+
+def summarize(rows: list[dict], ts: TestSet, metrics: list[Metric]) -> dict:
+    """System scores of one model on one set: corpus BLEU/chrF, the mean of per-segment COMET/self-judge scores."""
+    corpus = corpus_scores(rows, ts)
+    scores = {m.label: corpus[m.label] if m.label in SACREBLEU_METRICS
+              else statistics.fmean(r["scores"][m.label] for r in rows) for m in metrics}
+    result = {"segments": len(rows), "failed_extractions": sum(not r["extracted"] for r in rows), "scores": scores}
+    if any(m.label == SELF_JUDGE for m in metrics):
+        result["judge_parse_failures"] = sum(not r["judge_parsed"] for r in rows)
+    return result
+
+
+def fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = [header, ["---"] * len(header), *rows]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines) + "\n"
+
+
+PAPER_DIRECTIONS = {"zh-en": "ZH→EN", "en-zh": "EN→ZH"}
+PAPER_CORPORA = {"wmt23": "WMT23", "wmt24": "WMT24", "flores": "Flores"}
+PAPER_METRICS = {"cometkiwi-xxl": "CometKiwi", "xcomet-xxl": "XCOMET"}
+
+
+def paper_table(results: dict) -> str:
+    """The paper's table: a row per model; per direction, CometKiwi-XXL and XCOMET-XXL on WMT23, WMT24 and
+    Flores, then their average. A direction with no number at all is left out; the average needs all six
+    numbers (an average over fewer would not be comparable to the paper's), else it shows –."""
+    def value(model, set_name, metric):
+        return results[model].get(set_name, {}).get("scores", {}).get(metric)
+
+    header, columns = ["Model"], []  # a column averages its (set, metric) cells: one cell, or six for Avg.
+    for pair, direction in PAPER_DIRECTIONS.items():
+        cells = [(f"{corpus}:{pair}", metric) for corpus in PAPER_CORPORA for metric in PAPER_METRICS]
+        if all(value(model, s, k) is None for model in results for s, k in cells):
+            continue
+        header += [f"{direction} {PAPER_CORPORA[s.split(':')[0]]} {PAPER_METRICS[k]}" for s, k in cells]
+        header.append(f"{direction} Avg.")
+        columns += [[cell] for cell in cells] + [cells]
+    if not columns:
+        return ""
+    rows = []
+    for model in results:
+        row = [model]
+        for cells in columns:
+            values = [value(model, s, k) for s, k in cells]
+            row.append(fmt(statistics.fmean(values) if None not in values else None))
+        rows.append(row)
+    return markdown(header, rows)
+
+
+def metrics_table(results: dict, sets: list[TestSet], metrics: list[Metric]) -> str:
+    """Every metric of every set, a row per model x set, with the failures a reader must see next to them."""
+    judged = any(m.label == SELF_JUDGE for m in metrics)
+    header = ["Model", "Set", *(m.label for m in metrics), "failed extractions"]
+    header += ["judge parse failures"] if judged else []
+    rows = []
+    for model, per_set in results.items():
+        for ts in sets:
+            r = per_set[ts.name]
+            row = [model, ts.name, *(fmt(r["scores"][m.label]) for m in metrics),
+                   f"{r['failed_extractions']}/{r['segments']}"]
+            rows.append(row + ([f"{r['judge_parse_failures']}/{r['segments']}"] if judged else []))
+    return markdown(header, rows)
+
+
+def report(models: dict[str, str], sets: list[TestSet], metrics: list[Metric], outputs: dict, out: Path, args):
+    results = {label: {ts.name: summarize(outputs[label, ts.name][1], ts, metrics) for ts in sets} for label in models}
+    (out / "results.json").write_text(json.dumps({
+        "models": models,
+        "sets": {ts.name: {"src_lang": ts.src_lang, "tgt_lang": ts.tgt_lang, "segments": len(ts.srcs),
+                           "origin": ts.origin, "note": ts.note} for ts in sets},
+        "metrics": {m.label: m.comet or m.label for m in metrics},
+        "settings": translation_settings(args),
+        "results": results,
+    }, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    notes = [f"- {ts.name}: {ts.note}" for ts in sets if ts.note]
+    notes.append("- failed extractions (no valid <think>..</think> <answer>..</answer>) are scored as empty "
+                 "translations by every metric")
+    if any(m.label == SELF_JUDGE for m in metrics):
+        notes.append("- self-judge: the model's own greedy judge score (0-100); a judgement that does not parse "
+                     "scores 0")
+    text = ""
+    if table := paper_table(results):
+        text += "## The paper's table (COMET x100)\n\n" + table + "\n"
+    text += "## All metrics (COMET x100)\n\n" + metrics_table(results, sets, metrics) + "\n" + "\n".join(notes) + "\n"
+    (out / "table.md").write_text(text, encoding="utf-8")
+    print(text)
+    print(f"wrote {out / 'results.json'}, {out / 'table.md'} and segments.jsonl per model x set under {out}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# main
+
+def translation_settings(args) -> dict:
+    """What shapes the translations on disk; a rerun with other values would mix two runs in one file."""
+    return {"template": args.template, "temperature": args.temperature, "seed": args.seed,
+            "max_new_tokens": args.max_new_tokens, "judge_max_new_tokens": args.judge_max_new_tokens}
+
+
+def model_labels(paths: list[str]) -> dict[str, str]:
+    """label -> path. A label is the shortest tail of the path that tells the models apart: 'step_400', or
+    'run1/step_400' and 'run2/step_400' for two runs. It names the table row and the output folder."""
+    # abspath, not resolve: two links to one checkpoint are still two rows the user asked for
+    parts = [Path(os.path.abspath(os.path.expanduser(p))).parts for p in paths]
+    if len(set(parts)) < len(parts):
+        raise EvalError("the same --model is given twice")
+    for k in range(1, max(map(len, parts)) + 1):
+        labels = ["/".join(p[-k:]).lstrip("/") for p in parts]
+        if len(set(labels)) == len(labels):
+            return dict(zip(labels, paths))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Translate test sets with one or more checkpoints and score them (COMET, BLEU, chrF, the "
+                    "model's own judge); prints the paper's table. Rerun the same command to resume.")
+    p.add_argument("--model", action="append", required=True,
+                   help="HF checkpoint directory; repeat to compare several models side by side")
+    p.add_argument("--sets", default=None,
+                   help=f"comma-separated test sets (default: {','.join(PAPER_SETS)}; none when --src is given). "
+                        f"wmtNN:SRC-TGT comes through sacrebleu (any of its sets), flores:en-zh/zh-en from "
+                        f"--flores-dir; wmt24:zh-en is wmt24 en-zh reversed")
+    p.add_argument("--flores-dir", default=os.environ.get("FLORES_DIR"),
+                   help="local Flores200 directory: the FLORES-200 release or flores_plus (default: $FLORES_DIR)")
+    p.add_argument("--src", help="local test set: plain-text sources (one a line, needs --ref/--src-lang/"
+                                 "--tgt-lang) or a .jsonl of {src, ref, src_lang, tgt_lang}")
+    p.add_argument("--ref", help="references for a plain-text --src, one a line")
+    p.add_argument("--src-lang", help="source language code of a plain-text --src, e.g. en")
+    p.add_argument("--tgt-lang", help="target language code of a plain-text --src, e.g. zh")
+    p.add_argument("--metrics", default="xcomet-xxl,cometkiwi-xxl,bleu,chrf",
+                   help=f"comma-separated: {', '.join(f'{k} ({v})' for k, v in COMET_ALIASES.items())}, bleu, chrf, "
+                        f"{SELF_JUDGE} (the model's own judge score), any COMET model name or checkpoint path, or "
+                        f"LABEL=PATH (e.g. xcomet-xxl=/ckpt/XCOMET-XXL for a local copy) (default: %(default)s)")
+    p.add_argument("--out", default="out/eval",
+                   help="output directory; a rerun resumes from what is there (default: %(default)s)")
+    p.add_argument("--template", default="r1", choices=judge.TEMPLATES,
+                   help="prompt template, as in training (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed when --temperature > 0 (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="segments translated (and saved) per batch (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=2048,
+                   help="token budget of one translation, thinking included; WMT24 segments are paragraphs "
+                        "(default: %(default)s)")
+    p.add_argument("--judge-max-new-tokens", type=int, default=1024,
+                   help=f"token budget of one {SELF_JUDGE} judgement (default: %(default)s)")
+    p.add_argument("--comet-batch-size", type=int, default=16, help="segments per COMET forward (default: %(default)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device for the translation models and COMET (default: %(default)s)")
+    args = p.parse_args(argv)
+    for flag in ("batch_size", "max_new_tokens", "judge_max_new_tokens", "comet_batch_size"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.temperature < 0:
+        p.error("--temperature must be >= 0")
+    return args
+
+
+def run(args):
+    metrics = parse_metrics(args.metrics)
+    models = model_labels(args.model)
+    if not args.src and (args.ref or args.src_lang or args.tgt_lang):
+        raise EvalError("--ref/--src-lang/--tgt-lang describe a local set and need --src")
+    names = args.sets.split(",") if args.sets is not None else ([] if args.src else list(PAPER_SETS))
+    sets = [load_named_set(name.strip(), args.flores_dir) for name in names if name.strip()]
+    if args.src:
+        sets.append(load_local_set(args.src, args.ref, args.src_lang, args.tgt_lang))
+    if not sets:
+        raise EvalError("no test sets: give --sets or --src")
+    if len({ts.name for ts in sets}) < len(sets):
+        raise EvalError(f"two test sets are named alike: {', '.join(ts.name for ts in sets)}")
+    for ts in sets:
+        note = f" (NOTE: {ts.note})" if ts.note else ""
+        print(f"{ts.name}: {len(ts.srcs)} segments, {ts.src_lang}->{ts.tgt_lang}, from {ts.origin}{note}",
+              file=sys.stderr)
+    for model_dir in models.values():
+        load_tokenizer(model_dir)  # fails fast on a wrong path, before hours of translating the first model
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings_file = out / "settings.json"
+    if settings_file.exists():
+        before = json.loads(settings_file.read_text())
+        changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in translation_settings(args).items() if before.get(k) != v]
+        if changed:
+            raise EvalError(f"{out} holds outputs made with other settings ({'; '.join(changed)}); use another --out")
+    settings_file.write_text(json.dumps(translation_settings(args), indent=2) + "\n")
+
+    run_models(models, sets, metrics, out, args)
+    outputs = run_metrics(models, sets, metrics, out, args)
+    report(models, sets, metrics, outputs, out, args)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (EvalError, CheckpointError, RewardError) as e:
+        print(f"eval.py: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\neval.py: interrupted; rerun the same command to resume from {args.out}", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

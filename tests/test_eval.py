@@ -1,0 +1,401 @@
+"""eval.py: test sets, translation with resume, metrics, tables, the CLI. Offline; tiny models built in code."""
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sacrebleu
+
+import eval as ev
+import judge
+from sampler import Completion, Sampler
+
+ROOT = Path(__file__).resolve().parents[1]
+SRCS = ["the cat is on the mat.", "the weather is good today.", "hello world", "a dog and a cat.", "I like it."]
+REFS = ["猫在垫子上。", "今天天气很好。", "你好，世界", "一只狗和一只猫。", "我喜欢它。"]
+
+
+def write_local(tmp_path, srcs=SRCS, refs=REFS):
+    (tmp_path / "test.en").write_text("\n".join(srcs) + "\n", encoding="utf-8")
+    (tmp_path / "test.zh").write_text("\n".join(refs) + "\n", encoding="utf-8")
+    return ["--src", str(tmp_path / "test.en"), "--ref", str(tmp_path / "test.zh"), "--src-lang", "en",
+            "--tgt-lang", "zh"]
+
+
+def read_segments(out, model_label, set_dir="test"):
+    path = Path(out) / model_label / set_dir / "segments.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+# ----------------------------------------------------------------------------------------------------
+# metrics
+
+def test_bleu_chrf_equal_sacrebleu_with_zh_tokenization():
+    hyps = ["猫坐在垫子上。", "今天天气很好", "", "一只狗和猫。", "我喜欢。"]
+    rows = [{"hyp": h, "ref": r} for h, r in zip(hyps, REFS)]
+    zh = ev.corpus_scores(rows, ev.TestSet("t", "en", "zh", SRCS, REFS, "test"))
+    assert zh["bleu"] == sacrebleu.corpus_bleu(hyps, [REFS], tokenize="zh").score
+    assert zh["chrf"] == sacrebleu.corpus_chrf(hyps, [REFS]).score
+    # the zh tokenizer matters: 13a sees each unspaced Chinese sentence as one word
+    assert zh["bleu"] != pytest.approx(sacrebleu.corpus_bleu(hyps, [REFS]).score, abs=1)
+    en_hyps, en_refs = ["the cat sat on the mat", "good weather"], ["the cat is on the mat", "the weather is good"]
+    en = ev.corpus_scores([{"hyp": h, "ref": r} for h, r in zip(en_hyps, en_refs)],
+                          ev.TestSet("t", "zh", "en", ["x", "y"], en_refs, "test"))
+    assert en["bleu"] == sacrebleu.corpus_bleu(en_hyps, [en_refs], tokenize="13a").score
+    row = {"hyp": hyps[0], "ref": REFS[0]}
+    sent = ev.sentence_scores(row, ev.TestSet("t", "en", "zh", SRCS, REFS, "test"))
+    assert sent["bleu"] == sacrebleu.sentence_bleu(hyps[0], [REFS[0]], tokenize="zh").score
+
+
+def test_parse_metrics():
+    ms = ev.parse_metrics("xcomet-xxl,cometkiwi-xxl,bleu,chrf,self-judge,kiwi=/ckpt/kiwi,Unbabel/wmt22-comet-da")
+    assert [(m.label, m.comet) for m in ms] == [
+        ("xcomet-xxl", "Unbabel/XCOMET-XXL"), ("cometkiwi-xxl", "Unbabel/wmt23-cometkiwi-da-xxl"), ("bleu", None),
+        ("chrf", None), ("self-judge", None), ("kiwi", "/ckpt/kiwi"), ("Unbabel/wmt22-comet-da", "Unbabel/wmt22-comet-da")]
+    assert ev.parse_metrics("xcomet-xxl=/local/XCOMET-XXL")[0].comet == "/local/XCOMET-XXL"
+    for bad, message in [("bleu,bleu", "twice"), ("bleu=/x", "built in"), ("", "empty"), ("=x", "LABEL=PATH")]:
+        with pytest.raises(ev.EvalError, match=message):
+            ev.parse_metrics(bad)
+
+
+def test_model_labels():
+    assert list(ev.model_labels(["/a/run1/step_1", "/a/run2/step_1", "/b/base"])) == [
+        "run1/step_1", "run2/step_1", "b/base"]
+    assert list(ev.model_labels(["/ckpt/Qwen2.5-7B", "/out/step_400"])) == ["Qwen2.5-7B", "step_400"]
+    with pytest.raises(ev.EvalError, match="twice"):
+        ev.model_labels(["/a/m", "/a/../a/m"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# tables
+
+def test_paper_table_two_models():
+    def scores(base):  # distinct numbers per set and metric, so a swapped cell shows
+        return {f"{c}:{d}": {"scores": {"cometkiwi-xxl": base + i, "xcomet-xxl": base + i + 0.5}}
+                for i, (c, d) in enumerate((c, d) for d in ("zh-en", "en-zh") for c in ("wmt23", "wmt24", "flores"))}
+    results = {"base": scores(70.0), "ssr": scores(80.0)}
+    del results["ssr"]["flores:en-zh"]  # one cell missing: EN->ZH Avg. must not average the other five
+    lines = ev.paper_table(results).splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header == ["Model", "ZH→EN WMT23 CometKiwi", "ZH→EN WMT23 XCOMET", "ZH→EN WMT24 CometKiwi",
+                      "ZH→EN WMT24 XCOMET", "ZH→EN Flores CometKiwi", "ZH→EN Flores XCOMET", "ZH→EN Avg.",
+                      "EN→ZH WMT23 CometKiwi", "EN→ZH WMT23 XCOMET", "EN→ZH WMT24 CometKiwi", "EN→ZH WMT24 XCOMET",
+                      "EN→ZH Flores CometKiwi", "EN→ZH Flores XCOMET", "EN→ZH Avg."]
+    base = [c.strip() for c in lines[2].strip("|").split("|")]
+    ssr = [c.strip() for c in lines[3].strip("|").split("|")]
+    # ZH->EN: 70,70.5,71,71.5,72,72.5 -> avg 71.25; EN->ZH: 73..75.5 -> avg 74.25
+    assert base == ["base", "70.00", "70.50", "71.00", "71.50", "72.00", "72.50", "71.25",
+                    "73.00", "73.50", "74.00", "74.50", "75.00", "75.50", "74.25"]
+    assert ssr == ["ssr", "80.00", "80.50", "81.00", "81.50", "82.00", "82.50", "81.25",
+                   "83.00", "83.50", "84.00", "84.50", "–", "–", "–"]
+    # a direction nobody evaluated is left out; no paper metric at all: no paper table
+    only_en_zh = {"m": {"wmt23:en-zh": {"scores": {"xcomet-xxl": 90.0}}}}
+    assert "ZH→EN" not in ev.paper_table(only_en_zh) and "| m | – | 90.00 |" in ev.paper_table(only_en_zh)
+    assert ev.paper_table({"m": {"test": {"scores": {"bleu": 30.0}}}}) == ""
+
+
+# ----------------------------------------------------------------------------------------------------
+# test sets
+
+def test_local_text_and_jsonl(tmp_path):
+    srcs = SRCS[:2] + ["a line\u2028with a line separator"]  # must not split: str.splitlines would
+    refs = REFS[:2] + ["一行"]
+    write_local(tmp_path, srcs, refs)
+    text = ev.load_local_set(str(tmp_path / "test.en"), str(tmp_path / "test.zh"), "en", "zh")
+    assert (text.name, text.src_lang, text.tgt_lang, text.srcs, text.refs) == ("test", "en", "zh", srcs, refs)
+    jsonl = tmp_path / "mine.jsonl"
+    jsonl.write_text("".join(json.dumps({"src": s, "ref": r, "src_lang": "en", "tgt_lang": "zh"}, ensure_ascii=False)
+                             + "\n" for s, r in zip(srcs, refs)), encoding="utf-8")
+    js = ev.load_local_set(str(jsonl), None, None, None)
+    assert (js.name, js.src_lang, js.tgt_lang, js.srcs, js.refs) == ("mine", "en", "zh", srcs, refs)
+
+    (tmp_path / "short.zh").write_text("一\n", encoding="utf-8")
+    with pytest.raises(ev.EvalError, match="3 sources but 1 references"):
+        ev.load_local_set(str(tmp_path / "test.en"), str(tmp_path / "short.zh"), "en", "zh")
+    with pytest.raises(ev.EvalError, match="needs --ref, --src-lang and --tgt-lang"):
+        ev.load_local_set(str(tmp_path / "test.en"), str(tmp_path / "test.zh"), "en", None)
+    with pytest.raises(judge.RewardError, match="unknown language"):
+        ev.load_local_set(str(tmp_path / "test.en"), str(tmp_path / "test.zh"), "en", "xx")
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"src": "a", "ref": "b", "src_lang": "en", "tgt_lang": "zh"}\n'
+                     '{"src": "c", "ref": "d", "src_lang": "zh", "tgt_lang": "en"}\n')
+    with pytest.raises(ev.EvalError, match="mixes directions"):
+        ev.load_local_set(str(mixed), None, None, None)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"src": "a", "src_lang": "en", "tgt_lang": "zh"}\n')
+    with pytest.raises(ev.EvalError, match="line 1 lacks ref"):
+        ev.load_local_set(str(bad), None, None, None)
+    (tmp_path / "gap.en").write_text("a\n\nc\n")
+    with pytest.raises(ev.EvalError, match="segment 2 has an empty source"):
+        ev.load_local_set(str(tmp_path / "gap.en"), str(tmp_path / "gap.en"), "en", "zh")
+
+
+def test_flores_layouts(tmp_path, monkeypatch):
+    en, zh = ["Sentence one.", "Sentence two."], ["第一句。", "第二句。"]
+    # the FLORES-200 release: flores200_dataset/devtest/<code>.devtest, found from the folder above it or inside it
+    release = tmp_path / "release" / "flores200_dataset" / "devtest"
+    release.mkdir(parents=True)
+    (release / "eng_Latn.devtest").write_text("\n".join(en) + "\n", encoding="utf-8")
+    (release / "zho_Hans.devtest").write_text("\n".join(zh) + "\n", encoding="utf-8")
+    (release / "zho_Hant.devtest").write_text("第一句。\n第二句。\n", encoding="utf-8")  # never the traditional one
+    for root in (tmp_path / "release", tmp_path / "release" / "flores200_dataset"):
+        ts = ev.load_named_set("flores:en-zh", str(root))
+        assert (ts.src_lang, ts.tgt_lang, ts.srcs, ts.refs) == ("en", "zh", en, zh)
+        ts = ev.load_named_set("flores:zh-en", str(root))
+        assert (ts.src_lang, ts.tgt_lang, ts.srcs, ts.refs) == ("zh", "en", zh, en)
+    # flores_plus: devtest/<code>.jsonl with the text under "text", Chinese as cmn_Hans
+    plus = tmp_path / "plus" / "devtest"
+    plus.mkdir(parents=True)
+    for code, texts in (("eng_Latn", en), ("cmn_Hans", zh)):
+        (plus / f"{code}.jsonl").write_text("".join(json.dumps({"id": i, "iso_639_3": code[:3], "text": t},
+                                                               ensure_ascii=False) + "\n"
+                                                    for i, t in enumerate(texts)), encoding="utf-8")
+    ts = ev.load_named_set("flores:zh-en", str(tmp_path / "plus"))
+    assert (ts.srcs, ts.refs) == (zh, en)
+    # the directory from $FLORES_DIR
+    monkeypatch.setenv("FLORES_DIR", str(tmp_path / "plus"))
+    assert ev.parse_args(["--model", "m"]).flores_dir == str(tmp_path / "plus")
+    half = tmp_path / "half" / "devtest"
+    half.mkdir(parents=True)
+    (half / "eng_Latn.devtest").write_text("\n".join(en) + "\n", encoding="utf-8")
+    with pytest.raises(ev.EvalError, match="flores:en-zh: no Flores devtest file for zh under"):
+        ev.load_named_set("flores:en-zh", str(tmp_path / "half"))
+    with pytest.raises(ev.EvalError, match="pass --flores-dir DIR or set FLORES_DIR"):
+        ev.load_named_set("flores:en-zh", None)
+
+
+def fake_sacrebleu_cache(monkeypatch, tmp_path, corpus, tarball, xml_path, srcs, refs):
+    """What sacrebleu leaves in its cache after an online download: the tarball (any non-empty file: sacrebleu
+    only checks that it exists) and the extracted WMT XML, in a tmp dir instead of ~/.sacrebleu."""
+    from sacrebleu.dataset import DATASETS
+
+    raw = tmp_path / "sacrebleu" / corpus / "raw"
+    (raw / xml_path).parent.mkdir(parents=True)
+    (raw / tarball).write_text("downloaded")
+    segs = lambda texts: "".join(f'<seg id="{i}">{t}</seg>' for i, t in enumerate(texts, 1))
+    (raw / xml_path).write_text(
+        f'<dataset id="test"><collection id="general"><doc id="d1" origlang="en" domain="news">'
+        f'<src lang="en"><p>{segs(srcs)}</p></src><ref lang="zh" translator="refA"><p>{segs(refs)}</p></ref>'
+        f'</doc></collection></dataset>', encoding="utf-8")
+    monkeypatch.setattr(DATASETS[corpus], "_outdir", str(raw.parent))
+    monkeypatch.setattr(DATASETS[corpus], "_rawdir", str(raw))
+
+
+def test_wmt_sets_from_the_sacrebleu_cache(tmp_path, monkeypatch):
+    fake_sacrebleu_cache(monkeypatch, tmp_path, "wmt23", "wmt23.v.0.1.tar.gz",
+                         "wmt23-news-systems-v.0.1/xml/wmttest2023.en-zh.all.xml", SRCS[:2], REFS[:2])
+    ts = ev.load_named_set("wmt23:en-zh", None)
+    assert (ts.src_lang, ts.tgt_lang, ts.srcs, ts.refs, ts.note) == ("en", "zh", SRCS[:2], REFS[:2], "")
+    # WMT24 has no zh-en: wmt24:zh-en is en-zh run backwards, and says so
+    fake_sacrebleu_cache(monkeypatch, tmp_path, "wmt24", "wmt24.data_onlyxml.tar.gz",
+                         "xml/wmttest2024.en-zh.all.xml", SRCS[2:4], REFS[2:4])
+    ts = ev.load_named_set("wmt24:zh-en", None)
+    assert (ts.src_lang, ts.tgt_lang, ts.srcs, ts.refs) == ("zh", "en", REFS[2:4], SRCS[2:4])
+    assert "reversed" in ts.note and "reversed" in ts.origin
+
+
+def test_unknown_sacrebleu_set_is_a_clear_error():
+    with pytest.raises(ev.EvalError, match="sacrebleu .* has no test set wmt23 en-xx"):
+        ev.load_named_set("wmt23:en-xx", None)
+    with pytest.raises(ev.EvalError, match="expected NAME:SRC-TGT"):
+        ev.load_named_set("wmt23", None)
+
+
+def test_offline_named_set_is_one_line(tiny_model_dir, tmp_path):
+    """A real offline condition: an empty sacrebleu cache, and every download sent to a closed local port
+    (connection refused at once, no waiting on network timeouts)."""
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "http_proxy", "https_proxy")}
+    env.update(SACREBLEU=str(tmp_path / "sacrebleu"), http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9",
+               HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
+    proc = subprocess.run([sys.executable, "eval.py", "--model", str(tiny_model_dir), "--sets", "wmt23:en-zh",
+                           "--out", str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("eval.py: error: wmt23:en-zh: not in the sacrebleu cache")
+    assert "SACREBLEU" in lines[0] and "--src/--ref" in lines[0]
+    assert not (tmp_path / "out").exists()  # nothing written before the inputs are all there
+
+
+# ----------------------------------------------------------------------------------------------------
+# translation: extraction failures, self-judge, COMET, two models; with a scripted sampler
+
+RESPONSES = {  # what the scripted "model" answers per source: valid, or broken in a way training also rejects
+    SRCS[0]: " <think>easy</think> <answer>猫坐在垫子上。</answer>",
+    SRCS[1]: " <think>hmm</think> 今天天气很好。",  # no <answer>: a failed extraction
+    SRCS[2]: "<think></think><answer>你好，世界</answer>",
+    SRCS[3]: " <think>a</think> <answer>一只狗和一只猫。</answer> <answer>again</answer>",  # two answers: invalid
+    SRCS[4]: " <think>ok</think>\n<answer> 我喜欢它 </answer>",
+}
+JUDGE = {"猫坐在垫子上。": "<think>good</think> <answer>80</answer>", "": "<think>empty</think> <answer>0</answer>",
+         "你好，世界": "<think>fine</think> <answer>ninety</answer>",  # does not parse: scores 0, counted
+         "我喜欢它": "<answer>70.5</answer>"}
+
+
+class ScriptedSampler:
+    """Stands in for the sampler (same constructor and generate signature); reads each prompt back to text and
+    answers from the scripts above, so every extraction and judgement outcome is known in advance."""
+    calls = []
+
+    def __init__(self, model, max_batch_size, max_seq_len, device, dtype):
+        self.max_batch_size = max_batch_size
+
+    def generate(self, prompts, group_size=1, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0,
+                 stop_token_ids=(), stop_strings=(), tokenizer=None, seed=None):
+        assert len(prompts) <= self.max_batch_size and temperature == 0.0 and stop_strings == judge.STOP_STRINGS
+        outs = []
+        for p in prompts:
+            text = tokenizer.decode(p)
+            if text.startswith(judge.R1_SYSTEM + "\nUser:\nScore the following translation"):
+                translation = text.split('Chinese translation: "')[1].split('"\n')[0]
+                response = JUDGE[translation]
+            else:
+                src = text.split("Chinese:\n")[1].removesuffix("\nAssistant:")
+                assert text == judge.actor_prompt(src, "en", "zh")  # the training prompt, exactly
+                response = RESPONSES[src]
+            ScriptedSampler.calls.append(text)
+            # EOS after the response: decoding must skip it, as training does
+            tokens = tokenizer.encode(response) + [tokenizer.eos_ids[0]]
+            outs.append(Completion(tokens, [0.0] * len(tokens), "stop"))
+        return outs
+
+
+def test_failed_extractions_self_judge_comet_and_two_models(tiny_model_dir, tiny_comet_dir, tiny_comet_ref_dir,
+                                                            tmp_path, monkeypatch, capsys):
+    import comet
+
+    monkeypatch.setattr(ev, "Sampler", ScriptedSampler)
+    other = tmp_path / "other" / Path(tiny_model_dir).name  # same folder name: the labels must tell them apart
+    other.parent.mkdir()
+    other.symlink_to(tiny_model_dir)
+    out = tmp_path / "out"
+    argv = ["--model", str(tiny_model_dir), "--model", str(other), *write_local(tmp_path), "--out", str(out),
+            "--batch-size", "2", "--device", "cpu",
+            "--metrics", f"bleu,chrf,kiwi={tiny_comet_dir},xcomet={tiny_comet_ref_dir},self-judge"]
+    assert ev.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    labels = list(results["results"])
+    name = Path(tiny_model_dir).name
+    assert labels == [f"{Path(tiny_model_dir).parent.name}/{name}", f"other/{name}"]
+    for label in labels:
+        r = results["results"][label]["test"]
+        hyps = ["猫坐在垫子上。", "", "你好，世界", "", "我喜欢它"]
+        assert (r["segments"], r["failed_extractions"], r["judge_parse_failures"]) == (5, 2, 1)
+        assert r["scores"]["bleu"] == sacrebleu.corpus_bleu(hyps, [REFS], tokenize="zh").score
+        assert r["scores"]["chrf"] == sacrebleu.corpus_chrf(hyps, [REFS]).score
+        # judged: 80, 0 (empty), "ninety" -> 0, 0 (empty), 70.5
+        assert r["scores"]["self-judge"] == pytest.approx((80 + 0 + 0 + 0 + 70.5) / 5)
+        rows = read_segments(out, label)
+        assert [row["hyp"] for row in rows] == hyps
+        assert [row["raw"] for row in rows] == [RESPONSES[s] for s in SRCS]  # raw kept, EOS skipped
+        assert [row["extracted"] for row in rows] == [True, False, True, False, True]
+        assert [row["judge_parsed"] for row in rows] == [True, True, False, True, True]
+        # COMET: the tiny checkpoints through the real loading path; the oracle is COMET's own predict, x100
+        for metric, ckpt, with_ref in (("kiwi", tiny_comet_dir, False), ("xcomet", tiny_comet_ref_dir, True)):
+            model = comet.load_from_checkpoint(str(Path(ckpt) / "checkpoints" / "model.ckpt"), local_files_only=True)
+            samples = [{"src": s, "mt": h, **({"ref": ref} if with_ref else {})} for s, h, ref in zip(SRCS, hyps, REFS)]
+            oracle = model.predict(samples, batch_size=4, gpus=0, progress_bar=False, num_workers=0).scores
+            assert [row["scores"][metric] for row in rows] == pytest.approx([100 * s for s in oracle], abs=1e-4)
+            assert r["scores"][metric] == pytest.approx(100 * statistics.fmean(oracle), abs=1e-4)
+    assert results["sets"]["test"] == {"src_lang": "en", "tgt_lang": "zh", "segments": 5,
+                                       "origin": f"{tmp_path / 'test.en'} / {tmp_path / 'test.zh'}", "note": ""}
+    table = (out / "table.md").read_text()
+    assert table in capsys.readouterr().out
+    assert f"| {labels[1]} | test | {results['results'][labels[1]]['test']['scores']['bleu']:.2f} |" in table
+    assert "| 2/5 | 1/5 |" in table and "empty translations" in table
+    # a rerun finds everything on disk: no generation at all, same results
+    ScriptedSampler.calls.clear()
+    assert ev.main(argv) == 0
+    assert ScriptedSampler.calls == []
+    assert json.loads((out / "results.json").read_text())["results"] == results["results"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# resume after an interrupt, with the real sampler on a tiny model
+
+def test_resume_after_interrupt_equals_a_straight_run(tiny_model_dir, tmp_path, monkeypatch):
+    argv = ["--model", str(tiny_model_dir), *write_local(tmp_path), "--batch-size", "2", "--max-new-tokens", "6",
+            "--metrics", "bleu,chrf", "--device", "cpu"]
+    label = Path(tiny_model_dir).name  # one model: its folder's name labels it
+    translated = []
+    real_generate = Sampler.generate
+
+    def counting_generate(self, prompts, **kw):
+        translated.extend(prompts)
+        return real_generate(self, prompts, **kw)
+
+    monkeypatch.setattr(Sampler, "generate", counting_generate)
+    assert ev.main(argv + ["--out", str(tmp_path / "straight")]) == 0
+    straight = read_segments(tmp_path / "straight", label)
+    assert len(translated) == 5
+
+    def interrupted_generate(self, prompts, **kw):
+        if translated:  # the second batch: the user presses Ctrl-C
+            raise KeyboardInterrupt
+        return counting_generate(self, prompts, **kw)
+
+    translated.clear()
+    monkeypatch.setattr(Sampler, "generate", interrupted_generate)
+    out = tmp_path / "resumed"
+    assert ev.main(argv + ["--out", str(out)]) == 130
+    path = out / label / "test" / "segments.jsonl"
+    assert len(path.read_text().splitlines()) == 2
+    with open(path, "a") as f:
+        f.write('{"i": 2, "src": "hello')  # a write cut short by a kill: dropped, that segment redone
+
+    translated.clear()
+    monkeypatch.setattr(Sampler, "generate", counting_generate)
+    assert ev.main(argv + ["--out", str(out)]) == 0
+    assert len(translated) == 3  # only the remainder
+    assert read_segments(out, label) == straight
+    assert (json.loads((out / "results.json").read_text())["results"]
+            == json.loads((tmp_path / "straight" / "results.json").read_text())["results"])
+
+    # the sources changed under the same --out: refuse rather than mix two test sets
+    write_local(tmp_path, SRCS[:4] + ["something else"], REFS)
+    assert ev.main(argv + ["--out", str(out)]) == 1
+    # other translation settings under the same --out: refuse too
+    write_local(tmp_path)
+    assert ev.main(argv + ["--out", str(out), "--template", "chat"]) == 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# the CLI end to end
+
+def test_cli_end_to_end(tiny_model_dir, tiny_comet_dir, tmp_path):
+    out, label = tmp_path / "out", Path(tiny_model_dir).name
+    proc = subprocess.run(
+        [sys.executable, "eval.py", "--model", str(tiny_model_dir), *write_local(tmp_path, SRCS[:2], REFS[:2]),
+         "--metrics", f"bleu,chrf,{tiny_comet_dir},self-judge", "--out", str(out), "--batch-size", "2",
+         "--max-new-tokens", "6", "--judge-max-new-tokens", "4", "--device", "cpu"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    r = results["results"][label]["test"]
+    assert set(r["scores"]) == {"bleu", "chrf", str(tiny_comet_dir), "self-judge"}
+    assert r["segments"] == 2 and 0 <= r["failed_extractions"] <= 2 and 0 <= r["judge_parse_failures"] <= 2
+    rows = read_segments(out, label)
+    assert [row["src"] for row in rows] == SRCS[:2] and [row["ref"] for row in rows] == REFS[:2]
+    for row in rows:
+        assert {"hyp", "raw", "extracted", "judge_raw"} <= set(row)
+        assert set(row["scores"]) == {"bleu", "chrf", str(tiny_comet_dir), "self-judge"}
+    assert (out / "table.md").read_text() in proc.stdout
+    assert f"{label} test" in proc.stderr  # the progress bar names model and set
+
+
+def test_bad_input_is_one_line(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("FLORES_DIR", raising=False)
+    for argv, message in [
+        (["--model", str(tmp_path / "nope"), *write_local(tmp_path)], "nope"),
+        (["--model", str(tiny_model_dir), "--src", str(tmp_path / "missing.en"), "--ref", "x", "--src-lang", "en",
+          "--tgt-lang", "zh"], "missing.en: cannot read"),
+        (["--model", str(tiny_model_dir), "--sets", "flores:en-zh"], "FLORES_DIR"),
+        (["--model", str(tiny_model_dir), "--ref", "x"], "need --src"),
+    ]:
+        assert ev.main([*argv, "--out", str(tmp_path / "out")]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("eval.py: error:") and message in err[-1], err
