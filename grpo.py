@@ -224,7 +224,8 @@ def grpo_update(model, optimizer, rollouts: Rollouts, *, micro_batch_size: int, 
 
     # Global normalisers, one (tokens, rollouts) pair per mini-batch, summed over ranks in one collective.
     counts = torch.stack([rollouts.response_mask.reshape(mini_batches, mini, -1).sum((1, 2)).double(),
-                          torch.full((mini_batches,), float(mini), dtype=torch.float64)], 1).to(device)  # (M, 2)
+                          torch.full((mini_batches,), float(mini), dtype=torch.float64,
+                                     device=rollouts.response_mask.device)], 1).to(device)  # (M, 2)
     if distributed:
         dist.all_reduce(counts)
     # running sums over this rank's tokens: loss, clipped tokens, kl_old, kl_ref, entropy
