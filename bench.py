@@ -75,16 +75,311 @@ def bench_load(args):
     print(f"load peak memory / weights: {grown / r['weights']:.2f}")
 
 
+# ----------------------------------------------------------------------------------------------------
+# kernels: log-probs of sampled tokens, fused vs naive log_softmax, at the Qwen2.5-0.5B head
+
+KERNEL_SHAPE = (4096, 151_936, 896)  # tokens N, vocabulary V (Qwen2.5), hidden H (Qwen2.5-0.5B)
+KERNEL_VARIANTS = ("linear_naive", "linear_fused", "token_naive", "token_fused")
+
+
+def _kernels_case(variant: str, N: int, V: int, H: int, device: str):
+    """One variant's leaf inputs (whose grads the call must return) and its forward, returning (N,) log-probs."""
+    import kernels
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # CPU matmuls are fast in fp32 only
+    # filled in place: a temporary here would raise the high-water mark the CPU measurement starts from
+    new = lambda *shape, std: torch.empty(shape, dtype=dtype, device=device).normal_(0, std).requires_grad_()
+    targets = torch.randint(V, (N,), device=device)
+    naive = lambda logits: logits.float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    if variant.startswith("linear"):
+        hidden, weight = new(N, H, std=1.0), new(V, H, std=H**-0.5)
+        if variant == "linear_fused":
+            return [hidden, weight], lambda: kernels.linear_token_logprobs(hidden, weight, targets)
+        return [hidden, weight], lambda: naive(hidden @ weight.T)
+    logits = new(N, V, std=2.0)
+    if variant == "token_fused":
+        return [logits], lambda: kernels.token_logprobs(logits, targets)
+    return [logits], lambda: naive(logits)
+
+
+def _kernels_child(variant: str, device: str, repeats: int):
+    """Runs in a fresh process: peak memory of one forward+backward beyond its inputs and the grads it must
+    return, then the median time of `repeats` more."""
+    leaves, forward = _kernels_case(variant, 64, 1000, 64, device)
+    forward().sum().backward()  # warm-up: maps in torch's kernel libraries, compiles Triton
+    leaves, forward = _kernels_case(variant, *KERNEL_SHAPE, device)
+
+    def step():
+        for x in leaves:
+            x.grad = None
+        forward().sum().backward()
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated() + sum(x.nbytes for x in leaves)  # inputs + grads to come
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        grads = [torch.zeros_like(x) for x in leaves]  # stand-ins, so the baseline counts the grads too
+        base = peak_rss_bytes()
+        del grads
+        step()
+        peak = peak_rss_bytes() - base
+    r = {"peak": peak, "time": median_time(step, repeats, warmup=0)}
+    if device == "cuda" and variant == "token_fused":
+        with torch.no_grad():
+            r["fwd_time"] = median_time(forward, repeats)
+    print(json.dumps(r))
+
+
+def bench_kernels(args):
+    N, V, H = KERNEL_SHAPE
+    print(f"N={N} tokens, V={V}, H={H}, {'bf16' if args.device == 'cuda' else 'fp32'} on {args.device}; "
+          f"peak = memory beyond the inputs and the grads returned; time = forward+backward")
+    repeats = args.repeats or (3 if args.device == "cuda" else 1)
+    r = {}
+    for variant in KERNEL_VARIANTS:  # each in a fresh process: peak memory is a per-process high-water mark
+        out = subprocess.run([sys.executable, __file__, "_kernels_child", variant, args.device, str(repeats)],
+                             capture_output=True, text=True, check=True)
+        v = r[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{variant:13s} peak {v['peak'] / 2**20:8.0f} MiB   time {v['time'] * 1e3:8.1f} ms", flush=True)
+    if args.device == "cuda":
+        # the logits kernels are memory-bound: forward reads the (N, V) bf16 logits once; forward+backward
+        # reads them twice and writes their gradient once
+        name = torch.cuda.get_device_name()
+        hbm = args.hbm_gbps or (3350 if "H100" in name else 4800)
+        fwd = N * V * 2 / r["token_fused"]["fwd_time"] / 1e9
+        both = 3 * N * V * 2 / r["token_fused"]["time"] / 1e9
+        print(f"Triton token_logprobs on {name}: forward {fwd:.0f} GB/s ({fwd / hbm:.0%} of {hbm:.0f} GB/s HBM "
+              f"peak), forward+backward {both:.0f} GB/s ({both / hbm:.0%})")
+    ratio = lambda path, key: r[f"{path}_naive"][key] / r[f"{path}_fused"][key]
+    print(f"token_logprobs naive/fused time: {ratio('token', 'time'):.2f}, "
+          f"peak memory: {ratio('token', 'peak'):.2f}")
+    print(f"linear_token_logprobs naive/fused time: {ratio('linear', 'time'):.2f}")
+    # the headline is the linear path: it is what training uses
+    print(f"log-prob naive/fused peak memory: {ratio('linear', 'peak'):.2f}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# sampler: our KV-cached sampler vs HF generate, same random weights, same prompts, same token count
+
+# random-weight models shaped like the ones we train; "cpu" is small enough for a 2-core box
+SAMPLER_PRESETS = {
+    "cpu": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=64, vocab_size=32768, tie_word_embeddings=False),
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, head_dim=64, vocab_size=151936, tie_word_embeddings=True),
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, head_dim=128, vocab_size=152064, tie_word_embeddings=False),
+}
+
+
+def random_model(cfg, device, dtype):
+    """Our Transformer with seeded random weights, built directly on the device (a 7B never touches disk)."""
+    from model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    gen = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    return model
+
+
+def hf_twin(model):
+    """transformers' model for our config, holding the very same weight tensors (no copy, no disk)."""
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from model import hf_name, write_json
+
+    with tempfile.TemporaryDirectory() as tmp:  # HF reads our config.json the way it reads a checkpoint's
+        write_json(Path(tmp) / "config.json", model.config.to_hf())
+        config = AutoConfig.from_pretrained(tmp)
+    p = next(model.parameters())
+    with torch.device(p.device):
+        hf = AutoModelForCausalLM.from_config(config, dtype=p.dtype)
+    # assign=True: HF's parameters become our tensors (a tied head is the embedding under both names)
+    hf.load_state_dict({hf_name(k): v for k, v in model.state_dict().items()}, assign=True)
+    return hf.eval()
+
+
+def bench_sampler(args):
+    from model import ModelConfig
+    from sampler import Sampler
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    preset = args.preset or ("cpu" if device.type == "cpu" else "0.5b")
+    dtype = getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
+    cfg = ModelConfig(arch="qwen2", rope_theta=1e6, torch_dtype=str(dtype).removeprefix("torch."),
+                      **SAMPLER_PRESETS[preset])
+    model = random_model(cfg, device, dtype)
+    hf = hf_twin(model)
+    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
+          f"{torch.get_num_threads()} threads, {dtype}")
+    print(f"model ({preset}, random weights): {cfg}")
+    print(f"params: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M")
+
+    n_prompts, group, new = args.prompts, args.group, args.new_tokens
+    lo, hi = 96, 160  # our MT prompts: the R1 template (~95 tokens) + one source sentence
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, cfg.vocab_size, (int(torch.randint(lo, hi + 1, (), generator=gen)),),
+                             generator=gen).tolist() for _ in range(n_prompts)]
+    print(f"workload: {n_prompts} prompts ({lo}-{hi} tokens) x group {group}, {new} new tokens each, "
+          f"temperature 1.0, no stops")
+    tokens = n_prompts * group * new
+
+    sampler = Sampler(model, max_batch_size=n_prompts * group, max_seq_len=hi + new, device=device, dtype=dtype)
+
+    def ours(max_new=new):
+        outs = sampler.generate(prompts, group_size=group, max_new_tokens=max_new, temperature=1.0, seed=0)
+        assert sum(len(o.tokens) for o in outs) == n_prompts * group * max_new
+
+    # HF: left padding + attention mask, the documented way to batch prompts of different lengths
+    P = max(map(len, prompts))
+    ids = torch.zeros(n_prompts, P, dtype=torch.long)
+    attn = torch.zeros(n_prompts, P, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):], attn[i, P - len(p):] = torch.tensor(p), 1
+
+    def theirs():
+        out = hf.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True,
+                          temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=new, num_return_sequences=group,
+                          eos_token_id=None, pad_token_id=0)
+        assert out.shape == (n_prompts * group, P + new)  # no row stopped early: same token count as ours
+
+    ours(), theirs()  # warm-up: CUDA graph capture, allocator, first-call costs
+    times = [(median_time(ours, 1, warmup=0), median_time(theirs, 1, warmup=0)) for _ in range(args.repeats)]
+    t_ours, t_hf = (statistics.median(t) for t in zip(*times))  # interleaved: a shared box's load hits both
+    print(f"ours: {t_ours:.3f} s, {tokens / t_ours:.0f} tokens/s  ({sampler.stats.graphs_captured} CUDA graphs)")
+    print(f"HF generate: {t_hf:.3f} s, {tokens / t_hf:.0f} tokens/s")
+
+    if device.type == "cuda":
+        # decode step time: the full run minus a prefill-only run, over the decode steps in between
+        t_prefill = median_time(lambda: ours(1), repeats=args.repeats)
+        step = (t_ours - t_prefill) / (new - 1)
+        item = torch.finfo(dtype).bits // 8
+        weights = sum(p.numel() for p in model.parameters()) * item - (
+            0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size * item)  # embedding: rows only
+        kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * item
+        mean_context = sum(map(len, prompts)) / n_prompts + new / 2
+        kv = n_prompts * group * mean_context * kv_per_token
+        hbm = args.hbm_gbps or (3350 if "H100" in torch.cuda.get_device_name(device) else 4800)  # datasheet GB/s
+        floor = (weights + kv) / (hbm * 1e9)
+        print(f"decode step: {step * 1e3:.3f} ms (prefill-only run {t_prefill * 1e3:.1f} ms); floor: weights "
+              f"{weights / 1e9:.2f} GB + KV {kv / 1e9:.3f} GB at {hbm:.0f} GB/s = {floor * 1e3:.3f} ms; "
+              f"step / floor: {step / floor:.2f}")
+
+    # continuous batching (freed slots refilled from the queue) vs static batches (one call per slots-full of
+    # prompts: finished rows only leave the batch): 4x the work that fits, rows ending at random lengths
+    stop_ids = torch.randperm(cfg.vocab_size, generator=gen)[: cfg.vocab_size // 100].tolist()  # ~1% per step
+    many = prompts * 4
+    static = [many[i:i + n_prompts] for i in range(0, len(many), n_prompts)]
+
+    def run(batches):
+        st = sampler.stats
+        before = st.decode_steps, st.decode_rows, st.generated_tokens
+        t0 = time.perf_counter()
+        outs = [o for b in batches for o in sampler.generate(b, group_size=group, max_new_tokens=new,
+                                                              stop_token_ids=stop_ids, seed=1)]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter() - t0
+        steps, rows, toks = (a - b for a, b in zip((st.decode_steps, st.decode_rows, st.generated_tokens), before))
+        return outs, toks / t, steps, rows / toks
+
+    if device.type == "cuda":
+        run([many]), run(static)  # warm-up: the CUDA graphs of every batch size these runs reach
+    _, tps_cont, steps_cont, rows_cont = run([many])
+    outs, tps_stat, steps_stat, rows_stat = run(static)
+    # without compaction a static batch would compute every slot until its longest row ends
+    slots = n_prompts * group
+    rows_nocompact = sum(slots * (max(len(o.tokens) for o in outs[i:i + slots]) - 1)  # first token: prefill
+                         for i in range(0, len(outs), slots))
+    rows_nocompact /= sum(len(o.tokens) for o in outs)
+    print(f"rows ending at random (~1%/token stop ids), {len(many)} prompts x group {group} through {slots} slots:")
+    print(f"  continuous batching: {tps_cont:.0f} tokens/s, {steps_cont} decode steps, {rows_cont:.2f} rows "
+          f"computed per token")
+    print(f"  static batches:      {tps_stat:.0f} tokens/s, {steps_stat} decode steps, {rows_stat:.2f} rows "
+          f"computed per token (without compaction: {rows_nocompact:.2f})")
+    print(f"continuous/static tokens_per_s ratio: {tps_cont / tps_stat:.2f}")
+    print(f"sampler/hf_generate tokens_per_s ratio: {t_hf / t_ours:.2f}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# step: one SSR training step, time by phase
+
+def bench_step(args):
+    """Real steps of ssr.py's loop (sample -> judge -> reward -> update -> weight sync) on a random model
+    with the smoke tokenizer; the first step is warm-up (CUDA graphs, allocator), the rest are reported.
+    A random model never writes a well-formed answer, so its judge phase is empty: on a real model the
+    judge costs one more (greedy) sampling pass over the well-formed rollouts."""
+    import ssr
+
+    cuda = torch.cuda.is_available()
+    # CPU: the smoke model; CUDA: a Qwen2.5-0.5B-shaped body (the tokenizer, hence the vocab, stays small)
+    dims = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                num_key_value_heads=2) if cuda else {}
+    sizes = (["--prompts-per-step", 64, "--group-size", 8, "--max-new-tokens", 256, "--micro-batch-size", 32,
+              "--sampler-batch-size", 512] if cuda else
+             ["--prompts-per-step", 8, "--group-size", 8, "--max-new-tokens", 24, "--micro-batch-size", 32])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = ssr.make_smoke_model(os.path.join(tmp, "model"), "data/sample.jsonl", **dims)
+        flags = ["--model", path, "--out-dir", os.path.join(tmp, "out"), "--steps", args.steps, "--lr", 1e-5,
+                 "--reward", "judge:letter_share_reward", "--save-every", 10**9, *sizes]
+        cfg = ssr.parse_args([str(x) for x in flags])
+        ssr.train(cfg)
+        records = [json.loads(line) for line in open(os.path.join(tmp, "out", "metrics.jsonl"))][1:]
+    med = {k: statistics.median(r[k] for r in records)
+           for k in ("sec_sample", "sec_judge", "sec_update", "sec_step", "rollout_tokens_per_s")}
+    tokens = statistics.median(r["response_len_mean"] for r in records) * cfg.prompts_per_step * cfg.group_size
+    print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}; median of {len(records)} steps after warm-up")
+    print(f"step {med['sec_step']:.2f} s = sample {med['sec_sample']:.2f} + judge {med['sec_judge']:.2f} "
+          f"+ update {med['sec_update']:.2f} (+ logging/sync rest)")
+    print(f"rollout tokens/step {tokens:.0f}; sampling {med['rollout_tokens_per_s']:.0f} tokens/s; "
+          f"seconds per rollout token: {med['sec_step'] / tokens * 1e3:.3f} ms")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
     sub.add_parser("load", help="checkpoint loading peak memory")
     child = sub.add_parser("_load_child")  # internal: the measured process of `load`
     child.add_argument("path")
+    k = sub.add_parser("kernels", help="fused log-prob vs naive log_softmax: peak memory and time")
+    k.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    k.add_argument("--repeats", type=int, help="timed runs per variant (default: 3 on CUDA, 1 on CPU: slow there)")
+    k.add_argument("--hbm-gbps", type=float, help="HBM peak for the bandwidth share (default: by GPU name)")
+    child = sub.add_parser("_kernels_child")  # internal: the measured process of one `kernels` variant
+    child.add_argument("variant", choices=KERNEL_VARIANTS)
+    child.add_argument("device")
+    child.add_argument("repeats", type=int)
+    sp = sub.add_parser("sampler", help="our sampler vs HF generate: tokens/s (GPU: decode step vs HBM floor)")
+    sp.add_argument("--device", help="default: cuda if available, else cpu")
+    sp.add_argument("--preset", choices=SAMPLER_PRESETS, help="model shape (default: cpu on CPU, 0.5b on CUDA)")
+    sp.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: float32 on CPU, bfloat16 on CUDA")
+    sp.add_argument("--prompts", type=int, default=16)
+    sp.add_argument("--group", type=int, default=4)
+    sp.add_argument("--new-tokens", type=int, default=128)
+    sp.add_argument("--repeats", type=int, default=3, help="timed runs (the median is reported)")
+    sp.add_argument("--hbm-gbps", type=float, help="HBM peak for the decode floor (default: by GPU name)")
+    st = sub.add_parser("step", help="ssr.py training steps: time by phase, tokens/s")
+    st.add_argument("--steps", type=int, default=4, help="steps to run; the first is warm-up")
     args = parser.parse_args()
     if args.what == "_load_child":
         return _load_child(args.path)
-    {"load": bench_load}[args.what](args)
+    if args.what == "_kernels_child":
+        return _kernels_child(args.variant, args.device, args.repeats)
+    {"load": bench_load, "kernels": bench_kernels, "sampler": bench_sampler, "step": bench_step}[args.what](args)
 
 
 if __name__ == "__main__":

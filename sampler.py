@@ -1,0 +1,404 @@
+"""KV-cached batched sampler: what generates every rollout and every judgement in training.
+
+    sampler = Sampler(model, max_batch_size=64, max_seq_len=1024, device="cuda", dtype=torch.bfloat16)
+    outs = sampler.generate(prompt_ids, group_size=8, max_new_tokens=512, temperature=1.0,
+                            stop_token_ids=tok.eos_ids, stop_strings=("</answer>",), tokenizer=tok, seed=0)
+    outs[i * 8 + j].tokens / .logprobs / .finish_reason      # sample j of prompt i
+
+How one `generate` call runs:
+1. Prompts wait in a queue. When slots are free (all of them at the start, later a quarter of them), the next
+   prompts are prefilled together (right-padded to the longest), each exactly once, and each prompt's K/V is
+   written straight into all `group_size` slots of its group. Each slot samples its own first token from the
+   prompt's last-position logits.
+2. All live rows decode together, one token per step. Row i lives in cache slot i, and its tokens sit at cache
+   positions 0, 1, 2, ...: a token's RoPE position *is* its cache index and a row's mask is just
+   `key position <= my position`, so prompts of different lengths decode together with no padding in the cache.
+3. Every `sync_every` steps (1 on CPU, where syncing costs nothing; 16 on CUDA) the new tokens come to the host,
+   which checks stop ids, stop strings and length limits. Finished rows are dropped by moving the last live
+   rows into their slots (compaction), so the live rows are always slots 0..n-1 and a step costs n rows, not
+   max_batch_size; freed slots then take waiting prompts (continuous batching). bench.py measures both.
+
+On CUDA a decode step is a CUDA graph captured per (batch-size bucket, attended-length bucket), replayed with
+no host sync until the next stop check. The graphs hold pointers to the model's parameters and the cache, so
+the trainer must update weights in place (`param.copy_(new)`), never by replacing the tensors.
+
+Completions include the token that ended them: the EOS token, or the token that completed a stop string (its
+text may run past the stop string; nothing after that token is returned). The trainer needs the EOS in the
+response so the policy learns to stop.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from model import Transformer
+
+PREFILL_TOKENS = 16384  # padded prompt tokens per prefill call: bounds a prefill's activation memory
+GRAPH_LEN_STEP = 256  # CUDA graphs attend over the cache in multiples of this: K/V read per step tracks length
+CUDA_SYNC_EVERY = 16  # decode steps between stop checks on CUDA; a finished row idles for at most 15 of them
+CPU_HEAD_BLOCK = 2048  # vocab rows per block of the CPU head product (see Sampler._head)
+
+
+@dataclass
+class Completion:
+    tokens: list[int]  # generated ids, the stopping token included
+    logprobs: list[float]  # log-prob of each token under softmax(logits / temperature) before top-k/top-p
+    #                        (temperature 0, greedy: under softmax(logits))
+    finish_reason: str  # "stop" (stop id or stop string) or "length"
+
+
+@dataclass
+class SamplerStats:
+    """Running totals over the sampler's life (tests read them; bench.py reports them)."""
+    prefill_calls: int = 0
+    prefill_prompts: int = 0  # one per prompt: a prompt's group shares its single prefill
+    prefill_tokens: int = 0  # real prompt tokens, padding excluded
+    decode_steps: int = 0
+    decode_rows: int = 0  # rows computed over all decode steps (CUDA: the graph's batch bucket)
+    generated_tokens: int = 0  # tokens returned to callers
+    graphs_captured: int = 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# the cache
+
+class KVCache:
+    """K/V for every slot, allocated once: k, v (layers, slots, Hkv, max_seq_len, D).
+
+    The model talks to it through `update(layer, k, v)` on one of the two views below, chosen per call."""
+
+    def __init__(self, cfg, slots: int, max_seq_len: int, device, dtype):
+        shape = (cfg.num_hidden_layers, slots, cfg.num_key_value_heads, max_seq_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+
+class PrefillView:
+    """kv_cache for a prefill of n prompts: copies each prompt's K/V into all its slots (the group fan-out) and
+    lets the prompts attend over themselves."""
+
+    def __init__(self, cache: KVCache, slots: torch.Tensor, src: torch.Tensor):
+        self.cache, self.slots, self.src = cache, slots, src  # slot slots[i] gets prompt src[i]'s K/V
+
+    def update(self, layer: int, k, v):  # k, v (n, Hkv, P, D)
+        P = k.shape[2]
+        self.cache.k[layer, self.slots, :, :P] = k[self.src]  # (n * group, Hkv, P, D)
+        self.cache.v[layer, self.slots, :, :P] = v[self.src]
+        return k, v
+
+
+class DecodeView:
+    """kv_cache for one decode step of rows 0..b-1: row i writes its new K/V at its own position pos[i] and
+    attends over cache positions 0..L-1 (the mask hides what lies beyond each row's position)."""
+
+    def __init__(self, cache: KVCache, rows: torch.Tensor, pos: torch.Tensor, length: int):
+        self.cache, self.rows, self.pos, self.length = cache, rows, pos, length
+
+    def update(self, layer: int, k, v):  # k, v (b, Hkv, 1, D)
+        self.cache.k[layer, self.rows, :, self.pos] = k[:, :, 0]  # index (b,) x (b,) -> (b, Hkv, D)
+        self.cache.v[layer, self.rows, :, self.pos] = v[:, :, 0]
+        b, L = len(self.rows), self.length
+        return self.cache.k[layer, :b, :, :L], self.cache.v[layer, :b, :, :L]  # (b, Hkv, L, D)
+
+
+# ----------------------------------------------------------------------------------------------------
+# sampling
+
+def sample(logits, temperature: float, top_p: float, top_k: int, generator=None):
+    """logits (n, V) fp32 -> tokens (n,) int64, logprobs (n,) fp32.
+
+    The log-prob is under softmax(logits / temperature) *before* top-k/top-p truncation: the distribution the
+    trainer recomputes from its own forward, which knows nothing of truncation. temperature 0 is greedy, and
+    its log-probs are under the plain softmax(logits).
+    """
+    if temperature == 0:
+        tok = logits.argmax(-1)
+        return tok, logits.gather(-1, tok[:, None]).squeeze(-1) - logits.logsumexp(-1)
+    scaled = logits / temperature if temperature != 1.0 else logits
+    m = scaled.amax(-1, keepdim=True)
+    probs = (scaled - m).exp_()  # unnormalised: sampling doesn't need the sum, the log-prob uses it below
+    log_z = m.squeeze(-1) + probs.sum(-1).log()  # logsumexp, reusing the exps
+    if top_k:
+        kth = probs.topk(top_k, dim=-1).values[:, -1:]
+        probs = probs.masked_fill(probs < kth, 0.0)  # ties with the k-th all stay, as in HF
+    if top_p < 1.0:
+        # keep the most probable tokens until their mass reaches top_p of what is left after top-k
+        sorted_p, order = probs.sort(-1, descending=True)
+        cum = sorted_p.cumsum(-1)
+        drop = cum - sorted_p >= top_p * cum[:, -1:]  # mass above this token already reaches top_p
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+    # Inverse-CDF sampling: one uniform per row and a cumsum. For 64 x 32k on one CPU core this whole function
+    # takes ~11 ms, against ~59 ms for softmax + torch.multinomial and ~58 ms for the exponential race (which
+    # draws V randoms per row); a Gumbel-max over V uniforms takes ~25 ms and still lacks the log-probs.
+    cdf = probs.cumsum_(-1)
+    u = (1.0 - torch.rand(len(cdf), 1, device=cdf.device, generator=generator)) * cdf[:, -1:]  # (0, total]
+    # first index whose cdf reaches u: a zero-probability token never does before the token preceding it
+    tok = torch.searchsorted(cdf, u).squeeze(-1)
+    return tok, scaled.gather(-1, tok[:, None]).squeeze(-1) - log_z
+
+
+class StopCheck:
+    """Does a row's newest token end it? Stop ids, or a stop string anywhere in the tail of its text."""
+
+    def __init__(self, ids, strings, tokenizer):
+        self.ids, self.strings, self.tokenizer = frozenset(ids), tuple(strings), tokenizer
+        # every token decodes to at least one byte, so the tokens of one occurrence are among the last this many
+        self.window = max((len(s.encode()) for s in self.strings), default=0)
+        self.last_chars = {s[-1] for s in self.strings}
+        self.text: dict[int, str] = {}  # token id -> its text, for the cheap pre-check below
+
+    def __call__(self, tokens: list[int]) -> bool:
+        t = tokens[-1]
+        if t in self.ids:
+            return True
+        if not self.strings:
+            return False
+        # Only a token holding a stop string's last character can complete it (checked every step, so any
+        # occurrence in the tail ends in this token). A token holding part of a multi-byte character decodes
+        # to U+FFFD on its own, so it gets the full check too. Saves a decode per token on most steps.
+        if t not in self.text:
+            self.text[t] = self.tokenizer.decode([t])
+        if "\ufffd" not in self.text[t] and not any(c in self.text[t] for c in self.last_chars):
+            return False
+        tail = self.tokenizer.decode(tokens[-self.window:])
+        return any(s in tail for s in self.strings)
+
+
+@dataclass
+class Row:
+    """A completion in progress; it lives in cache slot = its index in the live-rows list."""
+    index: int  # where its Completion goes in generate's output
+    prompt_len: int
+    limit: int  # max tokens: max_new_tokens, capped so that prompt + completion fit in max_seq_len
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def accept(self, tokens: list[int], logprobs: list[float], stop: StopCheck):
+        """Take newly sampled tokens until one ends the row; the rest (sampled past the end) are dropped."""
+        for t, lp in zip(tokens, logprobs):
+            self.tokens.append(t)
+            self.logprobs.append(lp)
+            if stop(self.tokens):
+                self.finish_reason = "stop"
+            elif len(self.tokens) == self.limit:
+                self.finish_reason = "length"
+            if self.finish_reason:
+                return
+
+
+# ----------------------------------------------------------------------------------------------------
+# the sampler
+
+class Sampler:
+    """Owns the KV cache (max_batch_size slots x max_seq_len positions, allocated once) and, on CUDA, the decode
+    graphs; `generate` can be called any number of times, and sees weight updates made in place."""
+
+    def __init__(self, model: Transformer, max_batch_size: int, max_seq_len: int, device, dtype: torch.dtype):
+        self.device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0", to compare with parameters
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        # Use the model itself when it is already where we run, so that in-place weight updates to it are
+        # seen; otherwise keep a converted copy in self.model, which the trainer then updates in place.
+        if all(p.device == self.device and p.dtype == dtype for p in model.parameters()):
+            self.model = model
+        else:
+            self.model = converted_copy(model, self.device, dtype)
+        cfg = self.model.config
+        self.cache = KVCache(cfg, max_batch_size, max_seq_len, self.device, dtype)
+        # per-slot decode inputs: the row's last sampled token and the position it goes in (the graphs' inputs)
+        self.tok_in = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
+        self.pos_in = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
+        self.slot_ids = torch.arange(max_batch_size, device=self.device)
+        self.key_pos = torch.arange(max_seq_len, device=self.device)
+        self.use_graphs = self.device.type == "cuda"
+        self.sync_every = CUDA_SYNC_EVERY if self.use_graphs else 1
+        # tokens and log-probs sampled since the last host sync: (sync_every, slots)
+        self.hist_tok = torch.zeros(self.sync_every, max_batch_size, dtype=torch.long, device=self.device)
+        self.hist_lp = torch.zeros(self.sync_every, max_batch_size, dtype=torch.float32, device=self.device)
+        # a graph runs rows 0..b-1 for the smallest bucket b >= live rows (nano-vllm's buckets)
+        self.batch_buckets = sorted({b for b in (1, 2, 4, 8) if b < max_batch_size} |
+                                    set(range(16, max_batch_size, 16)) | {max_batch_size})
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graph_pool = None  # one memory pool shared by all graphs: they never run at the same time
+        self.stats = SamplerStats()
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], group_size: int = 1, max_new_tokens: int = 256,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop_token_ids=(),
+                 stop_strings=(), tokenizer=None, seed: int | None = None) -> list[Completion]:
+        """Sample `group_size` completions of each prompt (token-id lists); returns them prompt-major:
+        out[i * group_size + j] is sample j of prompt i.
+
+        temperature 0 is greedy; top_k 0 and top_p 1 turn those cuts off. Generation of a row stops after a
+        token in stop_token_ids or a token that completes one of stop_strings (decoded with `tokenizer`), that
+        token included, or after max_new_tokens (fewer if prompt + completion would pass max_seq_len). seed
+        makes the call reproducible (same seed, sampler and arguments, same outputs); None draws from torch's
+        global generator."""
+        g = group_size
+        if not 1 <= g <= self.max_batch_size:
+            raise ValueError(f"group_size {g} must be between 1 and max_batch_size ({self.max_batch_size})")
+        if max_new_tokens < 1 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+            raise ValueError("need max_new_tokens >= 1, temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+        if stop_strings and tokenizer is None:
+            raise ValueError("stop_strings need a tokenizer to decode completions")
+        for p in prompts:
+            if not 1 <= len(p) < self.max_seq_len:
+                raise ValueError(f"a prompt of {len(p)} tokens does not fit: need 1 to {self.max_seq_len - 1}")
+        generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
+        settings = dict(temperature=temperature, top_p=top_p, top_k=top_k, generator=generator)
+        stop = StopCheck(stop_token_ids, stop_strings, tokenizer)
+        out: list[Completion | None] = [None] * (len(prompts) * g)
+        waiting = deque(range(len(prompts)))
+        rows: list[Row] = []  # live rows; rows[i] is in cache slot i
+        while waiting or rows:
+            # Admit waiting prompts into the free slots (as many as fit, within the prefill token budget), but
+            # only once a quarter of the slots is free or nothing runs: each admission is an eager prefill plus
+            # a host sync (~6 decode steps of a 0.5B on CUDA). bench.py sampler on an H200, vs static batches:
+            # refilling every group as soon as it fits 0.52x (0.5B) / 0.73x (7B) tokens/s; this 1.02x / 0.92x.
+            free = self.max_batch_size - len(rows)
+            take = []
+            if not rows or free >= max(g, self.max_batch_size // 4):
+                while waiting and (len(take) + 1) * g <= free:
+                    longest = max(len(prompts[i]) for i in [*take, waiting[0]])
+                    if take and (len(take) + 1) * longest > PREFILL_TOKENS:
+                        break
+                    take.append(waiting.popleft())
+            if take:
+                first = len(rows)
+                new = [Row(i * g + j, len(prompts[i]), min(max_new_tokens, self.max_seq_len - len(prompts[i])))
+                       for i in take for j in range(g)]
+                logits = self._prefill([prompts[i] for i in take], first, g)  # (len(take), V)
+                tok, lp = sample(logits.repeat_interleave(g, 0), **settings)  # each group member samples
+                live = slice(first, first + len(new))
+                self.tok_in[live] = tok
+                self.pos_in[live] = torch.tensor([r.prompt_len for r in new], device=self.device)
+                for r, t, l in zip(new, tok.tolist(), lp.tolist()):
+                    r.accept([t], [l], stop)
+                rows += new
+            else:
+                # decode until the next stop check; no row may run past its limit (its cache ends there)
+                steps = min(self.sync_every, min(r.limit - len(r.tokens) for r in rows))
+                toks, lps = self._decode(len(rows), steps, max(r.prompt_len + len(r.tokens) for r in rows),
+                                         settings)
+                for r, ts, ls in zip(rows, toks, lps):
+                    r.accept(ts, ls, stop)
+            for r in rows:
+                if r.finish_reason:
+                    out[r.index] = Completion(r.tokens, r.logprobs, r.finish_reason)
+                    self.stats.generated_tokens += len(r.tokens)
+            rows = self._compact(rows)
+        return out
+
+    def _prefill(self, prompts: list[list[int]], first_slot: int, g: int) -> torch.Tensor:
+        """Run the prompts once, writing their K/V into slots first_slot.. (g per prompt, prompt-major);
+        returns each prompt's next-token logits (n, V) fp32."""
+        n, P = len(prompts), max(len(p) for p in prompts)
+        ids = torch.zeros(n, P, dtype=torch.long)  # right padding: pads come after a prompt, so causal
+        for i, p in enumerate(prompts):           # attention keeps real tokens from ever seeing them
+            ids[i, :len(p)] = torch.tensor(p)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        slots = first_slot + torch.arange(n * g, device=self.device)
+        src = torch.arange(n, device=self.device).repeat_interleave(g)
+        causal = torch.ones(P, P, dtype=torch.bool, device=self.device).tril().expand(n, 1, P, P)
+        h = self.model(ids.to(self.device), kv_cache=PrefillView(self.cache, slots, src), attn_mask=causal,
+                       return_hidden=True)  # (n, P, hidden)
+        # the vocab head only at each prompt's last token, not at all n * P positions
+        logits = self._head(h[torch.arange(n, device=self.device), last])
+        self.stats.prefill_calls += 1
+        self.stats.prefill_prompts += n
+        self.stats.prefill_tokens += sum(len(p) for p in prompts)
+        return logits
+
+    def _decode(self, n: int, steps: int, length: int, settings: dict):
+        """`steps` decode steps of live rows 0..n-1, whose pending tokens sit at positions < `length`;
+        returns per row the sampled tokens and log-probs (lists of `steps`): the one host sync."""
+        for s in range(steps):
+            if self.use_graphs:
+                # one graph for the whole chunk: sized for the longest row at the chunk's last step
+                logits = self._graph(n, length + steps - 1)[:n]
+            else:
+                logits = self._forward(n, length + s)
+            tok, lp = sample(logits, **settings)
+            self.tok_in[:n] = tok
+            self.pos_in[:n] += 1
+            self.hist_tok[s, :n] = tok
+            self.hist_lp[s, :n] = lp
+            self.stats.decode_steps += 1
+            self.stats.decode_rows += self._bucket(n) if self.use_graphs else n
+        return self.hist_tok[:steps, :n].T.tolist(), self.hist_lp[:steps, :n].T.tolist()
+
+    def _forward(self, b: int, length: int) -> torch.Tensor:
+        """One decode step of rows 0..b-1 attending over cache positions < length -> logits (b, V) fp32."""
+        pos = self.pos_in[:b, None]  # (b, 1)
+        mask = (self.key_pos[:length] <= pos)[:, None, None, :]  # (b, 1, 1, length)
+        view = DecodeView(self.cache, self.slot_ids[:b], self.pos_in[:b], length)
+        h = self.model(self.tok_in[:b, None], positions=pos, kv_cache=view, attn_mask=mask, return_hidden=True)
+        return self._head(h[:, 0])
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (n, hidden) -> logits (n, V) fp32."""
+        w = self.model.lm_head.weight
+        if self.device.type == "cpu":
+            # MKL runs this skinny (n x hidden) @ (hidden x vocab) product ~25% faster in blocks of vocab rows,
+            # whose weights and outputs stay in cache (64 x 256 x 32k on our 2-core CI box: 29 -> 23 ms), with
+            # bit-identical results; the head is about half of a small model's decode step on CPU.
+            blocks = [F.linear(h, w[i:i + CPU_HEAD_BLOCK]) for i in range(0, len(w), CPU_HEAD_BLOCK)]
+            return torch.cat(blocks, 1).float()
+        return F.linear(h, w).float()
+
+    def _bucket(self, n: int) -> int:
+        return next(b for b in self.batch_buckets if b >= n)
+
+    def _graph(self, n: int, length: int) -> torch.Tensor:
+        """Replay (capturing on first use) the decode graph for n live rows and `length` positions; returns
+        its static logits buffer (bucket, V), valid until the next replay."""
+        b = self._bucket(n)
+        L = min(-(-length // GRAPH_LEN_STEP) * GRAPH_LEN_STEP, self.max_seq_len)
+        if (b, L) not in self.graphs:
+            # Capture needs a warm-up run on a side stream first. It sees this step's real inputs, so the K/V it
+            # writes are exactly what the replay writes again; rows n..b-1 are free slots, scribbling is harmless.
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                self._forward(b, L)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.graph_pool):
+                logits = self._forward(b, L)
+            self.graph_pool = graph.pool()
+            self.graphs[(b, L)] = (graph, logits)
+            self.stats.graphs_captured += 1
+        graph, logits = self.graphs[(b, L)]
+        graph.replay()
+        return logits
+
+    def _compact(self, rows: list[Row]) -> list[Row]:
+        """Drop finished rows: move the last live rows into their slots, so live rows stay slots 0..n-1."""
+        n = sum(r.finish_reason is None for r in rows)
+        holes = [i for i in range(n) if rows[i].finish_reason]
+        movers = [i for i in range(n, len(rows)) if rows[i].finish_reason is None]  # as many as holes
+        if holes:
+            src = torch.tensor(movers, device=self.device)
+            dst = torch.tensor(holes, device=self.device)
+            L = max(rows[i].prompt_len + len(rows[i].tokens) for i in movers)  # positions written so far
+            self.cache.k[:, dst, :, :L] = self.cache.k[:, src, :, :L]
+            self.cache.v[:, dst, :, :L] = self.cache.v[:, src, :, :L]
+            self.tok_in[dst] = self.tok_in[src]
+            self.pos_in[dst] = self.pos_in[src]
+            for h, m in zip(holes, movers):
+                rows[h] = rows[m]
+        return rows[:n]
+
+
+def converted_copy(model: Transformer, device, dtype) -> Transformer:
+    """A copy of `model` on device/dtype, built without materialising a second full-precision copy."""
+    with torch.device("meta"):
+        copy = Transformer(model.config)
+    copy = copy.to(dtype=dtype).to_empty(device=device)
+    if model.config.tie_word_embeddings:  # to_empty gives each parameter its own storage: re-tie
+        copy.lm_head.weight = copy.embed_tokens.weight
+    copy.load_state_dict(model.state_dict())
+    return copy

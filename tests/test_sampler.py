@@ -1,0 +1,290 @@
+"""sampler.py against transformers' generate and against full forwards of our own model (no cache).
+
+Every test runs on CPU, and on CUDA too when there is one (there the decode steps are CUDA graphs)."""
+import pytest
+import torch
+
+from model import Transformer, load_tokenizer, make_tiny_model
+from sampler import Sampler, sample
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+def load(path, device):
+    return Transformer.from_pretrained(path, device=device, dtype=torch.float32)
+
+
+def random_prompts(lengths, vocab, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+@torch.no_grad()
+def full_logits(model, prompt, tokens):
+    """Next-token logits (fp32) at each completion position, from one forward with no cache: (len(tokens), V)."""
+    ids = torch.tensor([prompt + tokens[:-1]], device=next(model.parameters()).device)
+    return model(ids)[0, len(prompt) - 1:].float()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_greedy_matches_hf_generate(tiny_model_dir, hf_model, device):
+    model = load(tiny_model_dir, device)
+    tok = load_tokenizer(tiny_model_dir)
+    prompts = random_prompts([3, 11, 6, 1], model.config.vocab_size)
+    sampler = Sampler(model, max_batch_size=12, max_seq_len=40, device=device, dtype=torch.float32)
+    # all four prompts, of different lengths, decode in one batch, each fanned out to a group of 3
+    outs = sampler.generate(prompts, group_size=3, max_new_tokens=20, temperature=0,
+                            stop_token_ids=tok.eos_ids)
+    assert sampler.stats.prefill_calls == 1
+    for i, p in enumerate(prompts):
+        ref = hf_model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                do_sample=False, max_new_tokens=20, eos_token_id=list(tok.eos_ids),
+                                pad_token_id=tok.pad_id)[0, len(p):].tolist()
+        for j in range(3):
+            assert outs[i * 3 + j].tokens == ref
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cached_logits_equal_full_forward(tiny_model_dir, device):
+    model = load(tiny_model_dir, device)
+    V = model.config.vocab_size
+    prompts = random_prompts([5, 2, 9], V)
+    sampler = Sampler(model, max_batch_size=8, max_seq_len=32, device=device, dtype=torch.float32)
+    g = 2  # slots 0..5: prompt 0 in slots 0-1, prompt 1 in 2-3, prompt 2 in 4-5
+    logits = sampler._prefill(prompts, first_slot=0, g=g)
+    for i, p in enumerate(prompts):
+        torch.testing.assert_close(logits[i], full_logits(model, p, [0])[0], atol=1e-4, rtol=1e-4)
+    # decode 6 steps, every slot of a group fed different tokens, each row at its own position
+    fed = [[] for _ in range(len(prompts) * g)]
+    sampler.pos_in[:6] = torch.tensor([len(p) for p in prompts for _ in range(g)])
+    gen = torch.Generator().manual_seed(1)
+    for step in range(6):
+        new = torch.randint(3, V, (6,), generator=gen)
+        sampler.tok_in[:6] = new
+        length = max(len(p) for p in prompts) + step + 1
+        logits = sampler._forward(6, length)  # CUDA graphs replay this same function
+        for r in range(6):
+            fed[r].append(int(new[r]))
+            ref = full_logits(model, prompts[r // g], fed[r] + [0])[-1]
+            torch.testing.assert_close(logits[r], ref, atol=1e-4, rtol=1e-4)
+        sampler.pos_in[:6] += 1
+
+
+def expected_probs(logits, temperature, top_k, top_p):
+    """The distribution sampling must follow, written the plain way, in float64."""
+    p = (logits.double() / temperature).softmax(-1)
+    if top_k:
+        p[p < p.topk(top_k).values[-1]] = 0.0
+    p /= p.sum()
+    keep, mass = torch.zeros_like(p), 0.0
+    for t in p.argsort(descending=True).tolist():  # most probable first, until the kept mass reaches top_p
+        if mass >= top_p:
+            break
+        keep[t], mass = 1.0, mass + float(p[t])
+    return p * keep / (p * keep).sum()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.3, 12, 0.8)])
+def test_sampling_follows_the_truncated_distribution(tiny_model_dir, device, temperature, top_k, top_p):
+    model = load(tiny_model_dir, device)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(12.0)  # the tiny model is nearly uniform; make it peaked so cuts matter
+    prompt = random_prompts([7], model.config.vocab_size)[0]
+    expected = expected_probs(full_logits(model, prompt, [0])[0].cpu(), temperature, top_k, top_p)
+    sampler = Sampler(model, max_batch_size=256, max_seq_len=16, device=device, dtype=torch.float32)
+    outs = sampler.generate([prompt] * 16, group_size=256, max_new_tokens=1, temperature=temperature,
+                            top_k=top_k, top_p=top_p, seed=0)
+    n = len(outs)
+    counts = torch.bincount(torch.tensor([o.tokens[0] for o in outs]), minlength=len(expected)).double()
+    assert counts[expected == 0].sum() == 0  # nothing outside the top-k / top-p set, ever
+    # Pearson chi-square, bins with fewer than 5 expected samples pooled into one
+    e = expected * n
+    small = (e > 0) & (e < 5)
+    obs = torch.cat([counts[e >= 5], counts[small].sum()[None]])
+    exp = torch.cat([e[e >= 5], e[small].sum()[None]])
+    obs, exp = obs[exp > 0], exp[exp > 0]
+    chi2 = float(((obs - exp) ** 2 / exp).sum())
+    dof = len(exp) - 1
+    p_value = float(torch.special.gammaincc(torch.tensor(dof / 2), torch.tensor(chi2 / 2)))
+    assert dof >= 5 and p_value > 1e-3, (chi2, dof, p_value)
+
+
+def test_sample_greedy_and_logprob_definition():
+    logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, -1.0, 0.0]])
+    tok, lp = sample(logits, temperature=0, top_p=1.0, top_k=0)
+    assert tok.tolist() == [1, 0]
+    torch.testing.assert_close(lp, logits.log_softmax(-1)[[0, 1], [1, 0]])
+    tok, lp = sample(logits, temperature=0.5, top_p=1.0, top_k=1, generator=torch.Generator().manual_seed(0))
+    assert tok.tolist() == [1, 0]  # top-1 is greedy, but the log-prob stays the untruncated one
+    torch.testing.assert_close(lp, (logits / 0.5).log_softmax(-1)[[0, 1], [1, 0]])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.8, 10, 0.9), (0, 0, 1.0)])
+def test_logprobs_equal_full_forward(tiny_model_dir, device, temperature, top_k, top_p):
+    model = load(tiny_model_dir, device)
+    prompts = random_prompts([4, 9], model.config.vocab_size)
+    sampler = Sampler(model, max_batch_size=6, max_seq_len=40, device=device, dtype=torch.float32)
+    outs = sampler.generate(prompts, group_size=3, max_new_tokens=12, temperature=temperature, top_k=top_k,
+                            top_p=top_p, seed=0)
+    for i, o in enumerate(outs):
+        logits = full_logits(model, prompts[i // 3], o.tokens)
+        ref = (logits / (temperature or 1.0)).log_softmax(-1)  # T=0 reports the plain softmax's log-probs
+        ref = ref.gather(-1, torch.tensor(o.tokens, device=device)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(o.logprobs), ref.cpu(), atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# stops, on a model scripted to write a known text greedily
+
+@pytest.fixture(scope="module")
+def scripted_dir(tmp_path_factory):
+    """A tiny model whose tokenizer has merges ("</", "answer"), so "</answer>" spans several tokens."""
+    corpus = ["the answer is </b>\n and </i>\n so", "answer answer ans wer", "</x>\n</y>\n"] * 20
+    return make_tiny_model(tmp_path_factory.mktemp("scripted"), corpus=corpus, vocab_size=300)
+
+
+def scripted(path, device, chain):
+    """Load the model and rewrite its weights so that greedy decoding maps chain[i] -> chain[i + 1] (and the
+    last token to itself): every layer's output projections are zeroed, so the final hidden state is the
+    current token's embedding, a one-hot direction per chain token that the head maps to its successor."""
+    model = load(path, device)
+    assert len(set(chain)) == len(chain) <= model.config.hidden_size
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.norm.weight.fill_(1.0)
+        model.lm_head.weight.zero_()
+        for i, t in enumerate(chain):
+            model.embed_tokens.weight[t] = torch.nn.functional.one_hot(torch.tensor(i), model.config.hidden_size)
+            model.lm_head.weight[chain[min(i + 1, len(chain) - 1)], i] = 10.0
+    return model
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stop_string_across_token_boundaries(scripted_dir, device):
+    tok = load_tokenizer(scripted_dir)
+    text = "ok</answer>\nbye"
+    ids = tok.encode(text)
+    assert [tok.decode([t]) for t in ids][2:5] == ["</", "answer", ">"]  # the stop string spans 3 tokens
+    prompt = tok.encode("Q")
+    model = scripted(scripted_dir, device, prompt + ids)
+    sampler = Sampler(model, max_batch_size=4, max_seq_len=32, device=device, dtype=torch.float32)
+
+    def run(stops):
+        return sampler.generate([prompt], group_size=2, max_new_tokens=len(ids) + 3, temperature=0,
+                                stop_strings=stops, tokenizer=tok)
+
+    free = run(())
+    assert tok.decode(free[0].tokens).startswith(text) and free[0].finish_reason == "length"
+    for o in run(("</answer>",)):
+        assert tok.decode(o.tokens) == "ok</answer>" and o.finish_reason == "stop"
+        assert len(o.logprobs) == len(o.tokens)
+    # a stop string that ends inside a token: the completion ends with that whole token, nothing after it
+    o = run(("</ans", "never"))[0]
+    assert tok.decode(o.tokens) == "ok</answer" and o.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_eos_stop_is_included(scripted_dir, device):
+    tok = load_tokenizer(scripted_dir)
+    eos = tok.eos_ids[0]
+    prompt = tok.encode("Q")
+    model = scripted(scripted_dir, device, prompt + tok.encode("hi") + [eos] + tok.encode("xyz"))
+    sampler = Sampler(model, max_batch_size=2, max_seq_len=32, device=device, dtype=torch.float32)
+    o = sampler.generate([prompt], max_new_tokens=10, temperature=0, stop_token_ids=tok.eos_ids)[0]
+    assert o.tokens == tok.encode("hi") + [eos] and o.finish_reason == "stop"
+
+
+# ----------------------------------------------------------------------------------------------------
+# scheduling: queueing, refill, compaction, prefill counts
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_more_prompts_than_slots_with_rows_ending_at_different_times(tiny_model_dir, device):
+    model = load(tiny_model_dir, device)
+    prompts = random_prompts([3, 8, 5, 1, 12, 6, 4], model.config.vocab_size)
+    # reference: everything in one batch, no stops
+    big = Sampler(model, max_batch_size=14, max_seq_len=48, device=device, dtype=torch.float32)
+    ref = big.generate(prompts, group_size=2, max_new_tokens=24, temperature=0)
+    # stop ids taken from the references at different depths, so rows end at different times
+    stops = {ref[0].tokens[3], ref[4].tokens[9], ref[9].tokens[14], ref[12].tokens[1]}
+    # 5 slots for 7 prompts x 2: a queue, refills into freed slots, and compaction of finished rows
+    small = Sampler(model, max_batch_size=5, max_seq_len=48, device=device, dtype=torch.float32)
+    outs = small.generate(prompts, group_size=2, max_new_tokens=24, temperature=0, stop_token_ids=stops)
+    for o, r in zip(outs, ref):
+        cut = next((k + 1 for k, t in enumerate(r.tokens) if t in stops), len(r.tokens))
+        assert o.tokens == r.tokens[:cut]
+        assert o.finish_reason == ("stop" if cut < len(r.tokens) or r.tokens[-1] in stops else "length")
+        torch.testing.assert_close(o.logprobs, r.logprobs[:cut], atol=1e-4, rtol=1e-4)
+    assert small.stats.prefill_prompts == len(prompts)  # each prompt prefilled once for its whole group
+    assert small.stats.prefill_tokens == sum(map(len, prompts))
+    assert small.stats.prefill_calls > 1  # the queue really was drained in several admissions
+    assert small.stats.generated_tokens == sum(len(o.tokens) for o in outs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_length_limits(tiny_model_dir, device):
+    model = load(tiny_model_dir, device)
+    prompts = random_prompts([10, 3], model.config.vocab_size)
+    sampler = Sampler(model, max_batch_size=2, max_seq_len=16, device=device, dtype=torch.float32)
+    outs = sampler.generate(prompts, max_new_tokens=8, temperature=1.0, seed=0)
+    # prompt + completion never exceeds max_seq_len
+    assert [len(o.tokens) for o in outs] == [6, 8] and {o.finish_reason for o in outs} == {"length"}
+    with pytest.raises(ValueError):
+        sampler.generate([[1] * 16])
+    with pytest.raises(ValueError):
+        sampler.generate(prompts, group_size=3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_seeded_sampling_is_reproducible(tiny_model_dir, device):
+    model = load(tiny_model_dir, device)
+    prompts = random_prompts([4, 7, 2], model.config.vocab_size)
+    sampler = Sampler(model, max_batch_size=6, max_seq_len=40, device=device, dtype=torch.float32)
+
+    def run(seed):
+        return sampler.generate(prompts, group_size=2, max_new_tokens=20, temperature=1.0, top_p=0.95, seed=seed)
+
+    a, b, c = run(7), run(7), run(8)
+    assert [o.tokens for o in a] == [o.tokens for o in b] and [o.logprobs for o in a] == [o.logprobs for o in b]
+    assert [o.tokens for o in a] != [o.tokens for o in c]
+    assert a[0].tokens != a[1].tokens  # group members draw independently
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_in_place_weight_update_is_picked_up(tiny_model_dir, tmp_path, device):
+    model = load(tiny_model_dir, device)
+    other = load(make_tiny_model(tmp_path / "other", seed=1), device)
+    prompts = random_prompts([5, 3], model.config.vocab_size)
+    sampler = Sampler(model, max_batch_size=4, max_seq_len=32, device=device, dtype=torch.float32)
+    before = sampler.generate(prompts, group_size=2, max_new_tokens=10, temperature=0)  # captures graphs on CUDA
+    with torch.no_grad():  # what the trainer does after each update
+        for p, q in zip(sampler.model.parameters(), other.parameters()):
+            p.copy_(q)
+    after = sampler.generate(prompts, group_size=2, max_new_tokens=10, temperature=0)
+    fresh = Sampler(other, max_batch_size=4, max_seq_len=32, device=device, dtype=torch.float32)
+    expected = fresh.generate(prompts, group_size=2, max_new_tokens=10, temperature=0)
+    assert [o.tokens for o in after] == [o.tokens for o in expected] != [o.tokens for o in before]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_cuda_logprobs_close_to_full_forward(tiny_model_dir):
+    fp32 = load(tiny_model_dir, "cpu")
+    sampler = Sampler(fp32, max_batch_size=8, max_seq_len=48, device="cuda", dtype=torch.bfloat16)
+    assert sampler.model is not fp32 and next(sampler.model.parameters()).dtype == torch.bfloat16
+    prompts = random_prompts([6, 13], fp32.config.vocab_size)
+    outs = sampler.generate(prompts, group_size=4, max_new_tokens=30, temperature=1.0, seed=0)
+    assert sampler.stats.graphs_captured >= 1
+    for i, o in enumerate(outs):
+        ref = full_logits(fp32, prompts[i // 4], o.tokens).log_softmax(-1)
+        ref = ref.gather(-1, torch.tensor(o.tokens)[:, None])[:, 0]
+        assert (torch.tensor(o.logprobs) - ref).abs().max() < 0.05
