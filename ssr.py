@@ -389,7 +389,8 @@ def train(cfg: Config):
             dist.barrier()
         if master:
             print(f"SMOKE RUN: a tiny random model ({cfg.model}) on {cfg.data}, {cfg.steps} steps on "
-                  f"{device.type}. For real training pass --model and --data (see README).")
+                  f"{device.type}, rewarded by {cfg.reward} (a toy reward it can learn; the judge still runs "
+                  "on well-formed answers). For real training pass --model and --data (see README).")
 
     tok = load_tokenizer(cfg.model)
     prompt_len = lambda r: len(tok.encode(judge.actor_prompt(r["src"], r["src_lang"], r["tgt_lang"], cfg.template)))
@@ -397,6 +398,13 @@ def train(cfg: Config):
     comet = judge.CometScorer(cfg.comet_model, device=device) if cfg.w_comet > 0 else None
 
     resume_dir = newest_checkpoint(cfg.out_dir) if cfg.resume else None
+    if not cfg.resume and (old := newest_checkpoint(cfg.out_dir)) is not None:
+        if cfg.preset != "smoke":  # never mix two runs' checkpoints and logs in one directory
+            raise ConfigError(f"{cfg.out_dir} already holds {old.name}: pass --resume to continue that run, "
+                              "or another --out-dir")
+        if master:  # the smoke run simply starts over
+            for path in [*out.glob("step_*"), out / "metrics.jsonl", out / "samples.jsonl"]:
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     if cfg.resume and resume_dir is None:
         raise CheckpointError(f"{cfg.out_dir}: --resume given but no step_N checkpoint there")
     # fp32 master weights; on GPU the forward runs in bf16 (autocast for DDP, FSDP2's param_dtype)
@@ -432,6 +440,11 @@ def train(cfg: Config):
     start = load_train_state(resume_dir, model, optimizer, scheduler) if resume_dir else 0
     if master and resume_dir:
         print(f"resumed from {resume_dir} at step {start}")
+        for name in ("metrics.jsonl", "samples.jsonl"):  # drop what was logged after the checkpoint
+            if (out / name).exists():
+                lines = (out / name).read_text(encoding="utf-8").splitlines(keepends=True)
+                kept = [line for line in lines if json.loads(line)["step"] <= start]
+                (out / name).write_text("".join(kept), encoding="utf-8")
 
     wandb_run = None
     if cfg.wandb and master:

@@ -2,6 +2,7 @@
 torchrun DDP/FSDP on gloo, and one-line errors for bad input."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -134,9 +135,13 @@ def test_custom_reward_rises(tmp_path, model_dir, data_file):
 
 def test_resume_is_bit_exact(tmp_path, model_dir, data_file):
     common = ["--model", model_dir, "--data", data_file, *SMALL, "--reward", "judge:letter_share_reward",
-              "--save-every", 1]
+              "--save-every", 2]
     run_ssr(*common, "--out-dir", tmp_path / "straight", "--steps", 3)
-    run_ssr(*common, "--out-dir", tmp_path / "resumed", "--steps", 2)
+    run_ssr(*common, "--out-dir", tmp_path / "resumed", "--steps", 3)
+    # a crash after step 3 was logged but before it was saved: resume from step_2 redoes step 3
+    shutil.rmtree(tmp_path / "resumed" / "step_3")
+    proc = run_ssr(*common, "--out-dir", tmp_path / "resumed", "--steps", 3, expect_ok=False)
+    assert proc.returncode == 2 and "already holds step_2: pass --resume" in proc.stderr
     run_ssr(*common, "--out-dir", tmp_path / "resumed", "--steps", 3, "--resume")
     a = load_file(tmp_path / "straight" / "step_3" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "step_3" / "model.safetensors")
