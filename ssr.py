@@ -118,16 +118,23 @@ class ConfigError(ValueError):
     """Flags that cannot work together (said before any model is loaded)."""
 
 
+FLAG_GROUPS = {"model": "model and data", "reward": "reward", "prompts_per_step": "rollouts", "lr": "GRPO",
+               "steps": "run"}
+
+
 def parse_args(argv=None) -> Config:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser
     for f in dataclasses.fields(Config):
+        if f.name in FLAG_GROUPS:  # --help lists the flags under the same headings as the Config fields
+            group = parser.add_argument_group(FLAG_GROUPS[f.name])
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                 help=f"{f.metadata['help']} (default: {f.default})")
         else:
             kind = {"int": int, "float": float, "str": str}[f.type]
-            parser.add_argument(flag, type=kind, default=None, choices=f.metadata["choices"],
+            group.add_argument(flag, type=kind, default=None, choices=f.metadata["choices"],
                                 help=f"{f.metadata['help']} (default: {f.default!r})")
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     # no model: the smoke run, whose preset is applied under whatever the user did give
