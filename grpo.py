@@ -189,7 +189,7 @@ def loss_weights(response_mask, loss_agg: str, n_tokens: float, n_seqs: float,
 def grpo_update(model, optimizer, rollouts: Rollouts, *, micro_batch_size: int, mini_batches: int = 1,
                 clip_low: float = 0.2, clip_high: float = 0.2, kl_beta: float = 0.0, loss_agg: str = "token-mean",
                 max_response_len: int | None = None, temperature: float = 1.0,
-                max_grad_norm: float = 1.0) -> dict:
+                max_grad_norm: float = 1.0, progress=None) -> dict:
     """Policy update(s) on one rollout batch: `mini_batches` optimizer steps, each on a contiguous 1/M of
     the rows, each accumulated over micro-batches of `micro_batch_size` rows (forward -> loss -> backward),
     then grad-norm clipping, optimizer.step() and zero_grad(). LR schedulers are the caller's.
@@ -202,6 +202,7 @@ def grpo_update(model, optimizer, rollouts: Rollouts, *, micro_batch_size: int, 
     and its clipping are what keep those steps close to the sampling policy.
 
     max_response_len: the constant of seq-mean-token-sum-norm (the generation budget), required by it.
+    progress: anything with .update(n) (a tqdm bar), told the rows of each finished micro-batch.
     Returns stats (floats, over the global batch): loss (mean over the steps), clip_frac, kl_old,
     kl_ref (when kl_beta > 0), entropy (token means over response tokens), grad_norm (pre-clip, mean over
     the steps), tokens (response tokens), steps.
@@ -254,6 +255,8 @@ def grpo_update(model, optimizer, rollouts: Rollouts, *, micro_batch_size: int, 
                 # `loss` is this rank's share of a global *sum*; DDP and FSDP2 divide the summed gradients
                 # by the world size, so scale it back up to make N ranks equal one process on the batch
                 (loss * world).backward()
+            if progress is not None:
+                progress.update(len(mb))
             with torch.no_grad():
                 totals += torch.stack([loss.detach(), tok_stats["clipped"].sum().float(),
                                        (tok_stats["kl_old"] * mask).sum(),

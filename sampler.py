@@ -228,7 +228,7 @@ class Sampler:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], group_size: int = 1, max_new_tokens: int = 256,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop_token_ids=(),
-                 stop_strings=(), tokenizer=None, seed: int | None = None) -> list[Completion]:
+                 stop_strings=(), tokenizer=None, seed: int | None = None, progress=None) -> list[Completion]:
         """Sample `group_size` completions of each prompt (token-id lists); returns them prompt-major:
         out[i * group_size + j] is sample j of prompt i.
 
@@ -236,7 +236,7 @@ class Sampler:
         token in stop_token_ids or a token that completes one of stop_strings (decoded with `tokenizer`), that
         token included, or after max_new_tokens (fewer if prompt + completion would pass max_seq_len). seed
         makes the call reproducible (same seed, sampler and arguments, same outputs); None draws from torch's
-        global generator."""
+        global generator. progress: anything with .update(n) (a tqdm bar), told of each finished completion."""
         g = group_size
         if not 1 <= g <= self.max_batch_size:
             raise ValueError(f"group_size {g} must be between 1 and max_batch_size ({self.max_batch_size})")
@@ -289,6 +289,8 @@ class Sampler:
                 if r.finish_reason:
                     out[r.index] = Completion(r.tokens, r.logprobs, r.finish_reason)
                     self.stats.generated_tokens += len(r.tokens)
+                    if progress is not None:
+                        progress.update(1)
             rows = self._compact(rows)
         return out
 

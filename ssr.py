@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 import grpo
 import judge
@@ -319,14 +320,22 @@ def load_train_state(path: Path, model, optimizer, scheduler) -> int:
 # ----------------------------------------------------------------------------------------------------
 # one step
 
+def bar(desc: str, total: int):
+    """A progress bar on rank 0 that disappears when done (the step's summary line stays)."""
+    show = int(os.environ.get("RANK", "0")) == 0
+    return tqdm(total=total, desc=desc, unit="seq", leave=False, disable=not show, dynamic_ncols=True)
+
+
 def rollout_and_reward(cfg: Config, sources, tok, sampler, judge_sampler, comet, custom_reward, seed):
     """Sample translations, judge them, score them. Returns prompts, completions, sample dicts, judge
     outputs, the reward breakdown (its .reward is what GRPO uses) and the seconds spent sampling/judging."""
     t0 = time.perf_counter()
     prompts = [tok.encode(judge.actor_prompt(s["src"], s["src_lang"], s["tgt_lang"], cfg.template)) for s in sources]
-    completions = sampler.generate(prompts, group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
-                                   temperature=cfg.temperature, top_p=cfg.top_p, stop_token_ids=tok.eos_ids,
-                                   stop_strings=judge.STOP_STRINGS, tokenizer=tok, seed=seed)
+    with bar("sample", len(prompts) * cfg.group_size) as progress:
+        completions = sampler.generate(prompts, group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
+                                       temperature=cfg.temperature, top_p=cfg.top_p, stop_token_ids=tok.eos_ids,
+                                       stop_strings=judge.STOP_STRINGS, tokenizer=tok, seed=seed,
+                                       progress=progress)
     samples = []
     for i, c in enumerate(completions):
         # special tokens skipped: a trailing EOS is how a response ends, not part of its text
@@ -342,11 +351,12 @@ def rollout_and_reward(cfg: Config, sources, tok, sampler, judge_sampler, comet,
         judge_prompts = [tok.encode(judge.judge_prompt(samples[i]["src"], samples[i]["answer"], samples[i]["src_lang"],
                                                        samples[i]["tgt_lang"], cfg.template)) for i in valid]
         greedy = cfg.judge_samples == 1
-        outs = judge_sampler.generate(judge_prompts, group_size=cfg.judge_samples,
-                                      max_new_tokens=cfg.judge_max_new_tokens,
-                                      temperature=0.0 if greedy else cfg.judge_temperature,
-                                      stop_token_ids=tok.eos_ids, stop_strings=judge.STOP_STRINGS,
-                                      tokenizer=tok, seed=seed + 1)
+        with bar("judge", len(judge_prompts) * cfg.judge_samples) as progress:
+            outs = judge_sampler.generate(judge_prompts, group_size=cfg.judge_samples,
+                                          max_new_tokens=cfg.judge_max_new_tokens,
+                                          temperature=0.0 if greedy else cfg.judge_temperature,
+                                          stop_token_ids=tok.eos_ids, stop_strings=judge.STOP_STRINGS,
+                                          tokenizer=tok, seed=seed + 1, progress=progress)
         for j, i in enumerate(valid):
             group = outs[j * cfg.judge_samples:(j + 1) * cfg.judge_samples]
             judge_outputs[i] = [tok.decode(o.tokens, skip_special_tokens=True) for o in group]
@@ -476,10 +486,13 @@ def train(cfg: Config):
         rollouts = grpo.build_rollouts(prompt_per_rollout, [c.tokens for c in completions], advantages,
                                        pad_id=tok.pad_id).to(device)
         model.train()
-        with autocast:
-            # "old" log-probs from the training model itself, not the sampler's: the sampler runs in bf16
-            # with other kernels, and the ratio must be exactly 1 before the first update
-            rollouts.old_logprobs = grpo.sequence_logprobs(model, rollouts, cfg.micro_batch_size, cfg.temperature)
+        with autocast, bar("update", len(rollouts) * cfg.mini_batches) as progress:
+            # "Old" log-probs come from the training model itself, not the sampler (bf16, other kernels), so
+            # the ratio is exactly 1 before the first update. With one update per batch that is all they are:
+            # grpo_update then uses its own detached log-probs and we skip a forward pass over the batch.
+            if cfg.mini_batches > 1:
+                rollouts.old_logprobs = grpo.sequence_logprobs(model, rollouts, cfg.micro_batch_size,
+                                                               cfg.temperature)
             if ref_model is not None:
                 rollouts.ref_logprobs = grpo.sequence_logprobs(ref_model, rollouts, cfg.micro_batch_size,
                                                                cfg.temperature)
@@ -487,7 +500,7 @@ def train(cfg: Config):
                                      mini_batches=cfg.mini_batches, clip_low=cfg.clip_low,
                                      clip_high=cfg.clip_high, kl_beta=cfg.kl_beta, loss_agg=cfg.loss_agg,
                                      max_response_len=cfg.max_new_tokens, temperature=cfg.temperature,
-                                     max_grad_norm=cfg.max_grad_norm)
+                                     max_grad_norm=cfg.max_grad_norm, progress=progress)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         sync_sampler(model, sampler.model)

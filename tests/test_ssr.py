@@ -123,6 +123,16 @@ def test_self_judge_and_comet_rewards_in_the_loop(tmp_path, parrot_model_dir, da
         assert m[key] is not None, key
 
 
+def test_frozen_external_judge(tmp_path, model_dir, parrot_model_dir, data_file):
+    """--judge-model loads a second, frozen model into its own sampler and judges with it: end to end, its
+    verdict (90) comes back as the reward. (The actor is the parrot too: a random actor is never well formed.)"""
+    out = tmp_path / "run"
+    run_ssr("--model", parrot_model_dir, "--judge-model", parrot_model_dir, "--data", data_file, "--out-dir", out,
+            "--steps", 1, *SMALL, "--temperature", 0.5, "--max-new-tokens", 32, "--judge-max-new-tokens", 32)
+    (m,) = metrics(out)
+    assert m["self_score_mean"] == 90.0 and m["reward_mean"] == pytest.approx(0.9)
+
+
 def test_custom_reward_rises(tmp_path, model_dir, data_file):
     out = tmp_path / "run"
     run_ssr("--model", model_dir, "--data", data_file, "--out-dir", out, "--steps", 12,
