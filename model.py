@@ -246,7 +246,9 @@ class Transformer(nn.Module):
 
             out = linear_token_logprobs(x.flatten(0, 1), self.lm_head.weight, targets.flatten(),
                                         temperature=temperature, return_entropy=return_entropy)
-            return tuple(o.view(B, T) for o in out) if return_entropy else out.view(B, T)
+            # reshape(...).clone(): FSDP2 hooks the returned tensors and warns on views (a copy of B*T floats)
+            out = tuple(o.reshape(B, T).clone() for o in (out if return_entropy else (out,)))
+            return out if return_entropy else out[0]
         return x if return_hidden else self.lm_head(x)
 
     # ------------------------------------------------------------------------------------------------
