@@ -321,8 +321,9 @@ def load_train_state(path: Path, model, optimizer, scheduler) -> int:
 # one step
 
 def bar(desc: str, total: int):
-    """A progress bar on rank 0 that disappears when done (the step's summary line stays)."""
-    show = int(os.environ.get("RANK", "0")) == 0
+    """A progress bar on rank 0 that disappears when done (the step's summary line stays). Off when stderr
+    is not a terminal: in a log file the per-step line says it all."""
+    show = int(os.environ.get("RANK", "0")) == 0 and sys.stderr.isatty()
     return tqdm(total=total, desc=desc, unit="seq", leave=False, disable=not show, dynamic_ncols=True)
 
 
