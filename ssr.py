@@ -399,6 +399,13 @@ def train(cfg: Config):
     random.seed(cfg.seed)
 
     custom_reward = judge.load_custom_reward(cfg.reward) if cfg.reward else None  # fail fast on a bad spec
+    wandb_run = None
+    if cfg.wandb and master:
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError("--wandb needs the wandb package (pip install wandb)") from None
+        wandb_run = wandb.init(project=cfg.wandb, config=dataclasses.asdict(cfg))
     if not cfg.model:  # smoke run: a tiny random model
         cfg.model = str(out / "tiny_model")
         if master and not (out / "tiny_model" / "config.json").exists():
@@ -413,7 +420,6 @@ def train(cfg: Config):
     tok = load_tokenizer(cfg.model)
     prompt_len = lambda r: len(tok.encode(judge.actor_prompt(r["src"], r["src_lang"], r["tgt_lang"], cfg.template)))
     rows = load_data(cfg.data, prompt_len, cfg.max_prompt_tokens)
-    comet = judge.CometScorer(cfg.comet_model, device=device) if cfg.w_comet > 0 else None
 
     resume_dir = newest_checkpoint(cfg.out_dir) if cfg.resume else None
     if not cfg.resume and (old := newest_checkpoint(cfg.out_dir)) is not None:
@@ -425,6 +431,7 @@ def train(cfg: Config):
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     if cfg.resume and resume_dir is None:
         raise CheckpointError(f"{cfg.out_dir}: --resume given but no step_N checkpoint there")
+    comet = judge.CometScorer(cfg.comet_model, device=device) if cfg.w_comet > 0 else None
     # fp32 master weights; on GPU the forward runs in bf16 (autocast for DDP, FSDP2's param_dtype)
     model = Transformer.from_pretrained(resume_dir or cfg.model, device=device, dtype=torch.float32)
     model.source_dir = Path(cfg.model)  # tokenizer files come from the base model directory
@@ -464,10 +471,6 @@ def train(cfg: Config):
                 kept = [line for line in lines if json.loads(line)["step"] <= start]
                 (out / name).write_text("".join(kept), encoding="utf-8")
 
-    wandb_run = None
-    if cfg.wandb and master:
-        import wandb
-        wandb_run = wandb.init(project=cfg.wandb, config=dataclasses.asdict(cfg))
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and mode != "fsdp"
                 else torch.autocast("cpu", enabled=False))
 
