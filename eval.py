@@ -1,24 +1,17 @@
-"""Evaluate translation checkpoints the way the paper does, and compare several side by side.
+"""Score translation checkpoints on test sets the way the paper does, several side by side in one table.
 
     python eval.py --model /ckpt/Qwen2.5-7B --model out/ssr-zero-7b/step_400      # the paper's table
     python eval.py --model DIR --src test.en --ref test.zh --src-lang en --tgt-lang zh --metrics bleu,chrf
 
-Three phases, each resumable from what is already under --out:
-  1. translate  each model in turn translates each test set with our sampler (greedy by default), with the
-                training prompt and <answer> extraction; every batch is appended to
-                OUT/<model>/<set>/segments.jsonl, so an interrupted run continues where it stopped.
-                `self-judge` also runs here, while the model is loaded: the model scores its own
-                translations with the training judge prompt, greedy.
-  2. score      each COMET model in turn (XCOMET-XXL, CometKiwi-XXL, any other) scores every model x set,
-                then is freed before the next loads: two XXL models never share the GPU. BLEU and chrF
-                through sacrebleu, tokenize="zh" for Chinese targets.
-  3. report     OUT/results.json (per model, per set, per metric), OUT/table.md (the paper's table: rows =
-                models; per direction WMT23/WMT24/Flores x CometKiwi/XCOMET and their average; then every
-                metric of every set), also printed.
+Three phases, each resuming from what --out holds. Translate: each model in turn, greedy by default, with the
+training prompt and <answer> extraction, appending every batch to OUT/<model>/<set>/segments.jsonl; `self-judge`
+runs here too, while the model is loaded. Score: each COMET model in turn, freed before the next loads (two XXL
+models never share the GPU); BLEU and chrF through sacrebleu. Report: OUT/results.json and OUT/table.md (the
+paper's table, then every metric of every set), also printed.
 
-A response whose format is invalid (no single <think>..</think> <answer>..</answer>) keeps its raw text in
-segments.jsonl and is scored as an empty translation by every metric: dropping it would flatter the model.
-COMET and self-judge scores are x100 (0-100, like BLEU and chrF).
+A response with an invalid format (no single <think>..</think> <answer>..</answer>) keeps its raw text and is
+scored as an empty translation by every metric: dropping it would flatter the model. COMET and self-judge scores
+are x100, like BLEU and chrF.
 """
 from __future__ import annotations
 
@@ -36,8 +29,9 @@ import torch
 from tqdm import tqdm
 
 import judge
-from judge import RewardError
-from model import CheckpointError, Transformer, load_tokenizer
+from checkpoint import CheckpointError, load_tokenizer
+from judge import DataError, RewardError
+from model import Transformer
 from sampler import Sampler
 
 
@@ -66,9 +60,8 @@ class TestSet:
 
 
 def checked_set(ts: TestSet) -> TestSet:
-    """Every set goes through here: aligned, non-empty sources, languages the prompts can name."""
-    for code in (ts.src_lang, ts.tgt_lang):
-        judge.language_name(code)  # RewardError on an unknown code, before any model is loaded
+    """Every set goes through here: a direction the prompts can name, aligned and non-empty sources."""
+    judge.check_direction(f"{ts.name} ({ts.origin})", ts.src_lang, ts.tgt_lang)
     if len(ts.srcs) != len(ts.refs):
         raise EvalError(f"{ts.name}: {len(ts.srcs)} sources but {len(ts.refs)} references ({ts.origin})")
     if not ts.srcs:
@@ -89,21 +82,6 @@ def read_lines(path: Path) -> list[str]:
     return [line.strip() for line in text.removesuffix("\n").split("\n")] if text else []
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for n, line in enumerate(read_lines(path), 1):
-        if not line:
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise EvalError(f"{path}:{n}: not JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise EvalError(f"{path}:{n}: expected a JSON object")
-        rows.append(row)
-    return rows
-
-
 def load_sacrebleu(corpus: str, pair: str, name: str) -> tuple[list[str], list[str], str]:
     """Source and first reference of a sacrebleu test set (`name` is the set asked for, for messages); sacrebleu
     downloads it once into $SACREBLEU (default ~/.sacrebleu) and reads the cached copy from then on."""
@@ -113,10 +91,9 @@ def load_sacrebleu(corpus: str, pair: str, name: str) -> tuple[list[str], list[s
         raise EvalError(f"{name}: sacrebleu {sacrebleu.__version__} has no test set {corpus} {pair} "
                         f"(WMT24 needs sacrebleu >= 2.5); named sets: {', '.join(PAPER_SETS)} or any sacrebleu "
                         f"set as NAME:SRC-TGT; for other data use --src/--ref")
-    dataset = DATASETS[corpus]
     try:
-        src_file = dataset.get_source_file(pair)
-        ref_files = dataset.get_reference_files(pair)
+        src_file = DATASETS[corpus].get_source_file(pair)
+        ref_files = DATASETS[corpus].get_reference_files(pair)
     except (OSError, SystemExit):  # URLError is an OSError; sacrebleu calls sys.exit on a bad checksum or SSL
         cache = os.environ.get("SACREBLEU", "~/.sacrebleu")
         raise EvalError(f"{name}: not in the sacrebleu cache ({cache}) and the download failed (offline?); run "
@@ -127,27 +104,22 @@ def load_sacrebleu(corpus: str, pair: str, name: str) -> tuple[list[str], list[s
     return read_lines(Path(src_file)), read_lines(Path(ref_files[0])), f"sacrebleu {corpus} {pair}"
 
 
-def flores_file(root: Path, lang: str, name: str) -> Path:
-    """The devtest file of `lang` in any of the common layouts: the FLORES-200 release
-    (flores200_dataset/devtest/eng_Latn.devtest, or the folder inside it) or flores_plus (devtest/eng_Latn.jsonl)."""
-    tried = []
-    for base in (root, root / "flores200_dataset"):
-        for code in FLORES_CODES[lang]:
-            for path in (base / "devtest" / f"{code}.devtest", base / "devtest" / f"{code}.jsonl"):
-                if path.is_file():
-                    return path
-                tried.append(path)
-    raise EvalError(f"{name}: no Flores devtest file for {lang} under {root} (looked for {tried[0]}, "
-                    f"{tried[1]} and {len(tried) - 2} more: FLORES-200 or flores_plus layouts)")
-
-
-def read_flores(path: Path) -> list[str]:
-    if path.suffix == ".jsonl":  # flores_plus: one object per sentence, the text under "text", in id order
-        rows = read_jsonl(path)
-        if any("text" not in r for r in rows):
-            raise EvalError(f"{path}: a line has no 'text' field (expected flores_plus jsonl)")
-        return [r["text"].strip() for r in rows]
-    return read_lines(path)
+def read_flores(root: Path, lang: str, name: str) -> tuple[list[str], Path]:
+    """The devtest sentences of `lang` in any common layout: the FLORES-200 release (flores200_dataset/devtest/
+    eng_Latn.devtest, or the folder inside it) or flores_plus (devtest/eng_Latn.jsonl, the text under "text")."""
+    tried = [base / "devtest" / f"{code}.{ext}" for base in (root, root / "flores200_dataset")
+             for code in FLORES_CODES[lang] for ext in ("devtest", "jsonl")]
+    path = next((p for p in tried if p.is_file()), None)
+    if path is None:
+        raise EvalError(f"{name}: no Flores devtest file for {lang} under {root} (looked for {tried[0]}, "
+                        f"{tried[1]} and {len(tried) - 2} more: FLORES-200 or flores_plus layouts)")
+    if path.suffix == ".devtest":
+        return read_lines(path), path
+    rows = judge.read_jsonl(path)  # flores_plus: one object per sentence, in id order
+    for where, row in rows:
+        if not isinstance(row.get("text"), str):
+            raise EvalError(f"{where}: no 'text' string (expected flores_plus jsonl)")
+    return [row["text"].strip() for _, row in rows], path
 
 
 def load_named_set(name: str, flores_dir: str | None) -> TestSet:
@@ -162,9 +134,8 @@ def load_named_set(name: str, flores_dir: str | None) -> TestSet:
             raise EvalError(f"{name}: no Flores directory; pass --flores-dir DIR or set FLORES_DIR (the FLORES-200 "
                             f"release, flores200_dataset/devtest/*.devtest, or flores_plus, devtest/*.jsonl)")
         root = Path(flores_dir).expanduser()
-        src_file, ref_file = flores_file(root, src_lang, name), flores_file(root, tgt_lang, name)
-        return checked_set(TestSet(name, src_lang, tgt_lang, read_flores(src_file), read_flores(ref_file),
-                                   f"{src_file} / {ref_file}"))
+        (srcs, src_file), (refs, ref_file) = read_flores(root, src_lang, name), read_flores(root, tgt_lang, name)
+        return checked_set(TestSet(name, src_lang, tgt_lang, srcs, refs, f"{src_file} / {ref_file}"))
     if name == "wmt24:zh-en":
         # WMT24 has no zh->en task. The paper reports a WMT24 ZH->EN column all the same; the only reading that
         # gives one is en-zh run backwards: the Chinese references become sources, the English sources references.
@@ -172,36 +143,33 @@ def load_named_set(name: str, flores_dir: str | None) -> TestSet:
         return checked_set(TestSet(name, "zh", "en", refs, srcs, origin + ", reversed",
                                    note="WMT24 has no zh-en: this is wmt24 en-zh reversed (Chinese references "
                                         "as sources, English sources as references)"))
-    srcs, refs, origin = load_sacrebleu(corpus, pair, name)
-    return checked_set(TestSet(name, src_lang, tgt_lang, srcs, refs, origin))
+    return checked_set(TestSet(name, src_lang, tgt_lang, *load_sacrebleu(corpus, pair, name)))
 
 
 def load_local_set(src: str, ref: str | None, src_lang: str | None, tgt_lang: str | None) -> TestSet:
     """--src FILE: plain text with --ref/--src-lang/--tgt-lang, or jsonl lines {src, ref, src_lang, tgt_lang}.
     The set is named after the file (test.en -> "test")."""
     path = Path(src).expanduser()
-    name = path.stem
-    if path.suffix == ".jsonl":
-        if ref or src_lang or tgt_lang:
-            raise EvalError(f"{path}: a jsonl carries its own ref, src_lang and tgt_lang; drop --ref/--src-lang/"
-                            f"--tgt-lang")
-        rows = read_jsonl(path)
-        for n, row in enumerate(rows, 1):
-            missing = [k for k in ("src", "ref", "src_lang", "tgt_lang") if not isinstance(row.get(k), str)]
-            if missing:
-                raise EvalError(f"{path}: line {n} lacks {', '.join(missing)} (each line needs src, ref, src_lang, "
-                                f"tgt_lang as strings)")
-        directions = {(r["src_lang"], r["tgt_lang"]) for r in rows}
-        if len(directions) != 1:  # one set = one direction: BLEU's tokenizer and the table's columns depend on it
-            raise EvalError(f"{path}: " + (f"mixes directions {sorted(directions)}; use one file per direction"
-                                           if directions else "no segments"))
-        (src_lang, tgt_lang), = directions
-        return checked_set(TestSet(name, src_lang, tgt_lang, [r["src"].strip() for r in rows],
-                                   [r["ref"].strip() for r in rows], str(path)))
-    if not (ref and src_lang and tgt_lang):
-        raise EvalError(f"{path}: a plain-text --src needs --ref, --src-lang and --tgt-lang (or give a .jsonl)")
-    return checked_set(TestSet(name, src_lang, tgt_lang, read_lines(path), read_lines(Path(ref).expanduser()),
-                               f"{path} / {ref}"))
+    if path.suffix != ".jsonl":
+        if not (ref and src_lang and tgt_lang):
+            raise EvalError(f"{path}: a plain-text --src needs --ref, --src-lang and --tgt-lang (or give a .jsonl)")
+        return checked_set(TestSet(path.stem, src_lang, tgt_lang, read_lines(path),
+                                   read_lines(Path(ref).expanduser()), f"{path} / {ref}"))
+    if ref or src_lang or tgt_lang:
+        raise EvalError(f"{path}: a jsonl carries its own ref, src_lang and tgt_lang; drop --ref/--src-lang/--tgt-lang")
+    rows = judge.read_jsonl(path)
+    for where, row in rows:
+        missing = [k for k in ("src", "ref", "src_lang", "tgt_lang") if not isinstance(row.get(k), str)]
+        if missing:
+            raise EvalError(f"{where}: lacks {', '.join(missing)} (each line needs src, ref, src_lang, tgt_lang "
+                            f"as strings)")
+    directions = {(row["src_lang"], row["tgt_lang"]) for _, row in rows}
+    if len(directions) != 1:  # one set = one direction: BLEU's tokenizer and the table's columns depend on it
+        raise EvalError(f"{path}: " + (f"mixes directions {sorted(directions)}; use one file per direction"
+                                       if directions else "no segments"))
+    (src_lang, tgt_lang), = directions
+    return checked_set(TestSet(path.stem, src_lang, tgt_lang, [row["src"].strip() for _, row in rows],
+                               [row["ref"].strip() for _, row in rows], str(path)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -226,16 +194,14 @@ def parse_metrics(spec: str) -> list[Metric]:
     metrics = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         label, sep, source = item.partition("=")
-        if not sep:
-            source = COMET_ALIASES.get(item, item)
-        if not label or not source:
+        if not label or (sep and not source):
             raise EvalError(f"metric {item!r}: expected NAME or LABEL=PATH")
         if label in SACREBLEU_METRICS or label == SELF_JUDGE:
             if sep:
                 raise EvalError(f"metric {item!r}: {label} is built in and takes no model")
             metrics.append(Metric(label))
         else:
-            metrics.append(Metric(label, source))
+            metrics.append(Metric(label, source if sep else COMET_ALIASES.get(item, item)))
     if not metrics:
         raise EvalError("--metrics is empty")
     if len({m.label for m in metrics}) < len(metrics):
@@ -262,7 +228,15 @@ def sentence_scores(row: dict, ts: TestSet) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# segments.jsonl: one row per segment, appended per batch while translating, rewritten when scores are added
+# files under --out: segments.jsonl has one row per segment, appended per batch while translating and rewritten
+# when scores are added; every rewrite goes through replace_file
+
+def replace_file(path: Path, text: str):
+    """Write through a temporary file and os.replace, so an interrupt leaves either the old or the new file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
 
 def segments_path(out: Path, model_label: str, ts: TestSet) -> Path:
     return out / model_label / ts.name.replace(":", "_") / "segments.jsonl"
@@ -275,7 +249,7 @@ def load_rows(path: Path, ts: TestSet) -> list[dict]:
     text = path.read_text(encoding="utf-8")
     complete = text[:text.rfind("\n") + 1]
     if complete != text:  # the run was killed inside a write: drop the broken last line, keep the rest
-        path.write_text(complete, encoding="utf-8")
+        replace_file(path, complete)
     rows = []
     for n, line in enumerate(complete.splitlines(), 1):  # JSON escapes every line break: splitlines is safe here
         try:
@@ -289,79 +263,65 @@ def load_rows(path: Path, ts: TestSet) -> list[dict]:
     return rows
 
 
-def save_rows(path: Path, rows: list[dict]):
-    """Rewrite the whole file through a temporary one, so an interrupt leaves either the old or the new file."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
+def jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
 # ----------------------------------------------------------------------------------------------------
 # phase 1: translate (and self-judge) with each model
 
-def generate(sampler: Sampler, tok, prompts: list[list[int]], max_new_tokens: int, temperature: float,
-             seed: int) -> tuple[list[str], list[str]]:
-    """Responses as text and why each ended ("stop" or "length"), for one batch of prompts."""
-    outs = sampler.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                            stop_token_ids=tok.eos_ids, stop_strings=judge.STOP_STRINGS, tokenizer=tok, seed=seed)
-    # special tokens skipped, as in training: a trailing EOS ends the response, it is not part of its text
-    return [tok.decode(o.tokens, skip_special_tokens=True) for o in outs], [o.finish_reason for o in outs]
+def respond(model, tok, prompts: dict[int, list[int]], max_new_tokens: int, temperature: float, seed, done: int,
+            desc: str, args, device, dtype):
+    """Generate for `prompts` (segment index -> prompt ids), `--batch-size` at a time, with a progress bar that
+    starts at `done`; yields (indices, response texts, finish reasons) per batch. seed(first index) seeds a batch."""
+    # the KV cache is sized for the longest prompt, so no segment is cut or refused
+    sampler = Sampler(model, max_batch_size=min(args.batch_size, len(prompts)), device=device, dtype=dtype,
+                      max_seq_len=max(map(len, prompts.values())) + max_new_tokens)
+    todo = list(prompts)
+    with tqdm(total=done + len(todo), initial=done, desc=desc, unit="seg") as bar:
+        for start in range(0, len(todo), args.batch_size):
+            batch = todo[start:start + args.batch_size]
+            outs = sampler.generate([prompts[i] for i in batch], max_new_tokens=max_new_tokens, temperature=temperature,
+                                    stop_token_ids=tok.eos_ids, stop_strings=judge.STOP_STRINGS, tokenizer=tok,
+                                    seed=seed(batch[0]))
+            # special tokens skipped, as in training: a trailing EOS ends the response, it is not part of its text
+            yield batch, [tok.decode(o.tokens, skip_special_tokens=True) for o in outs], [o.finish_reason for o in outs]
+            bar.update(len(batch))
 
 
-def translate(model, tok, ts: TestSet, path: Path, label: str, args, device, dtype) -> list[dict]:
-    """Translate the segments `path` does not hold yet, `--batch-size` at a time, appending each batch."""
-    rows = load_rows(path, ts)
-    n = len(ts.srcs)
-    if len(rows) < n:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        prompts = [tok.encode(judge.actor_prompt(s, ts.src_lang, ts.tgt_lang, args.template)) for s in ts.srcs]
-        # the KV cache is sized for this set's longest prompt, so no segment is cut or refused
-        sampler = Sampler(model, max_batch_size=min(args.batch_size, n), max_seq_len=max(map(len, prompts)) +
-                          args.max_new_tokens, device=device, dtype=dtype)
-        with open(path, "a", encoding="utf-8") as f, \
-                tqdm(total=n, initial=len(rows), desc=f"{label} {ts.name}", unit="seg") as bar:
-            for start in range(len(rows), n, args.batch_size):
-                stop = min(start + args.batch_size, n)
-                # the seed follows the batch's position, so a resumed sampled run repeats an uninterrupted one
-                raws, reasons = generate(sampler, tok, prompts[start:stop], args.max_new_tokens, args.temperature,
-                                         args.seed + start)
-                new = []
-                for i, raw, reason in zip(range(start, stop), raws, reasons):
-                    answer = judge.extract_answer(raw)
-                    new.append({"i": i, "src": ts.srcs[i], "ref": ts.refs[i], "hyp": answer or "", "raw": raw,
-                                "extracted": answer is not None, "finish_reason": reason, "scores": {}})
-                f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new))
-                f.flush()  # a batch on disk is a batch a rerun does not translate again
-                rows += new
-                bar.update(len(new))
-        del sampler
-    return rows
+def translate(model, tok, ts: TestSet, path: Path, rows: list[dict], label: str, args, device, dtype):
+    """Translate the segments `rows` (read from `path`) lacks, appending each batch to both."""
+    prompts = {i: tok.encode(judge.actor_prompt(ts.srcs[i], ts.src_lang, ts.tgt_lang, args.template))
+               for i in range(len(rows), len(ts.srcs))}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        # the seed follows the batch's position, so a resumed sampled run repeats an uninterrupted one
+        for batch, raws, reasons in respond(model, tok, prompts, args.max_new_tokens, args.temperature,
+                                            lambda first: args.seed + first, len(rows), f"{label} {ts.name}",
+                                            args, device, dtype):
+            new = []
+            for i, raw, reason in zip(batch, raws, reasons):
+                answer = judge.extract_answer(raw)
+                new.append({"i": i, "src": ts.srcs[i], "ref": ts.refs[i], "hyp": answer or "", "raw": raw,
+                            "extracted": answer is not None, "finish_reason": reason, "scores": {}})
+            f.write(jsonl(new))  # appending is safe: load_rows drops a last line cut short by a kill
+            f.flush()  # a batch on disk is a batch a rerun does not translate again
+            rows += new
 
 
 def self_judge(model, tok, ts: TestSet, rows: list[dict], path: Path, label: str, args, device, dtype):
     """The model's own judge score of each translation: the training judge prompt, greedy, parse_score.
     A failed extraction is judged as the empty translation it is scored as everywhere; a judgement that does
     not parse scores 0 and is counted. Saved after every batch, like the translations."""
-    todo = [i for i, r in enumerate(rows) if SELF_JUDGE not in r["scores"]]
-    if not todo:
-        return
-    prompts = {i: tok.encode(judge.judge_prompt(rows[i]["src"], rows[i]["hyp"], ts.src_lang, ts.tgt_lang,
-                                                args.template)) for i in todo}
-    sampler = Sampler(model, max_batch_size=min(args.batch_size, len(todo)), device=device, dtype=dtype,
-                      max_seq_len=max(map(len, prompts.values())) + args.judge_max_new_tokens)
-    with tqdm(total=len(rows), initial=len(rows) - len(todo), desc=f"{label} {ts.name} self-judge",
-              unit="seg") as bar:
-        for start in range(0, len(todo), args.batch_size):
-            batch = todo[start:start + args.batch_size]
-            raws, _ = generate(sampler, tok, [prompts[i] for i in batch], args.judge_max_new_tokens, 0.0, args.seed)
-            for i, raw in zip(batch, raws):
-                score = judge.parse_score(raw)
-                rows[i]["judge_raw"] = raw
-                rows[i]["judge_parsed"] = score is not None
-                rows[i]["scores"][SELF_JUDGE] = score if score is not None else 0.0
-            save_rows(path, rows)
-            bar.update(len(batch))
-    del sampler
+    prompts = {i: tok.encode(judge.judge_prompt(r["src"], r["hyp"], ts.src_lang, ts.tgt_lang, args.template))
+               for i, r in enumerate(rows) if SELF_JUDGE not in r["scores"]}
+    for batch, raws, _ in respond(model, tok, prompts, args.judge_max_new_tokens, 0.0, lambda first: args.seed,
+                                  len(rows) - len(prompts), f"{label} {ts.name} self-judge", args, device, dtype):
+        for i, raw in zip(batch, raws):
+            score = judge.parse_score(raw)
+            rows[i].update(judge_raw=raw, judge_parsed=score is not None)
+            rows[i]["scores"][SELF_JUDGE] = score if score is not None else 0.0
+        replace_file(path, jsonl(rows))
 
 
 def free_memory():
@@ -371,49 +331,46 @@ def free_memory():
         torch.cuda.empty_cache()
 
 
-def run_models(models: dict[str, str], sets: list[TestSet], metrics: list[Metric], out: Path, args):
+def run_models(models: dict[str, str], sets: list[TestSet], metrics: list[Metric], out: Path, args) -> dict:
+    """Phase 1 for every model; returns {(label, set name): (segments.jsonl, its rows, the set)}."""
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 on GPU, as the trainer samples
     needs_judge = any(m.label == SELF_JUDGE for m in metrics)
-
-    def done(label, ts):
-        rows = load_rows(segments_path(out, label, ts), ts)
-        return len(rows) == len(ts.srcs) and not (needs_judge and any(SELF_JUDGE not in r["scores"] for r in rows))
-
+    outputs = {(label, ts.name): (segments_path(out, label, ts), load_rows(segments_path(out, label, ts), ts), ts)
+               for label in models for ts in sets}
     for label, model_dir in models.items():
-        pending = [ts for ts in sets if not done(label, ts)]
+        pending = [(path, rows, ts) for path, rows, ts in (outputs[label, ts.name] for ts in sets)
+                   if len(rows) < len(ts.srcs) or (needs_judge and any(SELF_JUDGE not in r["scores"] for r in rows))]
         if not pending:  # everything on disk already: don't load a 7B model to do nothing
             continue
         tok = load_tokenizer(model_dir)
         model = Transformer.from_pretrained(model_dir, device=device, dtype=dtype).eval()
-        for ts in pending:
-            path = segments_path(out, label, ts)
-            rows = translate(model, tok, ts, path, label, args, device, dtype)
-            if needs_judge:
+        for path, rows, ts in pending:
+            if len(rows) < len(ts.srcs):
+                translate(model, tok, ts, path, rows, label, args, device, dtype)
+            if needs_judge and any(SELF_JUDGE not in r["scores"] for r in rows):
                 self_judge(model, tok, ts, rows, path, label, args, device, dtype)
         del model
         free_memory()
+    return outputs
 
 
 # ----------------------------------------------------------------------------------------------------
 # phase 2: score
 
-def run_metrics(models: dict[str, str], sets: list[TestSet], metrics: list[Metric], out: Path, args):
-    outputs = {(label, ts.name): (segments_path(out, label, ts), load_rows(segments_path(out, label, ts), ts), ts)
-               for label in models for ts in sets}
+def run_metrics(outputs: dict, metrics: list[Metric], args):
     for metric in (m for m in metrics if m.comet):
-        todo = [key for key, (_, rows, _) in outputs.items() if any(metric.label not in r["scores"] for r in rows)]
+        todo = [output for output in outputs.values() if any(metric.label not in r["scores"] for r in output[1])]
         if not todo:  # scored by an earlier run: skip loading the model
             continue
         print(f"{metric.label}: loading COMET model {metric.comet}", file=sys.stderr)
         scorer = judge.CometScorer(metric.comet, device=args.device, batch_size=args.comet_batch_size)
-        for key in tqdm(todo, desc=metric.label, unit="set"):
-            path, rows, _ = outputs[key]
+        for path, rows, _ in tqdm(todo, desc=metric.label, unit="set"):
             # references always go in: reference-based models (XCOMET) use them, QE models (CometKiwi) ignore them
             scores = scorer.score([r["src"] for r in rows], [r["hyp"] for r in rows], [r["ref"] for r in rows])
             for r, s in zip(rows, scores):
                 r["scores"][metric.label] = 100 * s
-            save_rows(path, rows)
+            replace_file(path, jsonl(rows))
         del scorer
         free_memory()
     wanted = [m.label for m in metrics if m.label in SACREBLEU_METRICS]
@@ -421,8 +378,7 @@ def run_metrics(models: dict[str, str], sets: list[TestSet], metrics: list[Metri
         for path, rows, ts in outputs.values():
             for r in rows:
                 r["scores"].update({k: v for k, v in sentence_scores(r, ts).items() if k in wanted})
-            save_rows(path, rows)
-    return outputs
+            replace_file(path, jsonl(rows))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -439,13 +395,12 @@ def summarize(rows: list[dict], ts: TestSet, metrics: list[Metric]) -> dict:
     return result
 
 
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    return "".join("| " + " | ".join(cells) + " |\n" for cells in [header, ["---"] * len(header), *rows])
+
+
 def fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
-
-
-def markdown(header: list[str], rows: list[list[str]]) -> str:
-    lines = [header, ["---"] * len(header), *rows]
-    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines) + "\n"
 
 
 PAPER_DIRECTIONS = {"zh-en": "ZH→EN", "en-zh": "EN→ZH"}
@@ -460,62 +415,54 @@ def paper_table(results: dict) -> str:
     def value(model, set_name, metric):
         return results[model].get(set_name, {}).get("scores", {}).get(metric)
 
-    header, columns = ["Model"], []  # a column averages its (set, metric) cells: one cell, or six for Avg.
+    columns = []  # (header, the (set, metric) cells it averages: one, or all six for Avg.)
     for pair, direction in PAPER_DIRECTIONS.items():
-        cells = [(f"{corpus}:{pair}", metric) for corpus in PAPER_CORPORA for metric in PAPER_METRICS]
-        if all(value(model, s, k) is None for model in results for s, k in cells):
-            continue
-        header += [f"{direction} {PAPER_CORPORA[s.split(':')[0]]} {PAPER_METRICS[k]}" for s, k in cells]
-        header.append(f"{direction} Avg.")
-        columns += [[cell] for cell in cells] + [cells]
+        cells = {(f"{corpus}:{pair}", metric): f"{direction} {corpus_title} {metric_title}"
+                 for corpus, corpus_title in PAPER_CORPORA.items() for metric, metric_title in PAPER_METRICS.items()}
+        if any(value(model, *cell) is not None for model in results for cell in cells):
+            columns += [(title, [cell]) for cell, title in cells.items()] + [(f"{direction} Avg.", list(cells))]
     if not columns:
         return ""
     rows = []
     for model in results:
-        row = [model]
-        for cells in columns:
-            values = [value(model, s, k) for s, k in cells]
-            row.append(fmt(statistics.fmean(values) if None not in values else None))
-        rows.append(row)
-    return markdown(header, rows)
+        values = [[value(model, *cell) for cell in cells] for _, cells in columns]
+        rows.append([model, *(fmt(statistics.fmean(v) if None not in v else None) for v in values)])
+    return markdown(["Model", *(title for title, _ in columns)], rows)
 
 
 def metrics_table(results: dict, sets: list[TestSet], metrics: list[Metric]) -> str:
     """Every metric of every set, a row per model x set, with the failures a reader must see next to them."""
     judged = any(m.label == SELF_JUDGE for m in metrics)
-    header = ["Model", "Set", *(m.label for m in metrics), "failed extractions"]
-    header += ["judge parse failures"] if judged else []
+    header = ["Model", "Set", *(m.label for m in metrics), "failed extractions"] + (["judge parse failures"] if judged else [])
     rows = []
     for model, per_set in results.items():
         for ts in sets:
             r = per_set[ts.name]
-            row = [model, ts.name, *(fmt(r["scores"][m.label]) for m in metrics),
-                   f"{r['failed_extractions']}/{r['segments']}"]
-            rows.append(row + ([f"{r['judge_parse_failures']}/{r['segments']}"] if judged else []))
+            counts = [r["failed_extractions"]] + ([r["judge_parse_failures"]] if judged else [])
+            rows.append([model, ts.name, *(fmt(r["scores"][m.label]) for m in metrics),
+                         *(f"{count}/{r['segments']}" for count in counts)])
     return markdown(header, rows)
 
 
 def report(models: dict[str, str], sets: list[TestSet], metrics: list[Metric], outputs: dict, out: Path, args):
     results = {label: {ts.name: summarize(outputs[label, ts.name][1], ts, metrics) for ts in sets} for label in models}
-    (out / "results.json").write_text(json.dumps({
+    replace_file(out / "results.json", json.dumps({
         "models": models,
         "sets": {ts.name: {"src_lang": ts.src_lang, "tgt_lang": ts.tgt_lang, "segments": len(ts.srcs),
                            "origin": ts.origin, "note": ts.note} for ts in sets},
         "metrics": {m.label: m.comet or m.label for m in metrics},
         "settings": translation_settings(args),
         "results": results,
-    }, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    }, indent=2, ensure_ascii=False) + "\n")
     notes = [f"- {ts.name}: {ts.note}" for ts in sets if ts.note]
     notes.append("- failed extractions (no valid <think>..</think> <answer>..</answer>) are scored as empty "
                  "translations by every metric")
     if any(m.label == SELF_JUDGE for m in metrics):
         notes.append("- self-judge: the model's own greedy judge score (0-100); a judgement that does not parse "
                      "scores 0")
-    text = ""
-    if table := paper_table(results):
-        text += "## The paper's table (COMET x100)\n\n" + table + "\n"
+    text = f"## The paper's table (COMET x100)\n\n{table}\n" if (table := paper_table(results)) else ""
     text += "## All metrics (COMET x100)\n\n" + metrics_table(results, sets, metrics) + "\n" + "\n".join(notes) + "\n"
-    (out / "table.md").write_text(text, encoding="utf-8")
+    replace_file(out / "table.md", text)
     print(text)
     print(f"wrote {out / 'results.json'}, {out / 'table.md'} and segments.jsonl per model x set under {out}")
 
@@ -588,9 +535,7 @@ def parse_args(argv=None):
     return args
 
 
-def run(args):
-    metrics = parse_metrics(args.metrics)
-    models = model_labels(args.model)
+def load_sets(args) -> list[TestSet]:
     if not args.src and (args.ref or args.src_lang or args.tgt_lang):
         raise EvalError("--ref/--src-lang/--tgt-lang describe a local set and need --src")
     names = args.sets.split(",") if args.sets is not None else ([] if args.src else list(PAPER_SETS))
@@ -605,9 +550,15 @@ def run(args):
         note = f" (NOTE: {ts.note})" if ts.note else ""
         print(f"{ts.name}: {len(ts.srcs)} segments, {ts.src_lang}->{ts.tgt_lang}, from {ts.origin}{note}",
               file=sys.stderr)
+    return sets
+
+
+def run(args):
+    metrics = parse_metrics(args.metrics)
+    models = model_labels(args.model)
+    sets = load_sets(args)
     for model_dir in models.values():
         load_tokenizer(model_dir)  # fails fast on a wrong path, before hours of translating the first model
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings_file = out / "settings.json"
@@ -616,10 +567,9 @@ def run(args):
         changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in translation_settings(args).items() if before.get(k) != v]
         if changed:
             raise EvalError(f"{out} holds outputs made with other settings ({'; '.join(changed)}); use another --out")
-    settings_file.write_text(json.dumps(translation_settings(args), indent=2) + "\n")
-
-    run_models(models, sets, metrics, out, args)
-    outputs = run_metrics(models, sets, metrics, out, args)
+    replace_file(settings_file, json.dumps(translation_settings(args), indent=2) + "\n")
+    outputs = run_models(models, sets, metrics, out, args)
+    run_metrics(outputs, metrics, args)
     report(models, sets, metrics, outputs, out, args)
 
 
@@ -627,7 +577,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (EvalError, CheckpointError, RewardError) as e:
+    except (EvalError, DataError, CheckpointError, RewardError) as e:
         print(f"eval.py: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

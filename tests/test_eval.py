@@ -117,7 +117,7 @@ def test_local_text_and_jsonl(tmp_path):
         ev.load_local_set(str(tmp_path / "test.en"), str(tmp_path / "short.zh"), "en", "zh")
     with pytest.raises(ev.EvalError, match="needs --ref, --src-lang and --tgt-lang"):
         ev.load_local_set(str(tmp_path / "test.en"), str(tmp_path / "test.zh"), "en", None)
-    with pytest.raises(judge.RewardError, match="unknown language"):
+    with pytest.raises(judge.DataError, match="unknown language"):
         ev.load_local_set(str(tmp_path / "test.en"), str(tmp_path / "test.zh"), "en", "xx")
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text('{"src": "a", "ref": "b", "src_lang": "en", "tgt_lang": "zh"}\n'
@@ -126,7 +126,7 @@ def test_local_text_and_jsonl(tmp_path):
         ev.load_local_set(str(mixed), None, None, None)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"src": "a", "src_lang": "en", "tgt_lang": "zh"}\n')
-    with pytest.raises(ev.EvalError, match="line 1 lacks ref"):
+    with pytest.raises(ev.EvalError, match="bad.jsonl:1: lacks ref"):
         ev.load_local_set(str(bad), None, None, None)
     (tmp_path / "gap.en").write_text("a\n\nc\n")
     with pytest.raises(ev.EvalError, match="segment 2 has an empty source"):
