@@ -46,7 +46,8 @@ def peak_rss_bytes() -> int:
 
 def _load_child(path: str):
     """Runs in a fresh process: load, then report peak RSS and what the process held before loading."""
-    from model import Transformer, make_tiny_model
+    from checkpoint import make_tiny_model
+    from model import Transformer
 
     # warm up the same code path on a tiny model first: the first tensor ops map in torch's kernel
     # libraries (~100+ MB of code pages), which is not memory the loader holds
@@ -59,7 +60,7 @@ def _load_child(path: str):
 
 
 def bench_load(args):
-    from model import make_tiny_model
+    from checkpoint import make_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         # ~400 MB of fp32 weights in 4 shards: large next to the interpreter, small enough for CI boxes
@@ -177,13 +178,9 @@ SAMPLER_PRESETS = {
 
 def random_model(cfg, device, dtype):
     """Our Transformer with seeded random weights, built directly on the device (a 7B never touches disk)."""
-    from model import Transformer
+    from model import empty_model
 
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model = model.to(dtype=dtype).to_empty(device=device)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
+    model = empty_model(cfg, device, dtype)
     gen = torch.Generator(device).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -200,10 +197,10 @@ def hf_twin(model):
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from model import hf_name, write_json
+    from checkpoint import config_to_hf, hf_name, write_json
 
     with tempfile.TemporaryDirectory() as tmp:  # HF reads our config.json the way it reads a checkpoint's
-        write_json(Path(tmp) / "config.json", model.config.to_hf())
+        write_json(Path(tmp) / "config.json", config_to_hf(model.config))
         config = AutoConfig.from_pretrained(tmp)
     p = next(model.parameters())
     with torch.device(p.device):

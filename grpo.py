@@ -186,6 +186,29 @@ def loss_weights(response_mask, loss_agg: str, n_tokens: float, n_seqs: float,
     raise ValueError(f"unknown loss_agg '{loss_agg}'; choose from {', '.join(LOSS_AGGS)}")
 
 
+def micro_batch_backward(model, mb: Rollouts, n_tokens: float, n_seqs: float, world: int, *, clip_low: float,
+                         clip_high: float, kl_beta: float, loss_agg: str, max_response_len: int | None,
+                         temperature: float) -> torch.Tensor:
+    """Forward and backward of one micro-batch's share of the global objective (n_tokens / n_seqs: the
+    global mini-batch's normalisers). Returns this micro-batch's sums (5,) fp64: loss, clipped tokens,
+    kl_old, kl_ref, entropy."""
+    device = model_device(model)
+    ids = mb.input_ids.to(device)  # (b, w)
+    mask = mb.response_mask.to(device)  # (b, w)
+    logp, entropy = model(ids, targets=next_tokens(ids), temperature=temperature, return_entropy=True)  # (b, w)
+    old = mb.old_logprobs.to(device) if mb.old_logprobs is not None else logp.detach()
+    ref = mb.ref_logprobs.to(device) if kl_beta > 0 else None
+    tok_loss, tok_stats = token_losses(logp, old, mb.advantages.to(device), mask, clip_low, clip_high, kl_beta, ref)
+    loss = (tok_loss * loss_weights(mask, loss_agg, n_tokens, n_seqs, max_response_len)).sum()
+    # `loss` is this rank's share of a global *sum*; DDP and FSDP2 divide the summed gradients by the world
+    # size, so scale it back up to make N ranks equal one process on the batch
+    (loss * world).backward()
+    with torch.no_grad():
+        return torch.stack([loss.detach(), tok_stats["clipped"].sum().float(), (tok_stats["kl_old"] * mask).sum(),
+                            (tok_stats["kl_ref"] * mask).sum() if kl_beta > 0 else loss.new_zeros(()),
+                            (entropy * mask).sum()]).double()
+
+
 def grpo_update(model, optimizer, rollouts: Rollouts, *, micro_batch_size: int, mini_batches: int = 1,
                 clip_low: float = 0.2, clip_high: float = 0.2, kl_beta: float = 0.0, loss_agg: str = "token-mean",
                 max_response_len: int | None = None, temperature: float = 1.0,
@@ -222,6 +245,8 @@ def grpo_update(model, optimizer, rollouts: Rollouts, *, micro_batch_size: int, 
     distributed = dist.is_available() and dist.is_initialized()
     world = dist.get_world_size() if distributed else 1
     mini = N // mini_batches
+    objective = dict(clip_low=clip_low, clip_high=clip_high, kl_beta=kl_beta, loss_agg=loss_agg,
+                     max_response_len=max_response_len, temperature=temperature)
 
     # Global normalisers, one (tokens, rollouts) pair per mini-batch, summed over ranks in one collective.
     counts = torch.stack([rollouts.response_mask.reshape(mini_batches, mini, -1).sum((1, 2)).double(),
@@ -234,34 +259,16 @@ def grpo_update(model, optimizer, rollouts: Rollouts, *, micro_batch_size: int, 
     grad_norms = []
     for m in range(mini_batches):
         batch = rollouts.rows(m * mini, (m + 1) * mini)
-        n_tokens, n_seqs = counts[m].tolist()
         starts = range(0, mini, micro_batch_size)
         for start in starts:
             mb = batch.rows(start, start + micro_batch_size)
             # DDP all-reduces gradients in every backward unless told not to: only the last micro-batch
             # of a step needs it. (FSDP2 reduce-scatters every backward; nothing to do.)
             last = start == starts[-1]
-            sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-            with sync:
-                ids = mb.input_ids.to(device)  # (b, w)
-                mask = mb.response_mask.to(device)  # (b, w)
-                logp, entropy = model(ids, targets=next_tokens(ids), temperature=temperature,
-                                      return_entropy=True)  # (b, w) fp32 each
-                old = mb.old_logprobs.to(device) if mb.old_logprobs is not None else logp.detach()
-                ref = mb.ref_logprobs.to(device) if kl_beta > 0 else None
-                tok_loss, tok_stats = token_losses(logp, old, mb.advantages.to(device), mask, clip_low,
-                                                   clip_high, kl_beta, ref)
-                loss = (tok_loss * loss_weights(mask, loss_agg, n_tokens, n_seqs, max_response_len)).sum()
-                # `loss` is this rank's share of a global *sum*; DDP and FSDP2 divide the summed gradients
-                # by the world size, so scale it back up to make N ranks equal one process on the batch
-                (loss * world).backward()
+            with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+                totals += micro_batch_backward(model, mb, *counts[m].tolist(), world, **objective)
             if progress is not None:
                 progress.update(len(mb))
-            with torch.no_grad():
-                totals += torch.stack([loss.detach(), tok_stats["clipped"].sum().float(),
-                                       (tok_stats["kl_old"] * mask).sum(),
-                                       (tok_stats["kl_ref"] * mask).sum() if kl_beta > 0 else loss.new_zeros(()),
-                                       (entropy * mask).sum()]).double()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         # with FSDP2's DTensor parameters the norm is a DTensor; full_tensor() gives the plain global value
         grad_norms.append(float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm))

@@ -1,16 +1,17 @@
 """The translation task and its rewards: prompts, answer extraction, judge-score parsing, the reward.
 
-One model plays two roles (DESIGN.md, "The method, as this project defines it"):
+One model plays two roles (README.md, "The training loop"):
   actor: actor_prompt(...) -> sampled response -> extract_answer(response) -> the translation, or None
          when the response breaks the <think>...</think> <answer>...</answer> format;
   judge: judge_prompt(...) on each valid translation -> the same model's output -> parse_score(...).
-score_rollouts(...) turns those texts (plus optional COMET scores) into rewards, keeping every component
-apart for logging. CometScorer is SSR-X's CometKiwi reward and eval.py's COMET metric. A custom reward
+score_rollouts(...) turns those texts (plus optional COMET scores) into one RewardParts per rollout,
+keeping every component apart for logging. CometScorer is SSR-X's CometKiwi reward and eval.py's COMET metric. A custom reward
 (`--reward module:function`) replaces the whole reward.
 
 Everything here is plain Python on strings except CometScorer, which imports COMET only when built.
 """
 import importlib
+import json
 import math
 import numbers
 import re
@@ -22,11 +23,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from model import Tokenizer
-
 
 class RewardError(ValueError):
     """Bad input to the task or reward: unknown language or template, bad custom reward, bad COMET model."""
+
+
+class DataError(ValueError):
+    """A bad data file or line (training sources, test sets); the message names the file and line."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -46,6 +49,44 @@ def language_name(code: str) -> str:
     return LANGUAGES[code]
 
 
+def read_jsonl(path) -> list[tuple[str, dict]]:
+    """(where, row) for every non-blank line of a jsonl file, where = "path:line": the training data and
+    eval.py's local test sets both come through here. Each problem is a DataError naming file and line."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    rows = []
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        where = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object")
+        rows.append((where, row))
+    return rows
+
+
+def check_direction(where: str, src_lang, tgt_lang):
+    """A translation direction the prompts can name: two known, different language codes."""
+    for code in (src_lang, tgt_lang):
+        try:
+            language_name(code)
+        except RewardError as e:
+            raise DataError(f"{where}: {e}") from None
+    if src_lang == tgt_lang:
+        raise DataError(f"{where}: src_lang and tgt_lang are both {src_lang!r}")
+
+
 # DeepSeek-R1-Zero's system text, verbatim: the released SSR checkpoints were trained on exactly this
 R1_SYSTEM = (
     "A conversation between User and Assistant. The User asks a question, and the Assistant solves it. "
@@ -61,6 +102,12 @@ TEMPLATES = ("r1", "chat")
 STOP_STRINGS = ("</answer>",)
 
 
+def chat_prompt(messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """Qwen's ChatML: <|im_start|>role\ncontent<|im_end|>\n ... then an open assistant turn."""
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
 def wrap_prompt(user_text: str, template: str) -> str:
     """Put one user request into the R1 conversation, as plain text (`r1`) or as a ChatML turn (`chat`).
 
@@ -73,8 +120,7 @@ def wrap_prompt(user_text: str, template: str) -> str:
     if template == "r1":
         return f"{R1_SYSTEM}\nUser:\n{user_text}\nAssistant:"
     if template == "chat":
-        return Tokenizer.chat_prompt([{"role": "system", "content": R1_SYSTEM},
-                                      {"role": "user", "content": user_text}])
+        return chat_prompt([{"role": "system", "content": R1_SYSTEM}, {"role": "user", "content": user_text}])
     raise RewardError(f"unknown prompt template {template!r}; choose one of {', '.join(TEMPLATES)}")
 
 
@@ -157,39 +203,40 @@ def parse_score(judge_response: str) -> float | None:
 # the reward
 
 @dataclass
-class RewardBreakdown:
-    """Per-rollout reward components, all lists aligned with the rollouts, so each is logged on its own."""
-    reward: list[float] = field(default_factory=list)  # what GRPO uses
-    format_valid: list[bool] = field(default_factory=list)
-    answer: list[str | None] = field(default_factory=list)  # the extracted translation; None if invalid format
-    self_score: list[float | None] = field(default_factory=list)  # mean parsed judge score 0-100; None if not
-    #                                                                judged or no judgement parsed
-    parse_failures: list[int] = field(default_factory=list)  # judge outputs of this rollout that did not parse
-    judged: list[int] = field(default_factory=list)  # judge outputs of this rollout (0 when invalid, or when
-    #                                                  w_self = 0 and the trainer skipped judging)
-    comet: list[float | None] = field(default_factory=list)  # COMET score as output (~0-1); None if not scored
+class RewardParts:
+    """One rollout's reward and the components it came from, each logged on its own."""
+    reward: float  # what GRPO uses
+    format_valid: bool
+    answer: str | None  # the extracted translation; None if the format is invalid
+    self_score: float | None  # mean parsed judge score 0-100; None if not judged or no judgement parsed
+    parse_failures: int  # judge outputs of this rollout that did not parse
+    judged: int  # judge outputs of this rollout (0 when invalid, or when w_self = 0 and judging was skipped)
+    comet: float | None  # COMET score as output (~0-1); None if not scored
 
-    def stats(self) -> dict:
-        """Batch means for metrics.jsonl. Means of self/COMET scores are over rollouts that have one; the
-        parse-failure rate is over judge outputs; Spearman between self and COMET scores is the live check
-        that the self-judge ranks translations like an external metric."""
-        selfs = [s for s in self.self_score if s is not None]
-        comets = [c for c in self.comet if c is not None]
-        pairs = [(s, c) for s, c in zip(self.self_score, self.comet) if s is not None and c is not None]
-        return {
-            "reward_mean": statistics.fmean(self.reward),
-            "reward_std": statistics.pstdev(self.reward),
-            "format_valid_rate": statistics.fmean(self.format_valid),
-            "self_score_mean": statistics.fmean(selfs) if selfs else None,
-            "judge_parse_failure_rate": sum(self.parse_failures) / sum(self.judged) if sum(self.judged) else None,
-            "comet_mean": statistics.fmean(comets) if comets else None,
-            "self_comet_spearman": spearman(*zip(*pairs)) if len(pairs) > 1 else None,
-        }
+
+def reward_stats(parts: list[RewardParts]) -> dict:
+    """Batch means for metrics.jsonl. Means of self/COMET scores are over rollouts that have one; the
+    parse-failure rate is over judge outputs; Spearman between self and COMET scores is the live check
+    that the self-judge ranks translations like an external metric."""
+    rewards = [p.reward for p in parts]
+    selfs = [p.self_score for p in parts if p.self_score is not None]
+    comets = [p.comet for p in parts if p.comet is not None]
+    pairs = [(p.self_score, p.comet) for p in parts if p.self_score is not None and p.comet is not None]
+    judged = sum(p.judged for p in parts)
+    return {
+        "reward_mean": statistics.fmean(rewards),
+        "reward_std": statistics.pstdev(rewards),
+        "format_valid_rate": statistics.fmean(p.format_valid for p in parts),
+        "self_score_mean": statistics.fmean(selfs) if selfs else None,
+        "judge_parse_failure_rate": sum(p.parse_failures for p in parts) / judged if judged else None,
+        "comet_mean": statistics.fmean(comets) if comets else None,
+        "self_comet_spearman": spearman(*zip(*pairs)) if len(pairs) > 1 else None,
+    }
 
 
 def score_rollouts(responses: list[str], judge_outputs: list[list[str]] | None = None,
                    comet_scores: list[float | None] | None = None, w_self: float = 1.0, w_comet: float = 0.0,
-                   format_penalty: float = -1.0) -> RewardBreakdown:
+                   format_penalty: float = -1.0) -> list[RewardParts]:
     """Rewards for one batch of rollouts: format_penalty when the format is invalid, else
     w_self * self/100 + w_comet * comet (SSR: w_self=1, w_comet=0; SSR-X: 0.5, 0.5).
 
@@ -203,12 +250,12 @@ def score_rollouts(responses: list[str], judge_outputs: list[list[str]] | None =
     n = len(responses)
     if any(x is not None and len(x) != n for x in (judge_outputs, comet_scores)):
         raise RewardError(f"score_rollouts: {n} responses but judge_outputs/comet_scores of another length")
-    out = RewardBreakdown()
+    out = []
     for i, response in enumerate(responses):
         answer = extract_answer(response)
-        judgements = judge_outputs[i] if judge_outputs is not None else []
-        comet = comet_scores[i] if comet_scores is not None else None
-        scores = [s for s in map(parse_score, judgements) if s is not None] if answer is not None else []
+        judgements = judge_outputs[i] if judge_outputs is not None and answer is not None else []
+        comet = comet_scores[i] if comet_scores is not None and answer is not None else None
+        scores = [s for s in map(parse_score, judgements) if s is not None]
         self_score = statistics.fmean(scores) if scores else None
         if answer is None:
             reward = format_penalty
@@ -218,13 +265,8 @@ def score_rollouts(responses: list[str], judge_outputs: list[list[str]] | None =
             if w_comet != 0 and comet is None:
                 raise RewardError(f"score_rollouts: rollout {i} has a valid answer but no COMET score")
             reward = w_self * (self_score or 0.0) / 100 + (w_comet * comet if w_comet != 0 else 0.0)
-        out.reward.append(reward)
-        out.format_valid.append(answer is not None)
-        out.answer.append(answer)
-        out.self_score.append(self_score)
-        out.judged.append(len(judgements) if answer is not None else 0)
-        out.parse_failures.append(out.judged[-1] - len(scores))
-        out.comet.append(comet if answer is not None else None)
+        out.append(RewardParts(reward, answer is not None, answer, self_score, len(judgements) - len(scores),
+                               len(judgements), comet))
     return out
 
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from model import Transformer
+from model import Transformer, empty_model
 
 PREFILL_TOKENS = 16384  # padded prompt tokens per prefill call: bounds a prefill's activation memory
 GRAPH_LEN_STEP = 256  # CUDA graphs attend over the cache in multiples of this: K/V read per step tracks length
@@ -254,24 +254,13 @@ class Sampler:
         waiting = deque(range(len(prompts)))
         rows: list[Row] = []  # live rows; rows[i] is in cache slot i
         while waiting or rows:
-            # Admit waiting prompts into the free slots (as many as fit, within the prefill token budget), but
-            # only once a quarter of the slots is free or nothing runs: each admission is an eager prefill plus
-            # a host sync (~6 decode steps of a 0.5B on CUDA). bench.py sampler on an H200, vs static batches:
-            # refilling every group as soon as it fits 0.52x (0.5B) / 0.73x (7B) tokens/s; this 1.02x / 0.92x.
-            free = self.max_batch_size - len(rows)
-            take = []
-            if not rows or free >= max(g, self.max_batch_size // 4):
-                while waiting and (len(take) + 1) * g <= free:
-                    longest = max(len(prompts[i]) for i in [*take, waiting[0]])
-                    if take and (len(take) + 1) * longest > PREFILL_TOKENS:
-                        break
-                    take.append(waiting.popleft())
-            if take:
+            new = self._admit(prompts, waiting, len(rows), g, max_new_tokens)
+            if new:
+                # prefill the admitted prompts into the slots after the live rows; each group member samples
+                # its own first token from its prompt's last-position logits
                 first = len(rows)
-                new = [Row(i * g + j, len(prompts[i]), min(max_new_tokens, self.max_seq_len - len(prompts[i])))
-                       for i in take for j in range(g)]
-                logits = self._prefill([prompts[i] for i in take], first, g)  # (len(take), V)
-                tok, lp = sample(logits.repeat_interleave(g, 0), **settings)  # each group member samples
+                logits = self._prefill([prompts[r.index // g] for r in new[::g]], first, g)  # (len(new) / g, V)
+                tok, lp = sample(logits.repeat_interleave(g, 0), **settings)
                 live = slice(first, first + len(new))
                 self.tok_in[live] = tok
                 self.pos_in[live] = torch.tensor([r.prompt_len for r in new], device=self.device)
@@ -293,6 +282,23 @@ class Sampler:
                         progress.update(1)
             rows = self._compact(rows)
         return out
+
+    def _admit(self, prompts: list[list[int]], waiting: deque, n_live: int, g: int, max_new_tokens: int) -> list[Row]:
+        """Take waiting prompts into the free slots (as many as fit, within the prefill token budget), but only
+        once a quarter of the slots is free or nothing runs: each admission is an eager prefill plus a host sync
+        (~6 decode steps of a 0.5B on CUDA). bench.py sampler on an H200, vs static batches: refilling every
+        group as soon as it fits 0.52x (0.5B) / 0.73x (7B) tokens/s; this 1.02x / 0.92x.
+        Returns the new rows, g per admitted prompt, prompt-major."""
+        free = self.max_batch_size - n_live
+        take = []
+        if not n_live or free >= max(g, self.max_batch_size // 4):
+            while waiting and (len(take) + 1) * g <= free:
+                longest = max(len(prompts[i]) for i in [*take, waiting[0]])
+                if take and (len(take) + 1) * longest > PREFILL_TOKENS:
+                    break
+                take.append(waiting.popleft())
+        return [Row(i * g + j, len(prompts[i]), min(max_new_tokens, self.max_seq_len - len(prompts[i])))
+                for i in take for j in range(g)]
 
     def _prefill(self, prompts: list[list[int]], first_slot: int, g: int) -> torch.Tensor:
         """Run the prompts once, writing their K/V into slots first_slot.. (g per prompt, prompt-major);
@@ -397,10 +403,6 @@ class Sampler:
 
 def converted_copy(model: Transformer, device, dtype) -> Transformer:
     """A copy of `model` on device/dtype, built without materialising a second full-precision copy."""
-    with torch.device("meta"):
-        copy = Transformer(model.config)
-    copy = copy.to(dtype=dtype).to_empty(device=device)
-    if model.config.tie_word_embeddings:  # to_empty gives each parameter its own storage: re-tie
-        copy.lm_head.weight = copy.embed_tokens.weight
+    copy = empty_model(model.config, device, dtype)
     copy.load_state_dict(model.state_dict())
     return copy

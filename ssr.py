@@ -1,24 +1,27 @@
-"""SSR-Zero: self-rewarding GRPO for machine translation. Config, CLI, distributed setup, the loop.
+"""SSR-Zero: self-rewarding GRPO for machine translation. The config, its CLI, the data, the training loop.
 
 Each step, for a batch of monolingual source sentences:
   1. sample   the current policy (actor) translates every source `group_size` times;
   2. judge    the *same current weights* score each well-formed translation 0-100, no reference;
   3. reward   format penalty, or w_self * score/100 (+ w_comet * CometKiwi for SSR-X), or a custom fn;
   4. update   group-relative advantages and a clipped policy-gradient step (grpo.py);
-  5. sync     copy the new weights into the sampler's copy; log; checkpoint.
+  5. sync     copy the new weights into the sampler's copy; then log, and checkpoint.
 
     python ssr.py                                           # CPU smoke run on a tiny random model
     torchrun --nproc 8 ssr.py --preset ssr-zero-7b --model /ckpt/Qwen2.5-7B --data train.jsonl
+
+Where the rest lives: the network in model.py, checkpoints on disk in checkpoint.py, torchrun/FSDP2/weight
+sync/resume in distributed.py, generation in sampler.py, prompts and rewards in judge.py, the update in grpo.py.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import random
-import re
 import shutil
 import sys
 import time
@@ -31,8 +34,12 @@ from tqdm import tqdm
 
 import grpo
 import judge
-from model import CheckpointError, Transformer, load_tokenizer, make_tiny_model
-from sampler import Sampler
+from checkpoint import CheckpointError, load_tokenizer, make_tiny_model
+from distributed import (init_distributed, load_train_state, newest_checkpoint, save_checkpoint, sync_sampler,
+                         wrap_model)
+from judge import DataError
+from model import Transformer
+from sampler import Completion, Sampler
 
 
 def arg(default, help: str, choices=None):
@@ -95,7 +102,7 @@ class Config:
 
 PRESETS = {
     # Our recipe for Qwen2.5-7B base on 8 GPUs. The paper's exact hyper-parameters are not public: these
-    # are the documented defaults of DESIGN.md with batch sizes that fit 8 x 80 GB under FSDP2.
+    # are the method's documented defaults (README) with batch sizes that fit 8 x 80 GB under FSDP2.
     "ssr-zero-7b": dict(dist="fsdp", prompts_per_step=64, group_size=8, max_new_tokens=1024,
                         judge_max_new_tokens=1024, lr=1e-6, warmup_steps=10, steps=400, save_every=50,
                         micro_batch_size=4, sampler_batch_size=256, out_dir="out/ssr-zero-7b"),
@@ -109,10 +116,6 @@ PRESETS = {
                   max_new_tokens=24, judge_max_new_tokens=8, lr=3e-3, steps=20, save_every=10,
                   micro_batch_size=32, sampler_batch_size=64, grad_checkpointing=False, out_dir="out/smoke"),
 }
-
-
-class DataError(ValueError):
-    """A bad line in the training data; the message names the file and line."""
 
 
 class ConfigError(ValueError):
@@ -152,32 +155,15 @@ def load_data(path: str, prompt_len=None, max_prompt_tokens: int = 0) -> list[di
     if not Path(path).is_file():
         raise DataError(f"{path}: no such data file")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object")
-            for key in ("src", "src_lang", "tgt_lang"):
-                if not isinstance(row.get(key), str) or not row[key].strip():
-                    raise DataError(f"{where}: missing or empty '{key}'")
-            for key in ("src_lang", "tgt_lang"):
-                try:
-                    judge.language_name(row[key])
-                except judge.RewardError as e:
-                    raise DataError(f"{where}: {e}") from None
-            if row["src_lang"] == row["tgt_lang"]:
-                raise DataError(f"{where}: src_lang and tgt_lang are both '{row['src_lang']}'")
-            row = {k: row[k] for k in ("src", "src_lang", "tgt_lang")}
-            if prompt_len is not None and (n := prompt_len(row)) > max_prompt_tokens:
-                raise DataError(f"{where}: the actor prompt is {n} tokens, over --max-prompt-tokens "
-                                f"{max_prompt_tokens}")
-            rows.append(row)
+    for where, row in judge.read_jsonl(path):
+        for key in ("src", "src_lang", "tgt_lang"):
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise DataError(f"{where}: missing or empty '{key}'")
+        judge.check_direction(where, row["src_lang"], row["tgt_lang"])
+        row = {k: row[k] for k in ("src", "src_lang", "tgt_lang")}
+        if prompt_len is not None and (n := prompt_len(row)) > max_prompt_tokens:
+            raise DataError(f"{where}: the actor prompt is {n} tokens, over --max-prompt-tokens {max_prompt_tokens}")
+        rows.append(row)
     if not rows:
         raise DataError(f"{path}: no data")
     return rows
@@ -209,19 +195,36 @@ def step_sources(rows: list[dict], step: int, cfg: Config, rank: int, world: int
 
 
 # ----------------------------------------------------------------------------------------------------
-# distributed setup
+# setup: everything the loop needs, built once
 
-def setup_dist(cfg: Config):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python ssr.py` is one process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+@dataclass
+class Run:
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+    tok: object  # checkpoint.Tokenizer
+    rows: list[dict]  # the training data
+    model: torch.nn.Module  # the trained policy: fp32 masters, wrapped in DDP/FSDP2 under torchrun
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    sampler: Sampler  # the actor, on a copy of the policy's weights (bf16 on GPU) that sync keeps current
+    judge_sampler: Sampler  # the same sampler (self-judging), or a frozen --judge-model's
+    ref_model: Transformer | None  # frozen initial policy, for the KL penalty (--kl-beta > 0)
+    comet: judge.CometScorer | None  # SSR-X's CometKiwi (--w-comet > 0)
+    custom_reward: object  # --reward module:function, or None
+    autocast: object  # bf16 autocast for DDP on GPU (FSDP2 casts itself)
+    start: int  # the first step to run (> 0 when resuming)
+    wandb_run: object = None
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def setup(cfg: Config) -> Run:
+    rank, world, device = init_distributed()
     mode = cfg.dist if cfg.dist != "auto" else ("ddp" if world > 1 else "none")
     if mode != "none" and world == 1 and not dist.is_initialized():
         mode = "none"  # --dist ddp on one process: nothing to shard or average
@@ -229,229 +232,92 @@ def setup_dist(cfg: Config):
         raise ConfigError("several ranks need --dist ddp or --dist fsdp")
     if cfg.prompts_per_step % world:
         raise ConfigError(f"--prompts-per-step {cfg.prompts_per_step} is not divisible by {world} ranks")
-    return rank, world, device, mode
-
-
-def wrap_model(model: Transformer, mode: str, device: torch.device):
-    """DDP replicates the model and averages gradients; FSDP2 shards parameters, gradients and optimizer
-    state per layer (a 7B full fine-tune over 8 GPUs). On GPU both compute in bf16 over fp32 masters."""
-    if mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if mode == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-              if device.type == "cuda" else MixedPrecisionPolicy())
-        for layer in model.layers:
-            fully_shard(layer, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)  # the root holds embedding, final norm and (tied) head
-    return model
-
-
-def unwrap(model) -> Transformer:
-    return model.module if hasattr(model, "module") else model
-
-
-@torch.no_grad()
-def full_state_dict(model) -> dict:
-    """Full (unsharded) tensors on every rank: FSDP2 parameters are DTensors and gather collectively."""
-    out = {}
-    for name, p in unwrap(model).named_parameters():
-        out[name] = p.full_tensor() if hasattr(p, "full_tensor") else p
-    return out
-
-
-@torch.no_grad()
-def sync_sampler(model, sampler_model: Transformer):
-    """Copy the trained weights into the sampler's copy in place (bf16 on GPU). In place matters: the
-    sampler's CUDA graphs captured these tensors' addresses."""
-    params = dict(sampler_model.named_parameters())
-    for name, tensor in full_state_dict(model).items():
-        params[name].copy_(tensor)
-
-
-# ----------------------------------------------------------------------------------------------------
-# checkpoints
-
-def save_checkpoint(cfg: Config, step: int, model, optimizer, scheduler, rank: int):
-    """OUT/step_N/: HF weights (+ tokenizer) that transformers and eval.py load, plus train_state.pt.
-    Written to a temp name then renamed, so a crash never leaves a half checkpoint that --resume trusts."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    weights = full_state_dict(model)  # collective under FSDP: every rank calls it
-    optim = get_optimizer_state_dict(model, optimizer,
-                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        final, tmp = Path(cfg.out_dir) / f"step_{step}", Path(cfg.out_dir) / f".step_{step}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        unwrap(model).save_pretrained(tmp, state_dict={k: v.cpu() for k, v in weights.items()})
-        state = {"step": step, "optimizer": optim, "scheduler": scheduler.state_dict(),
-                 "rng_cpu": torch.get_rng_state(), "rng_python": random.getstate(),
-                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                 "config": dataclasses.asdict(cfg)}
-        torch.save(state, tmp / "train_state.pt")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def newest_checkpoint(out_dir: str) -> Path | None:
-    steps = [(int(m.group(1)), p) for p in Path(out_dir).glob("step_*")
-             if (m := re.fullmatch(r"step_(\d+)", p.name)) and (p / "train_state.pt").exists()]
-    return max(steps)[1] if steps else None
-
-
-def load_train_state(path: Path, model, optimizer, scheduler) -> int:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    # weights_only: a checkpoint folder is data, never code to unpickle
-    state = torch.load(path / "train_state.pt", weights_only=True, map_location="cpu")
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"],
-                             options=StateDictOptions(full_state_dict=True))
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng_cpu"])
-    random.setstate(state["rng_python"])
-    if state["rng_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
-    return state["step"]
-
-
-# ----------------------------------------------------------------------------------------------------
-# one step
-
-def bar(desc: str, total: int):
-    """A progress bar on rank 0 that disappears when done (the step's summary line stays). Off when stderr
-    is not a terminal: in a log file the per-step line says it all."""
-    show = int(os.environ.get("RANK", "0")) == 0 and sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, unit="seq", leave=False, disable=not show, dynamic_ncols=True)
-
-
-def rollout_and_reward(cfg: Config, sources, tok, sampler, judge_sampler, comet, custom_reward, seed):
-    """Sample translations, judge them, score them. Returns prompts, completions, sample dicts, judge
-    outputs, the reward breakdown (its .reward is what GRPO uses) and the seconds spent sampling/judging."""
-    t0 = time.perf_counter()
-    prompts = [tok.encode(judge.actor_prompt(s["src"], s["src_lang"], s["tgt_lang"], cfg.template)) for s in sources]
-    with bar("sample", len(prompts) * cfg.group_size) as progress:
-        completions = sampler.generate(prompts, group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
-                                       temperature=cfg.temperature, top_p=cfg.top_p, stop_token_ids=tok.eos_ids,
-                                       stop_strings=judge.STOP_STRINGS, tokenizer=tok, seed=seed,
-                                       progress=progress)
-    samples = []
-    for i, c in enumerate(completions):
-        # special tokens skipped: a trailing EOS is how a response ends, not part of its text
-        response = tok.decode(c.tokens, skip_special_tokens=True)
-        samples.append(dict(sources[i // cfg.group_size], response=response, answer=judge.extract_answer(response)))
-    t_sample = time.perf_counter() - t0
-
-    # the judge: the same current weights (judge_sampler is the actor's own sampler) unless --judge-model
-    t0 = time.perf_counter()
-    judge_outputs = [[] for _ in samples]
-    valid = [i for i, s in enumerate(samples) if s["answer"] is not None]
-    if cfg.w_self != 0 and valid:
-        judge_prompts = [tok.encode(judge.judge_prompt(samples[i]["src"], samples[i]["answer"], samples[i]["src_lang"],
-                                                       samples[i]["tgt_lang"], cfg.template)) for i in valid]
-        greedy = cfg.judge_samples == 1
-        with bar("judge", len(judge_prompts) * cfg.judge_samples) as progress:
-            outs = judge_sampler.generate(judge_prompts, group_size=cfg.judge_samples,
-                                          max_new_tokens=cfg.judge_max_new_tokens,
-                                          temperature=0.0 if greedy else cfg.judge_temperature,
-                                          stop_token_ids=tok.eos_ids, stop_strings=judge.STOP_STRINGS,
-                                          tokenizer=tok, seed=seed + 1, progress=progress)
-        for j, i in enumerate(valid):
-            group = outs[j * cfg.judge_samples:(j + 1) * cfg.judge_samples]
-            judge_outputs[i] = [tok.decode(o.tokens, skip_special_tokens=True) for o in group]
-    comet_scores = [None] * len(samples)
-    if comet is not None and valid:
-        scores = comet.score([samples[i]["src"] for i in valid], [samples[i]["answer"] for i in valid])
-        for i, score in zip(valid, scores):
-            comet_scores[i] = score
-    t_judge = time.perf_counter() - t0
-
-    breakdown = judge.score_rollouts([s["response"] for s in samples], judge_outputs if cfg.w_self != 0 else None,
-                                     comet_scores if comet is not None else None, w_self=cfg.w_self,
-                                     w_comet=cfg.w_comet, format_penalty=cfg.format_penalty)
-    if custom_reward is not None:  # replaces the reward; the judge's components stay in the log
-        breakdown.reward = custom_reward(samples)
-    return prompts, completions, samples, judge_outputs, breakdown, t_sample, t_judge
-
-
-def gather_breakdown(breakdown: judge.RewardBreakdown) -> judge.RewardBreakdown:
-    """Every rank's per-rollout components, concatenated: metrics are over the global batch."""
-    if not dist.is_initialized():
-        return breakdown
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, breakdown)
-    return judge.RewardBreakdown(**{f.name: [x for p in parts for x in getattr(p, f.name)]
-                                    for f in dataclasses.fields(judge.RewardBreakdown)})
-
-
-# ----------------------------------------------------------------------------------------------------
-# main
-
-def train(cfg: Config):
-    rank, world, device, mode = setup_dist(cfg)
-    master = rank == 0
     out = Path(cfg.out_dir)
-    if master:
+    if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-
     custom_reward = judge.load_custom_reward(cfg.reward) if cfg.reward else None  # fail fast on a bad spec
-    wandb_run = None
-    if cfg.wandb and master:
-        try:
-            import wandb
-        except ImportError:
-            raise ConfigError("--wandb needs the wandb package (pip install wandb)") from None
-        wandb_run = wandb.init(project=cfg.wandb, config=dataclasses.asdict(cfg))
-    if not cfg.model:  # smoke run: a tiny random model
-        cfg.model = str(out / "tiny_model")
-        if master and not (out / "tiny_model" / "config.json").exists():
-            make_smoke_model(cfg.model, cfg.data, cfg.seed)
-        if dist.is_initialized():
-            dist.barrier()
-        if master:
-            print(f"SMOKE RUN: a tiny random model ({cfg.model}) on {cfg.data}, {cfg.steps} steps on "
-                  f"{device.type}, rewarded by {cfg.reward} (a toy reward it can learn; the judge still runs "
-                  "on well-formed answers). For real training pass --model and --data (see README).")
+    wandb_run = start_wandb(cfg) if cfg.wandb and rank == 0 else None
+    if not cfg.model:
+        prepare_smoke_model(cfg, out, rank, device)
 
     tok = load_tokenizer(cfg.model)
     prompt_len = lambda r: len(tok.encode(judge.actor_prompt(r["src"], r["src_lang"], r["tgt_lang"], cfg.template)))
     rows = load_data(cfg.data, prompt_len, cfg.max_prompt_tokens)
+    resume_dir = claim_out_dir(cfg, out, rank)
 
-    resume_dir = newest_checkpoint(cfg.out_dir) if cfg.resume else None
-    if not cfg.resume and (old := newest_checkpoint(cfg.out_dir)) is not None:
-        if cfg.preset != "smoke":  # never mix two runs' checkpoints and logs in one directory
-            raise ConfigError(f"{cfg.out_dir} already holds {old.name}: pass --resume to continue that run, "
-                              "or another --out-dir")
-        if master:  # the smoke run simply starts over
-            for path in [*out.glob("step_*"), out / "metrics.jsonl", out / "samples.jsonl"]:
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    if cfg.resume and resume_dir is None:
-        raise CheckpointError(f"{cfg.out_dir}: --resume given but no step_N checkpoint there")
     comet = judge.CometScorer(cfg.comet_model, device=device) if cfg.w_comet > 0 else None
     # fp32 master weights; on GPU the forward runs in bf16 (autocast for DDP, FSDP2's param_dtype)
     model = Transformer.from_pretrained(resume_dir or cfg.model, device=device, dtype=torch.float32)
-    model.source_dir = Path(cfg.model)  # tokenizer files come from the base model directory
     model.grad_checkpointing = cfg.grad_checkpointing
     gen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    sampler_model = Transformer.from_pretrained(resume_dir or cfg.model, device=device, dtype=gen_dtype).eval()
     cache_len = cfg.max_prompt_tokens + cfg.max_new_tokens + cfg.judge_max_new_tokens + 128
-    sampler = Sampler(sampler_model, max_batch_size=cfg.sampler_batch_size, max_seq_len=cache_len,
-                      device=device, dtype=gen_dtype)
-    judge_sampler = sampler
-    if cfg.judge_model:
-        judge_sampler = Sampler(Transformer.from_pretrained(cfg.judge_model, device=device, dtype=gen_dtype).eval(),
-                                max_batch_size=cfg.sampler_batch_size, max_seq_len=cache_len, device=device,
-                                dtype=gen_dtype)
+
+    def new_sampler(weights: Transformer) -> Sampler:
+        return Sampler(weights, max_batch_size=cfg.sampler_batch_size, max_seq_len=cache_len, device=device,
+                       dtype=gen_dtype)
+
+    sampler = new_sampler(Transformer.from_pretrained(resume_dir or cfg.model, device=device, dtype=gen_dtype).eval())
+    judge_sampler = (new_sampler(Transformer.from_pretrained(cfg.judge_model, device=device, dtype=gen_dtype).eval())
+                     if cfg.judge_model else sampler)
     ref_model = (Transformer.from_pretrained(cfg.model, device=device, dtype=gen_dtype).eval()
                  if cfg.kl_beta > 0 else None)
 
     model = wrap_model(model, mode, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  betas=(0.9, 0.999))
+    optimizer, scheduler = make_optimizer(cfg, model)
+    start = load_train_state(resume_dir, model, optimizer, scheduler) if resume_dir else 0
+    if rank == 0 and resume_dir:
+        print(f"resumed from {resume_dir} at step {start}")
+        drop_logs_after(out, start)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and mode != "fsdp"
+                else torch.autocast("cpu", enabled=False))
+    return Run(cfg, rank, world, device, out, tok, rows, model, optimizer, scheduler, sampler, judge_sampler,
+               ref_model, comet, custom_reward, autocast, start, wandb_run)
+
+
+def start_wandb(cfg: Config):
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("--wandb needs the wandb package (pip install wandb)") from None
+    return wandb.init(project=cfg.wandb, config=dataclasses.asdict(cfg))
+
+
+def prepare_smoke_model(cfg: Config, out: Path, rank: int, device: torch.device):
+    """No --model: the smoke run trains a tiny random model, built once under the out-dir."""
+    cfg.model = str(out / "tiny_model")
+    if rank == 0 and not (out / "tiny_model" / "config.json").exists():
+        make_smoke_model(cfg.model, cfg.data, cfg.seed)
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        print(f"SMOKE RUN: a tiny random model ({cfg.model}) on {cfg.data}, {cfg.steps} steps on "
+              f"{device.type}, rewarded by {cfg.reward} (a toy reward it can learn; the judge still runs "
+              "on well-formed answers). For real training pass --model and --data (see README).")
+
+
+def claim_out_dir(cfg: Config, out: Path, rank: int) -> Path | None:
+    """The checkpoint to resume from (--resume), or None for a fresh run, which must not mix with an old one:
+    a directory holding checkpoints is refused, except by the smoke run, which simply starts over."""
+    newest = newest_checkpoint(cfg.out_dir)
+    if cfg.resume:
+        if newest is None:
+            raise CheckpointError(f"{cfg.out_dir}: --resume given but no step_N checkpoint there")
+        return newest
+    if newest is not None:
+        if cfg.preset != "smoke":
+            raise ConfigError(f"{cfg.out_dir} already holds {newest.name}: pass --resume to continue that run, "
+                              "or another --out-dir")
+        if rank == 0:
+            for path in [*out.glob("step_*"), out / "metrics.jsonl", out / "samples.jsonl"]:
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    return None
+
+
+def make_optimizer(cfg: Config, model):
+    """AdamW, and a schedule of linear warm-up then constant or cosine decay to 0 at cfg.steps."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
 
     def lr_factor(step):
         if step < cfg.warmup_steps:
@@ -461,93 +327,210 @@ def train(cfg: Config):
             return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return 1.0
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    start = load_train_state(resume_dir, model, optimizer, scheduler) if resume_dir else 0
-    if master and resume_dir:
-        print(f"resumed from {resume_dir} at step {start}")
-        for name in ("metrics.jsonl", "samples.jsonl"):  # drop what was logged after the checkpoint
-            if (out / name).exists():
-                lines = (out / name).read_text(encoding="utf-8").splitlines(keepends=True)
-                kept = [line for line in lines if json.loads(line)["step"] <= start]
-                (out / name).write_text("".join(kept), encoding="utf-8")
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and mode != "fsdp"
-                else torch.autocast("cpu", enabled=False))
 
-    for step in range(start, cfg.steps):
-        t_step = time.perf_counter()
-        sources = step_sources(rows, step, cfg, rank, world)
-        seed = (cfg.seed * 1_000_003 + step) * 4096 + rank * 2  # a pure function of (seed, step, rank)
-        model.eval()
-        prompts, completions, samples, judge_outputs, breakdown, t_sample, t_judge = \
-            rollout_and_reward(cfg, sources, tok, sampler, judge_sampler, comet, custom_reward, seed)
+def drop_logs_after(out: Path, step: int):
+    """On resume: forget what was logged after the checkpoint, so the redone steps are logged once."""
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        if (out / name).exists():
+            lines = (out / name).read_text(encoding="utf-8").splitlines(keepends=True)
+            kept = [line for line in lines if json.loads(line)["step"] <= step]
+            (out / name).write_text("".join(kept), encoding="utf-8")
 
-        t0 = time.perf_counter()
-        # groups never straddle ranks (each rank holds whole prompts), so advantages are rank-local
-        advantages = grpo.group_advantages(torch.tensor(breakdown.reward), cfg.group_size,
-                                           std_normalize=cfg.adv_std == "on")
-        prompt_per_rollout = [prompts[i // cfg.group_size] for i in range(len(completions))]
-        rollouts = grpo.build_rollouts(prompt_per_rollout, [c.tokens for c in completions], advantages,
-                                       pad_id=tok.pad_id).to(device)
-        model.train()
-        with autocast, bar("update", len(rollouts) * cfg.mini_batches) as progress:
-            # "Old" log-probs come from the training model itself, not the sampler (bf16, other kernels), so
-            # the ratio is exactly 1 before the first update. With one update per batch that is all they are:
-            # grpo_update then uses its own detached log-probs and we skip a forward pass over the batch.
-            if cfg.mini_batches > 1:
-                rollouts.old_logprobs = grpo.sequence_logprobs(model, rollouts, cfg.micro_batch_size,
-                                                               cfg.temperature)
-            if ref_model is not None:
-                rollouts.ref_logprobs = grpo.sequence_logprobs(ref_model, rollouts, cfg.micro_batch_size,
-                                                               cfg.temperature)
-            stats = grpo.grpo_update(model, optimizer, rollouts, micro_batch_size=cfg.micro_batch_size,
-                                     mini_batches=cfg.mini_batches, clip_low=cfg.clip_low,
-                                     clip_high=cfg.clip_high, kl_beta=cfg.kl_beta, loss_agg=cfg.loss_agg,
-                                     max_response_len=cfg.max_new_tokens, temperature=cfg.temperature,
-                                     max_grad_norm=cfg.max_grad_norm, progress=progress)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        sync_sampler(model, sampler.model)
-        t_update = time.perf_counter() - t0
 
-        # ---- metrics over the global batch
-        everyone = gather_breakdown(breakdown)
-        lengths = torch.tensor([float(len(c.tokens)) for c in completions], device=device)
-        totals = torch.stack([lengths.sum(), torch.tensor(float(len(lengths)), device=device)])
-        if dist.is_initialized():
-            dist.all_reduce(totals)
-        groups = [everyone.reward[i:i + cfg.group_size] for i in range(0, len(everyone.reward), cfg.group_size)]
-        record = {"step": step + 1} | everyone.stats() | {
-            "zero_spread_groups": sum(max(g) == min(g) for g in groups) / len(groups),
-            "response_len_mean": (totals[0] / totals[1]).item(),
-            "lr": lr, "sec_sample": t_sample, "sec_judge": t_judge, "sec_update": t_update,
-            "sec_step": time.perf_counter() - t_step,
-            # every rank samples at once: the global rate is all tokens over one rank's sampling time
-            "rollout_tokens_per_s": totals[0].item() / max(t_sample, 1e-9),
-        } | stats
-        if master:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            with open(out / "samples.jsonl", "a", encoding="utf-8") as f:
-                for i in range(min(cfg.log_samples, len(samples))):
-                    f.write(json.dumps(samples[i] | {"step": step + 1, "judge_outputs": judge_outputs[i],
-                                                     "self_score": breakdown.self_score[i],
-                                                     "comet": breakdown.comet[i],
-                                                     "reward": breakdown.reward[i]}, ensure_ascii=False) + "\n")
-            print(f"step {step + 1}/{cfg.steps} | reward {record['reward_mean']:.3f} "
-                  f"| valid {record['format_valid_rate']:.2f} | len {record['response_len_mean']:.0f} "
-                  f"| loss {stats['loss']:.4f} | gnorm {stats['grad_norm']:.3f} "
-                  f"| sample {t_sample:.1f}s judge {t_judge:.1f}s update {t_update:.1f}s", flush=True)
-            if wandb_run is not None:
-                wandb_run.log({k: v for k, v in record.items() if v is not None}, step=step + 1)
+# ----------------------------------------------------------------------------------------------------
+# one step's rollouts, and the phases that fill them in
+
+@dataclass
+class Rollout:
+    """One sampled translation and what the step learns about it, filled in phase by phase. A step's
+    rollouts are prompt-major: rollouts[i * group_size + j] is sample j of source i."""
+    source: dict  # {src, src_lang, tgt_lang}
+    prompt: list[int]  # the actor prompt's token ids, shared by the group
+    completion: Completion  # sample: the response's token ids (stopping token included), log-probs, why it ended
+    response: str  # sample: the decoded response, special tokens skipped
+    answer: str | None  # sample: the translation, or None when the format is invalid
+    judge_outputs: list[str] = field(default_factory=list)  # judge: the judge's outputs (none if not judged)
+    comet: float | None = None  # judge: the COMET QE score (SSR-X)
+    reward: judge.RewardParts | None = None  # reward: the reward and its parts
+
+    def sample_dict(self) -> dict:
+        """What a custom reward and samples.jsonl see."""
+        return self.source | {"response": self.response, "answer": self.answer}
+
+
+def bar(desc: str, total: int):
+    """A progress bar on rank 0 that disappears when done (the step's summary line stays). Off when stderr
+    is not a terminal: in a log file the per-step line says it all."""
+    show = int(os.environ.get("RANK", "0")) == 0 and sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit="seq", leave=False, disable=not show, dynamic_ncols=True)
+
+
+def sample_translations(run: Run, sources: list[dict], seed: int) -> list[Rollout]:
+    """1. sample: every source's actor prompt, prefilled once, sampled group_size times."""
+    cfg, tok = run.cfg, run.tok
+    prompts = [tok.encode(judge.actor_prompt(s["src"], s["src_lang"], s["tgt_lang"], cfg.template)) for s in sources]
+    with bar("sample", len(prompts) * cfg.group_size) as progress:
+        completions = run.sampler.generate(prompts, group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
+                                           temperature=cfg.temperature, top_p=cfg.top_p, stop_token_ids=tok.eos_ids,
+                                           stop_strings=judge.STOP_STRINGS, tokenizer=tok, seed=seed,
+                                           progress=progress)
+    rollouts = []
+    for i, c in enumerate(completions):
+        # special tokens skipped: a trailing EOS is how a response ends, not part of its text
+        response = tok.decode(c.tokens, skip_special_tokens=True)
+        source, prompt = sources[i // cfg.group_size], prompts[i // cfg.group_size]
+        rollouts.append(Rollout(source, prompt, c, response, judge.extract_answer(response)))
+    return rollouts
+
+
+def judge_translations(run: Run, rollouts: list[Rollout], seed: int):
+    """2. judge: each well-formed translation next to its source, scored by the judge (the policy's own
+    current weights unless --judge-model); with SSR-X also by COMET."""
+    cfg, tok = run.cfg, run.tok
+    valid = [r for r in rollouts if r.answer is not None]
+    if cfg.w_self != 0 and valid:
+        prompts = [tok.encode(judge.judge_prompt(r.source["src"], r.answer, r.source["src_lang"],
+                                                 r.source["tgt_lang"], cfg.template)) for r in valid]
+        greedy = cfg.judge_samples == 1
+        with bar("judge", len(prompts) * cfg.judge_samples) as progress:
+            outs = run.judge_sampler.generate(prompts, group_size=cfg.judge_samples,
+                                              max_new_tokens=cfg.judge_max_new_tokens,
+                                              temperature=0.0 if greedy else cfg.judge_temperature,
+                                              stop_token_ids=tok.eos_ids, stop_strings=judge.STOP_STRINGS,
+                                              tokenizer=tok, seed=seed, progress=progress)
+        for j, r in enumerate(valid):
+            r.judge_outputs = [tok.decode(o.tokens, skip_special_tokens=True)
+                               for o in outs[j * cfg.judge_samples:(j + 1) * cfg.judge_samples]]
+    if run.comet is not None and valid:
+        scores = run.comet.score([r.source["src"] for r in valid], [r.answer for r in valid])
+        for r, score in zip(valid, scores):
+            r.comet = score
+
+
+def assign_rewards(run: Run, rollouts: list[Rollout]):
+    """3. reward: format penalty, else w_self * self/100 + w_comet * COMET; a custom reward replaces it."""
+    cfg = run.cfg
+    parts = judge.score_rollouts([r.response for r in rollouts],
+                                 [r.judge_outputs for r in rollouts] if cfg.w_self != 0 else None,
+                                 [r.comet for r in rollouts] if run.comet is not None else None,
+                                 w_self=cfg.w_self, w_comet=cfg.w_comet, format_penalty=cfg.format_penalty)
+    if run.custom_reward is not None:  # replaces the reward; the judge's components stay in the log
+        custom = run.custom_reward([r.sample_dict() for r in rollouts])
+        parts = [dataclasses.replace(p, reward=x) for p, x in zip(parts, custom)]
+    for r, p in zip(rollouts, parts):
+        r.reward = p
+
+
+def update_policy(run: Run, rollouts: list[Rollout]) -> dict:
+    """4. update: group-relative advantages, then GRPO's clipped policy-gradient step(s); returns its stats."""
+    cfg = run.cfg
+    # groups never straddle ranks (each rank holds whole prompts), so advantages are rank-local
+    advantages = grpo.group_advantages(torch.tensor([r.reward.reward for r in rollouts]), cfg.group_size,
+                                       std_normalize=cfg.adv_std == "on")
+    batch = grpo.build_rollouts([r.prompt for r in rollouts], [r.completion.tokens for r in rollouts], advantages,
+                                pad_id=run.tok.pad_id).to(run.device)
+    run.model.train()
+    with run.autocast, bar("update", len(batch) * cfg.mini_batches) as progress:
+        # "Old" log-probs come from the training model itself, not the sampler (bf16, other kernels), so the
+        # ratio is exactly 1 before the first update. With one update per batch that is all they are:
+        # grpo_update then uses its own detached log-probs and we skip a forward pass over the batch.
+        if cfg.mini_batches > 1:
+            batch.old_logprobs = grpo.sequence_logprobs(run.model, batch, cfg.micro_batch_size, cfg.temperature)
+        if run.ref_model is not None:
+            batch.ref_logprobs = grpo.sequence_logprobs(run.ref_model, batch, cfg.micro_batch_size, cfg.temperature)
+        stats = grpo.grpo_update(run.model, run.optimizer, batch, micro_batch_size=cfg.micro_batch_size,
+                                 mini_batches=cfg.mini_batches, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                                 kl_beta=cfg.kl_beta, loss_agg=cfg.loss_agg, max_response_len=cfg.max_new_tokens,
+                                 temperature=cfg.temperature, max_grad_norm=cfg.max_grad_norm, progress=progress)
+    run.model.eval()
+    stats["lr"] = run.scheduler.get_last_lr()[0]
+    run.scheduler.step()
+    return stats
+
+
+@contextlib.contextmanager
+def timed(times: dict, name: str):
+    t0 = time.perf_counter()
+    yield
+    times[name] = time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------------------------
+# the loop
+
+def train(cfg: Config):
+    run = setup(cfg)
+    for step in range(run.start, cfg.steps):
+        t_step, times = time.perf_counter(), {}
+        sources = step_sources(run.rows, step, cfg, run.rank, run.world)
+        seed = (cfg.seed * 1_000_003 + step) * 4096 + run.rank * 2  # a pure function of (seed, step, rank)
+        with timed(times, "sample"):
+            rollouts = sample_translations(run, sources, seed)  # 1. the actor translates each source G times
+        with timed(times, "judge"):
+            judge_translations(run, rollouts, seed + 1)  # 2. the same weights score each valid translation
+        assign_rewards(run, rollouts)  # 3. format penalty, or the self score (+ COMET)
+        with timed(times, "update"):
+            stats = update_policy(run, rollouts)  # 4. GRPO on the group-relative advantages
+            sync_sampler(run.model, run.sampler.model)  # 5. the new weights into the sampler's copy
+        log_step(run, step, rollouts, stats, times, t_step)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(cfg, step + 1, model, optimizer, scheduler, rank)
-    if master:
-        print(f"done: checkpoint {out / f'step_{cfg.steps}'}, metrics {out / 'metrics.jsonl'}"
+            save_checkpoint(cfg.out_dir, step + 1, run.model, run.optimizer, run.scheduler, dataclasses.asdict(cfg),
+                            cfg.model, run.rank)
+    if run.master:
+        print(f"done: checkpoint {run.out / f'step_{cfg.steps}'}, metrics {run.out / 'metrics.jsonl'}"
               + (" (smoke run: the model is tiny and random; pass --model for real training)"
                  if cfg.preset == "smoke" else ""))
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------
+# logging
+
+def gather(items: list) -> list:
+    """Every rank's items, concatenated in rank order: metrics are over the global batch."""
+    if not dist.is_initialized():
+        return items
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return [x for p in parts for x in p]
+
+
+def log_step(run: Run, step: int, rollouts: list[Rollout], stats: dict, times: dict, t_step: float):
+    """One line of metrics.jsonl (global batch), a few full rollouts in samples.jsonl, a line on stdout."""
+    cfg = run.cfg
+    parts = gather([r.reward for r in rollouts])
+    lengths = torch.tensor([float(len(r.completion.tokens)) for r in rollouts], device=run.device)
+    totals = torch.stack([lengths.sum(), torch.tensor(float(len(lengths)), device=run.device)])
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    groups = [[p.reward for p in parts[i:i + cfg.group_size]] for i in range(0, len(parts), cfg.group_size)]
+    grpo_stats = {k: v for k, v in stats.items() if k != "lr"}
+    record = {"step": step + 1} | judge.reward_stats(parts) | {
+        "zero_spread_groups": sum(max(g) == min(g) for g in groups) / len(groups),
+        "response_len_mean": (totals[0] / totals[1]).item(),
+        "lr": stats["lr"], "sec_sample": times["sample"], "sec_judge": times["judge"], "sec_update": times["update"],
+        "sec_step": time.perf_counter() - t_step,
+        # every rank samples at once: the global rate is all tokens over one rank's sampling time
+        "rollout_tokens_per_s": totals[0].item() / max(times["sample"], 1e-9),
+    } | grpo_stats
+    if not run.master:
+        return
+    with open(run.out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    with open(run.out / "samples.jsonl", "a", encoding="utf-8") as f:
+        for r in rollouts[:cfg.log_samples]:
+            f.write(json.dumps(r.sample_dict() | {"step": step + 1, "judge_outputs": r.judge_outputs,
+                                                  "self_score": r.reward.self_score, "comet": r.reward.comet,
+                                                  "reward": r.reward.reward}, ensure_ascii=False) + "\n")
+    print(f"step {step + 1}/{cfg.steps} | reward {record['reward_mean']:.3f} "
+          f"| valid {record['format_valid_rate']:.2f} | len {record['response_len_mean']:.0f} "
+          f"| loss {stats['loss']:.4f} | gnorm {stats['grad_norm']:.3f} "
+          f"| sample {times['sample']:.1f}s judge {times['judge']:.1f}s update {times['update']:.1f}s", flush=True)
+    if run.wandb_run is not None:
+        run.wandb_run.log({k: v for k, v in record.items() if v is not None}, step=step + 1)
 
 
 def main(argv=None):

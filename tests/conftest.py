@@ -1,7 +1,7 @@
 """Shared fixtures: tiny random checkpoints built in code (no downloads anywhere in the suite)."""
 import pytest
 
-from model import make_tiny_model
+from checkpoint import make_tiny_model
 
 
 @pytest.fixture(scope="session")

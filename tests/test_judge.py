@@ -11,7 +11,7 @@ import pytest
 
 import judge
 from judge import (LANGUAGES, R1_SYSTEM, STOP_STRINGS, CometScorer, RewardError, actor_prompt, extract_answer,
-                   judge_prompt, language_name, load_custom_reward, parse_score, score_rollouts, spearman)
+                   judge_prompt, language_name, load_custom_reward, parse_score, reward_stats, score_rollouts, spearman)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -193,25 +193,30 @@ GOOD = "<think>fine</think><answer>The cat sat on the mat.</answer>"
 BAD = "The cat sat on the mat."
 
 
+def column(parts, name):
+    """One component across a batch's RewardParts."""
+    return [getattr(p, name) for p in parts]
+
+
 def test_ssr_reward_and_format_penalty():
     out = score_rollouts([GOOD, BAD, GOOD], [["<answer>80</answer>"], [], ["<answer>Score: 80</answer>"]])
-    assert out.reward == [0.8, -1.0, 0.0]  # third: judge parse failure -> self score 0
-    assert out.format_valid == [True, False, True]
-    assert out.answer == ["The cat sat on the mat.", None, "The cat sat on the mat."]
-    assert out.self_score == [80.0, None, None]
-    assert out.parse_failures == [0, 0, 1] and out.judged == [1, 0, 1]
-    assert out.comet == [None, None, None]
-    assert score_rollouts([BAD], [[]], format_penalty=-0.5).reward == [-0.5]
+    assert column(out, "reward") == [0.8, -1.0, 0.0]  # third: judge parse failure -> self score 0
+    assert column(out, "format_valid") == [True, False, True]
+    assert column(out, "answer") == ["The cat sat on the mat.", None, "The cat sat on the mat."]
+    assert column(out, "self_score") == [80.0, None, None]
+    assert column(out, "parse_failures") == [0, 0, 1] and column(out, "judged") == [1, 0, 1]
+    assert column(out, "comet") == [None, None, None]
+    assert column(score_rollouts([BAD], [[]], format_penalty=-0.5), "reward") == [-0.5]
 
 
 def test_ssr_x_weights():
     out = score_rollouts([GOOD, BAD, GOOD], [["<answer>60</answer>"], [], ["<answer>90</answer>"]],
                          comet_scores=[0.7, None, 0.5], w_self=0.5, w_comet=0.5)
-    assert out.reward == pytest.approx([0.5 * 0.6 + 0.5 * 0.7, -1.0, 0.5 * 0.9 + 0.5 * 0.5])
-    assert out.comet == [0.7, None, 0.5]
+    assert column(out, "reward") == pytest.approx([0.5 * 0.6 + 0.5 * 0.7, -1.0, 0.5 * 0.9 + 0.5 * 0.5])
+    assert column(out, "comet") == [0.7, None, 0.5]
     # COMET alone: the trainer may skip judging entirely
     only = score_rollouts([GOOD, BAD], None, comet_scores=[0.25, None], w_self=0.0, w_comet=1.0)
-    assert only.reward == [0.25, -1.0] and only.self_score == [None, None] and only.judged == [0, 0]
+    assert column(only, "reward") == [0.25, -1.0] and column(only, "self_score") == [None, None] and column(only, "judged") == [0, 0]
 
 
 def test_judge_samples_average_parsed_judgements():
@@ -219,9 +224,9 @@ def test_judge_samples_average_parsed_judgements():
                   ["<answer>60</answer>", "garbage", "<answer>101</answer>"],
                   ["no", "tags", "here"]]
     out = score_rollouts([GOOD, GOOD, GOOD], judgements)
-    assert out.self_score == [80.0, 60.0, None]
-    assert out.reward == pytest.approx([0.8, 0.6, 0.0])
-    assert out.parse_failures == [0, 2, 3] and out.judged == [3, 3, 3]
+    assert column(out, "self_score") == [80.0, 60.0, None]
+    assert column(out, "reward") == pytest.approx([0.8, 0.6, 0.0])
+    assert column(out, "parse_failures") == [0, 2, 3] and column(out, "judged") == [3, 3, 3]
 
 
 def test_reward_input_errors():
@@ -238,15 +243,15 @@ def test_stats():
                          [["<answer>20</answer>", "x"], [], ["<answer>60</answer>", "<answer>80</answer>"],
                           ["<answer>90</answer>", "<answer>90</answer>"]],
                          comet_scores=[0.1, None, 0.9, 0.5], w_self=0.5, w_comet=0.5)
-    s = out.stats()
-    assert s["reward_mean"] == pytest.approx(sum(out.reward) / 4)
-    assert s["reward_std"] == pytest.approx(math.sqrt(sum((r - s["reward_mean"]) ** 2 for r in out.reward) / 4))
+    s = reward_stats(out)
+    assert s["reward_mean"] == pytest.approx(sum(column(out, "reward")) / 4)
+    assert s["reward_std"] == pytest.approx(math.sqrt(sum((r - s["reward_mean"]) ** 2 for r in column(out, "reward")) / 4))
     assert s["format_valid_rate"] == 0.75
     assert s["self_score_mean"] == pytest.approx((20 + 70 + 90) / 3)
     assert s["judge_parse_failure_rate"] == pytest.approx(1 / 6)
     assert s["comet_mean"] == pytest.approx(0.5)
     assert s["self_comet_spearman"] == pytest.approx(0.5)  # self ranks 0,1,2 vs comet ranks 0,2,1
-    empty = score_rollouts([BAD, BAD], [[], []]).stats()
+    empty = reward_stats(score_rollouts([BAD, BAD], [[], []]))
     assert empty["format_valid_rate"] == 0.0 and empty["self_score_mean"] is None
     assert empty["judge_parse_failure_rate"] is None and empty["self_comet_spearman"] is None
 

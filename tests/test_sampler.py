@@ -4,7 +4,8 @@ Every test runs on CPU, and on CUDA too when there is one (there the decode step
 import pytest
 import torch
 
-from model import Transformer, load_tokenizer, make_tiny_model
+from checkpoint import load_tokenizer, make_tiny_model
+from model import Transformer
 from sampler import Sampler, sample
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

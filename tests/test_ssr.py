@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 import judge
 import ssr
-from model import Transformer, load_tokenizer
+from checkpoint import load_tokenizer
+from model import Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXED_RESPONSE = "<think>ok</think> <answer>90</answer>"
@@ -67,7 +68,7 @@ def parrot_model_dir(tmp_path_factory, model_dir, data_file):
         opt.step()
     assert loss.item() < 5e-3, loss.item()
     out = tmp_path_factory.mktemp("parrot")
-    model.save_pretrained(out)
+    model.save_pretrained(out, tokenizer_dir=model_dir)
     return out
 
 
@@ -102,7 +103,7 @@ def test_presets_and_cli_override():
     cfg = ssr.parse_args(["--preset", "ssr-x-zero-7b", "--model", "m", "--lr", "2e-6"])
     assert (cfg.w_self, cfg.w_comet, cfg.dist, cfg.lr) == (0.5, 0.5, "fsdp", 2e-6)
     assert ssr.parse_args([]).preset == "smoke"  # no model: the smoke run
-    assert ssr.parse_args(["--model", "m"]).lr == 1e-6  # a real model gets DESIGN.md's defaults
+    assert ssr.parse_args(["--model", "m"]).lr == 1e-6  # a real model gets the documented defaults
 
 
 def test_self_judge_and_comet_rewards_in_the_loop(tmp_path, parrot_model_dir, data_file, tiny_comet_dir):
