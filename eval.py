@@ -9,6 +9,10 @@ runs here too, while the model is loaded. Score: each COMET model in turn, freed
 models never share the GPU); BLEU and chrF through sacrebleu. Report: OUT/results.json and OUT/table.md (the
 paper's table, then every metric of every set), also printed.
 
+Every flag is checked first, in seconds and before any model loads (check_args); a problem is one line
+`eval: error: ...`, exit status 2. OUT/<label>/model.json records which checkpoint made that label's translations;
+another checkpoint under the same label (say a second `step_6`) is refused, never credited with them.
+
 A response with an invalid format (no single <think>..</think> <answer>..</answer>) keeps its raw text and is
 scored as an empty translation by every metric: dropping it would flatter the model. COMET and self-judge scores
 are x100, like BLEU and chrF.
@@ -17,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import os
+import re
 import statistics
 import sys
 from dataclasses import dataclass
@@ -29,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 import judge
-from checkpoint import CheckpointError, load_tokenizer
+from checkpoint import CheckpointError, load_tokenizer, read_config
 from judge import DataError, RewardError
 from model import Transformer
 from sampler import Sampler
@@ -83,14 +89,10 @@ def read_lines(path: Path) -> list[str]:
 
 
 def load_sacrebleu(corpus: str, pair: str, name: str) -> tuple[list[str], list[str], str]:
-    """Source and first reference of a sacrebleu test set (`name` is the set asked for, for messages); sacrebleu
-    downloads it once into $SACREBLEU (default ~/.sacrebleu) and reads the cached copy from then on."""
+    """Source and first reference of a sacrebleu test set (`name` is the set asked for, checked by parse_set_name);
+    sacrebleu downloads it once into $SACREBLEU (default ~/.sacrebleu) and reads the cached copy from then on."""
     from sacrebleu.dataset import DATASETS
 
-    if corpus not in DATASETS or pair not in DATASETS[corpus].langpairs:
-        raise EvalError(f"{name}: sacrebleu {sacrebleu.__version__} has no test set {corpus} {pair} "
-                        f"(WMT24 needs sacrebleu >= 2.5); named sets: {', '.join(PAPER_SETS)} or any sacrebleu "
-                        f"set as NAME:SRC-TGT; for other data use --src/--ref")
     try:
         src_file = DATASETS[corpus].get_source_file(pair)
         ref_files = DATASETS[corpus].get_reference_files(pair)
@@ -122,41 +124,80 @@ def read_flores(root: Path, lang: str, name: str) -> tuple[list[str], Path]:
     return [row["text"].strip() for _, row in rows], path
 
 
-def load_named_set(name: str, flores_dir: str | None) -> TestSet:
+# WMT24 has no zh->en task. The paper reports a WMT24 ZH->EN column all the same; the only reading that gives one
+# is en-zh run backwards: the Chinese references become sources, the English sources references.
+REVERSED_SETS = {"wmt24:zh-en": "en-zh"}
+
+
+def parse_set_name(name: str) -> tuple[str, str, str]:
+    """(corpus, src_lang, tgt_lang) of a --sets name, checked without reading any data: NAME:SRC-TGT, a direction
+    the prompts can name, and a set that exists (Flores en-zh and zh-en, else one sacrebleu knows)."""
+    from sacrebleu.dataset import DATASETS
+
     corpus, _, pair = name.partition(":")
     src_lang, _, tgt_lang = pair.partition("-")
     if not corpus or not src_lang or not tgt_lang:
-        raise EvalError(f"test set {name!r}: expected NAME:SRC-TGT, e.g. wmt23:en-zh")
+        raise EvalError(f"--sets {name}: expected NAME:SRC-TGT, e.g. wmt23:en-zh")
+    judge.check_direction(f"--sets {name}", src_lang, tgt_lang)
     if corpus == "flores":
-        if src_lang not in FLORES_CODES or tgt_lang not in FLORES_CODES:
-            raise EvalError(f"{name}: Flores sets here are en-zh and zh-en")
-        if not flores_dir:
-            raise EvalError(f"{name}: no Flores directory; pass --flores-dir DIR or set FLORES_DIR (the FLORES-200 "
-                            f"release, flores200_dataset/devtest/*.devtest, or flores_plus, devtest/*.jsonl)")
-        root = Path(flores_dir).expanduser()
+        if {src_lang, tgt_lang} != set(FLORES_CODES):
+            raise EvalError(f"--sets {name}: Flores sets here are en-zh and zh-en")
+    elif corpus not in DATASETS or REVERSED_SETS.get(name, pair) not in DATASETS[corpus].langpairs:
+        raise EvalError(f"--sets {name}: sacrebleu {sacrebleu.__version__} has no test set {corpus} {pair} (WMT24 "
+                        f"needs sacrebleu >= 2.5); valid: {', '.join(PAPER_SETS)} or any sacrebleu set as "
+                        f"NAME:SRC-TGT; for other data use --src")
+    return corpus, src_lang, tgt_lang
+
+
+def flores_root(flores_dir: str | None, name: str) -> Path:
+    if not flores_dir:
+        raise EvalError(f"--sets {name}: no Flores directory; pass --flores-dir DIR or set FLORES_DIR (the FLORES-200 "
+                        f"release, flores200_dataset/devtest/*.devtest, or flores_plus, devtest/*.jsonl)")
+    if not Path(flores_dir).expanduser().is_dir():
+        raise EvalError(f"--flores-dir {flores_dir}: no such directory (--sets {name} reads Flores from it)")
+    return Path(flores_dir).expanduser()
+
+
+def load_named_set(name: str, flores_dir: str | None) -> TestSet:
+    corpus, src_lang, tgt_lang = parse_set_name(name)
+    if corpus == "flores":
+        root = flores_root(flores_dir, name)
         (srcs, src_file), (refs, ref_file) = read_flores(root, src_lang, name), read_flores(root, tgt_lang, name)
         return checked_set(TestSet(name, src_lang, tgt_lang, srcs, refs, f"{src_file} / {ref_file}"))
-    if name == "wmt24:zh-en":
-        # WMT24 has no zh->en task. The paper reports a WMT24 ZH->EN column all the same; the only reading that
-        # gives one is en-zh run backwards: the Chinese references become sources, the English sources references.
-        srcs, refs, origin = load_sacrebleu("wmt24", "en-zh", name)
-        return checked_set(TestSet(name, "zh", "en", refs, srcs, origin + ", reversed",
+    if name in REVERSED_SETS:
+        srcs, refs, origin = load_sacrebleu(corpus, REVERSED_SETS[name], name)
+        return checked_set(TestSet(name, src_lang, tgt_lang, refs, srcs, origin + ", reversed",
                                    note="WMT24 has no zh-en: this is wmt24 en-zh reversed (Chinese references "
                                         "as sources, English sources as references)"))
-    return checked_set(TestSet(name, src_lang, tgt_lang, *load_sacrebleu(corpus, pair, name)))
+    return checked_set(TestSet(name, src_lang, tgt_lang, *load_sacrebleu(corpus, f"{src_lang}-{tgt_lang}", name)))
+
+
+def check_local_flags(src: str, ref: str | None, src_lang: str | None, tgt_lang: str | None):
+    """--src with the flags that go with it, checked without reading the files."""
+    path = Path(src).expanduser()
+    if not path.is_file():
+        raise EvalError(f"--src {src}: no such file")
+    if path.suffix == ".jsonl":
+        if ref or src_lang or tgt_lang:
+            raise EvalError(f"--src {src}: a .jsonl carries its own ref, src_lang and tgt_lang; drop --ref/--src-lang/"
+                            f"--tgt-lang")
+        return
+    if not (ref and src_lang and tgt_lang):
+        raise EvalError(f"--src {src}: a plain-text --src needs --ref, --src-lang and --tgt-lang (or give a .jsonl of "
+                        f"{{src, ref, src_lang, tgt_lang}} lines)")
+    if not Path(ref).expanduser().is_file():
+        raise EvalError(f"--ref {ref}: no such file")
+    judge.check_direction("--src-lang/--tgt-lang", src_lang, tgt_lang)
 
 
 def load_local_set(src: str, ref: str | None, src_lang: str | None, tgt_lang: str | None) -> TestSet:
     """--src FILE: plain text with --ref/--src-lang/--tgt-lang, or jsonl lines {src, ref, src_lang, tgt_lang}.
     The set is named after the file (test.en -> "test")."""
+    check_local_flags(src, ref, src_lang, tgt_lang)
     path = Path(src).expanduser()
     if path.suffix != ".jsonl":
-        if not (ref and src_lang and tgt_lang):
-            raise EvalError(f"{path}: a plain-text --src needs --ref, --src-lang and --tgt-lang (or give a .jsonl)")
         return checked_set(TestSet(path.stem, src_lang, tgt_lang, read_lines(path),
                                    read_lines(Path(ref).expanduser()), f"{path} / {ref}"))
-    if ref or src_lang or tgt_lang:
-        raise EvalError(f"{path}: a jsonl carries its own ref, src_lang and tgt_lang; drop --ref/--src-lang/--tgt-lang")
     rows = judge.read_jsonl(path)
     for where, row in rows:
         missing = [k for k in ("src", "ref", "src_lang", "tgt_lang") if not isinstance(row.get(k), str)]
@@ -188,6 +229,29 @@ class Metric:
     comet: str | None = None  # COMET model name or local path; None for bleu, chrf, self-judge
 
 
+# a Hugging Face hub model id, ORG/NAME: what COMET downloads when the name is not a local path
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+", re.ASCII)
+METRIC_NAMES = (f"valid: {', '.join(SACREBLEU_METRICS)}, {SELF_JUDGE}, {', '.join(COMET_ALIASES)}, a local COMET "
+                f"checkpoint (a directory holding checkpoints/model.ckpt and hparams.yaml), a hub name ORG/NAME, "
+                f"or LABEL=any of the COMET ones")
+
+
+def comet_source(item: str, source: str) -> str:
+    """The COMET model `source` names, checked without loading it: an alias, an existing local checkpoint, or
+    a hub name (anything shaped ORG/NAME that is not a local path; COMET downloads it when scoring)."""
+    source = COMET_ALIASES.get(source, source)
+    path = Path(source).expanduser()
+    if path.exists():
+        ckpt = path / "checkpoints" / "model.ckpt" if path.is_dir() else path
+        if not ckpt.is_file() or not (ckpt.resolve().parents[1] / "hparams.yaml").is_file():
+            raise EvalError(f"--metrics {item}: {path} is not a COMET checkpoint (expected DIR/checkpoints/model.ckpt "
+                            f"next to DIR/hparams.yaml)")
+    elif not HUB_NAME.fullmatch(source):
+        problem = f"no such COMET checkpoint {path}" if "=" in item or os.sep in source else "unknown metric"
+        raise EvalError(f"--metrics {item}: {problem}; {METRIC_NAMES}")
+    return source
+
+
 def parse_metrics(spec: str) -> list[Metric]:
     """`xcomet-xxl,cometkiwi-xxl,bleu,chrf,self-judge`, any COMET model name or checkpoint path, and LABEL=PATH
     to give a local copy a label: `xcomet-xxl=/ckpt/XCOMET-XXL` fills the paper's table offline."""
@@ -195,17 +259,17 @@ def parse_metrics(spec: str) -> list[Metric]:
     for item in filter(None, (s.strip() for s in spec.split(","))):
         label, sep, source = item.partition("=")
         if not label or (sep and not source):
-            raise EvalError(f"metric {item!r}: expected NAME or LABEL=PATH")
+            raise EvalError(f"--metrics {item}: expected NAME or LABEL=PATH; {METRIC_NAMES}")
         if label in SACREBLEU_METRICS or label == SELF_JUDGE:
             if sep:
-                raise EvalError(f"metric {item!r}: {label} is built in and takes no model")
+                raise EvalError(f"--metrics {item}: {label} is built in and takes no model")
             metrics.append(Metric(label))
         else:
-            metrics.append(Metric(label, source if sep else COMET_ALIASES.get(item, item)))
+            metrics.append(Metric(label, comet_source(item, source if sep else label)))
     if not metrics:
-        raise EvalError("--metrics is empty")
+        raise EvalError(f"--metrics is empty; {METRIC_NAMES}")
     if len({m.label for m in metrics}) < len(metrics):
-        raise EvalError(f"--metrics {spec!r} names a metric twice")
+        raise EvalError(f"--metrics {spec}: names a metric twice")
     return metrics
 
 
@@ -433,7 +497,8 @@ def paper_table(results: dict) -> str:
 def metrics_table(results: dict, sets: list[TestSet], metrics: list[Metric]) -> str:
     """Every metric of every set, a row per model x set, with the failures a reader must see next to them."""
     judged = any(m.label == SELF_JUDGE for m in metrics)
-    header = ["Model", "Set", *(m.label for m in metrics), "failed extractions"] + (["judge parse failures"] if judged else [])
+    header = ["Model", "Set", *(m.label for m in metrics), "failed extractions"]
+    header += ["judge parse failures"] if judged else []
     rows = []
     for model, per_set in results.items():
         for ts in sets:
@@ -468,7 +533,10 @@ def report(models: dict[str, str], sets: list[TestSet], metrics: list[Metric], o
 
 
 # ----------------------------------------------------------------------------------------------------
-# main
+# checks before any work: flags, models, --out
+
+INT_FLAGS = {"--batch-size": 1, "--max-new-tokens": 1, "--judge-max-new-tokens": 1, "--comet-batch-size": 1}  # least
+
 
 def translation_settings(args) -> dict:
     """What shapes the translations on disk; a rerun with other values would mix two runs in one file."""
@@ -476,25 +544,154 @@ def translation_settings(args) -> dict:
             "max_new_tokens": args.max_new_tokens, "judge_max_new_tokens": args.judge_max_new_tokens}
 
 
+def check_device(device: str):
+    if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", device):  # what the sampler and COMET run on
+        raise EvalError(f"--device {device}: expected cpu, cuda or cuda:N")
+    if device != "cpu" and int(device.partition(":")[2] or 0) >= torch.cuda.device_count():
+        raise EvalError(f"--device {device}: {torch.cuda.device_count()} CUDA devices visible here; use cpu, or "
+                        f"cuda:N with N below that")
+
+
+def set_names(args) -> list[str]:
+    names = args.sets.split(",") if args.sets is not None else ([] if args.src else list(PAPER_SETS))
+    return [name.strip() for name in names if name.strip()]
+
+
+def check_set_flags(args):
+    """--sets, --flores-dir and the local set's flags, checked without reading any data."""
+    if not args.src and (args.ref or args.src_lang or args.tgt_lang):
+        raise EvalError("--ref/--src-lang/--tgt-lang describe a local set and need --src")
+    names = set_names(args)
+    for name in names:
+        if parse_set_name(name)[0] == "flores":
+            flores_root(args.flores_dir, name)
+    if args.src:
+        check_local_flags(args.src, args.ref, args.src_lang, args.tgt_lang)
+        names.append(Path(args.src).expanduser().stem)
+    if not names:
+        raise EvalError("--sets is empty and there is no --src: name test sets (e.g. --sets wmt23:en-zh) or give --src")
+    if len(set(names)) < len(names):
+        raise EvalError(f"--sets/--src: two test sets are named alike ({', '.join(names)})")
+
+
 def model_labels(paths: list[str]) -> dict[str, str]:
     """label -> path. A label is the shortest tail of the path that tells the models apart: 'step_400', or
     'run1/step_400' and 'run2/step_400' for two runs. It names the table row and the output folder."""
     # abspath, not resolve: two links to one checkpoint are still two rows the user asked for
     parts = [Path(os.path.abspath(os.path.expanduser(p))).parts for p in paths]
-    if len(set(parts)) < len(parts):
-        raise EvalError("the same --model is given twice")
+    for i, p in enumerate(parts):
+        if p in parts[:i]:
+            raise EvalError(f"--model {paths[i]}: given twice")
     for k in range(1, max(map(len, parts)) + 1):
         labels = ["/".join(p[-k:]).lstrip("/") for p in parts]
         if len(set(labels)) == len(labels):
             return dict(zip(labels, paths))
 
 
+def fingerprint(model_dir: str) -> dict:
+    """What tells this checkpoint from any other, in well under a second: its resolved path, a hash of the files
+    that shape its translations besides the weights, and the name, size and mtime of every weight file. Not the
+    weights index: two fine-tunes of one base have byte-identical indexes (same names, shard plan and sizes).
+    Not a hash of the weights: that reads every byte (15 GB for a 7B model). Rewriting a weight file changes its
+    mtime, and a copy elsewhere has another path: both count as another model, never wrongly as the same one.
+    Checks on the way that the directory is a checkpoint we can load."""
+    path = Path(model_dir).expanduser().resolve()
+    try:  # small files only: a missing file, an architecture or a tokenizer we cannot use fails now, not in hours
+        read_config(path)
+        load_tokenizer(path)
+    except CheckpointError as e:
+        raise EvalError(f"--model {model_dir}: {e}") from None
+    if not (weights := sorted(path.glob("*.safetensors"))):
+        raise EvalError(f"--model {model_dir}: no *.safetensors weights in {path}")
+    shaping = [f for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
+               if (path / f).is_file()]
+    return {"path": str(path),
+            "sha256": {f: hashlib.sha256((path / f).read_bytes()).hexdigest() for f in shaping},
+            "weights": {w.name: [w.stat().st_size, w.stat().st_mtime_ns] for w in weights}}
+
+
+def read_record(path: Path, where: str) -> dict:
+    """A JSON object eval.py wrote under --out (settings.json, model.json)."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise EvalError(f"{where}: cannot read {path} ({e}); delete it or use another --out") from None
+    if not isinstance(record, dict):
+        raise EvalError(f"{where}: {path} is not a JSON object; delete it or use another --out")
+    return record
+
+
+# what check_out names when a label's folder holds another checkpoint's translations
+FINGERPRINT_PARTS = {"path": "another path", "sha256": "other config/tokenizer files",
+                     "weights": "other weight files (sizes or mtimes)"}
+
+
+def check_out(out: Path, settings: dict, models: dict[str, str], fingerprints: dict[str, dict]):
+    """--out: a directory we can write or create, whose earlier outputs were made with these settings and, per
+    label, by the very checkpoint now under that label (OUT/<label>/model.json). Another checkpoint under a known
+    label is refused, never resumed: the translations on disk would be credited to the wrong model."""
+    where = f"--out {out}"
+    first = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists() or p.is_symlink())
+    if not first.is_dir():
+        raise EvalError(f"{where}: {first} exists and is not a directory; give a directory (created if missing)")
+    if not os.access(first, os.W_OK | os.X_OK):
+        raise EvalError(f"{where}: {first} is not writable; give a directory you can write")
+    if (out / "settings.json").exists():
+        before = read_record(out / "settings.json", where)
+        changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in settings.items() if before.get(k) != v]
+        if changed:
+            raise EvalError(f"{where}: holds outputs made with other settings ({'; '.join(changed)}); use another "
+                            f"--out")
+    for label, fp in fingerprints.items():
+        folder, flag = out / label, f"--model {models[label]}"
+        if (folder / "model.json").exists():
+            before = read_record(folder / "model.json", where)
+            if before != fp:
+                changed = ", ".join(FINGERPRINT_PARTS[k] for k in fp if before.get(k) != fp[k])
+                raise EvalError(f"{flag}: {folder} holds the translations of another checkpoint ({before.get('path')};"
+                                f" {changed}); refusing to mix them: use another --out, or delete {folder}")
+        elif folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+            raise EvalError(f"{flag}: {folder} holds outputs without a model.json to say which checkpoint made them "
+                            f"(an older eval.py?); use another --out, or delete {folder}")
+
+
+def check_args(args) -> tuple[dict[str, str], list[Metric], dict[str, dict]]:
+    """Every flag and combination, right after parsing: seconds, no model loaded, nothing written. Each problem
+    is one EvalError naming the flag and what would be valid. Returns models by label, metrics, fingerprints."""
+    for flag, least in INT_FLAGS.items():
+        if (value := getattr(args, flag[2:].replace("-", "_"))) < least:
+            raise EvalError(f"{flag} {value}: must be an integer >= {least}")
+    if not 0 <= args.temperature < float("inf"):  # NaN fails this too
+        raise EvalError(f"--temperature {args.temperature}: must be a finite number >= 0 (0 = greedy)")
+    if not 0 <= args.seed < 2**63:  # the sampler's generator takes up to 64 bits; seed + segment index stays below
+        raise EvalError(f"--seed {args.seed}: must be an integer in [0, 2**63)")
+    check_device(args.device)
+    metrics = parse_metrics(args.metrics)
+    check_set_flags(args)
+    models = model_labels(args.model)
+    fingerprints = {label: fingerprint(path) for label, path in models.items()}
+    check_out(Path(args.out), translation_settings(args), models, fingerprints)
+    return models, metrics, fingerprints
+
+
+# ----------------------------------------------------------------------------------------------------
+# main
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line `eval: error: ...` and exit status 2 from main, not a usage block
+        raise EvalError(message)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="Translate test sets with one or more checkpoints and score them (COMET, BLEU, chrF, the "
-                    "model's own judge); prints the paper's table. Rerun the same command to resume.")
+    p = Parser(prog="eval.py", description=(
+        "Translate test sets with one or more checkpoints and score them (COMET, BLEU, chrF, the model's own "
+        "judge); prints the paper's table. Rerun the same command to resume. Every flag is checked before any "
+        "model loads; a problem is one line `eval: error: ...` and exit status 2."))
     p.add_argument("--model", action="append", required=True,
-                   help="HF checkpoint directory; repeat to compare several models side by side")
+                   help="HF checkpoint directory (config.json, tokenizer.json, *.safetensors); repeat to compare "
+                        "several models side by side. OUT/<label>/model.json records which checkpoint made a label's "
+                        "translations (resolved path, config/tokenizer hashes, weight files' sizes and mtimes); "
+                        "another checkpoint under the same label is refused, never credited with them")
     p.add_argument("--sets", default=None,
                    help=f"comma-separated test sets (default: {','.join(PAPER_SETS)}; none when --src is given). "
                         f"wmtNN:SRC-TGT comes through sacrebleu (any of its sets), flores:en-zh/zh-en from "
@@ -504,48 +701,41 @@ def parse_args(argv=None):
     p.add_argument("--src", help="local test set: plain-text sources (one a line, needs --ref/--src-lang/"
                                  "--tgt-lang) or a .jsonl of {src, ref, src_lang, tgt_lang}")
     p.add_argument("--ref", help="references for a plain-text --src, one a line")
-    p.add_argument("--src-lang", help="source language code of a plain-text --src, e.g. en")
-    p.add_argument("--tgt-lang", help="target language code of a plain-text --src, e.g. zh")
+    p.add_argument("--src-lang", help=f"source language code of a plain-text --src: {', '.join(judge.LANGUAGES)}")
+    p.add_argument("--tgt-lang", help="target language code of a plain-text --src, another of those")
     p.add_argument("--metrics", default="xcomet-xxl,cometkiwi-xxl,bleu,chrf",
-                   help=f"comma-separated: {', '.join(f'{k} ({v})' for k, v in COMET_ALIASES.items())}, bleu, chrf, "
-                        f"{SELF_JUDGE} (the model's own judge score), any COMET model name or checkpoint path, or "
-                        f"LABEL=PATH (e.g. xcomet-xxl=/ckpt/XCOMET-XXL for a local copy) (default: %(default)s)")
+                   help=f"comma-separated: bleu, chrf, {SELF_JUDGE} (the model's own judge score), "
+                        f"{', '.join(f'{k} ({v})' for k, v in COMET_ALIASES.items())}, a local COMET checkpoint that "
+                        f"exists (a directory holding checkpoints/model.ckpt and hparams.yaml), a hub name ORG/NAME "
+                        f"that is not a local path (COMET downloads it when scoring), or LABEL=one of the COMET ones "
+                        f"(e.g. xcomet-xxl=/ckpt/XCOMET-XXL); anything else stops before any work "
+                        f"(default: %(default)s)")
     p.add_argument("--out", default="out/eval",
-                   help="output directory; a rerun resumes from what is there (default: %(default)s)")
+                   help="output directory, created if missing; a rerun resumes from what is there, and refuses "
+                        "other settings or another checkpoint under a known label (default: %(default)s)")
     p.add_argument("--template", default="r1", choices=judge.TEMPLATES,
                    help="prompt template, as in training (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed when --temperature > 0 (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help=">= 0; 0 = greedy (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="sampling seed when --temperature > 0, in [0, 2**63) (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64,
-                   help="segments translated (and saved) per batch (default: %(default)s)")
+                   help="segments translated (and saved) per batch, >= 1 (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=2048,
-                   help="token budget of one translation, thinking included; WMT24 segments are paragraphs "
-                        "(default: %(default)s)")
+                   help="token budget of one translation, thinking included, >= 1; WMT24 segments are "
+                        "paragraphs (default: %(default)s)")
     p.add_argument("--judge-max-new-tokens", type=int, default=1024,
-                   help=f"token budget of one {SELF_JUDGE} judgement (default: %(default)s)")
-    p.add_argument("--comet-batch-size", type=int, default=16, help="segments per COMET forward (default: %(default)s)")
+                   help=f"token budget of one {SELF_JUDGE} judgement, >= 1 (default: %(default)s)")
+    p.add_argument("--comet-batch-size", type=int, default=16,
+                   help="segments per COMET forward, >= 1 (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="device for the translation models and COMET (default: %(default)s)")
-    args = p.parse_args(argv)
-    for flag in ("batch_size", "max_new_tokens", "judge_max_new_tokens", "comet_batch_size"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.temperature < 0:
-        p.error("--temperature must be >= 0")
-    return args
+                   help="cpu, cuda or cuda:N: the translation models and COMET (default: %(default)s)")
+    return p.parse_args(argv)
 
 
 def load_sets(args) -> list[TestSet]:
-    if not args.src and (args.ref or args.src_lang or args.tgt_lang):
-        raise EvalError("--ref/--src-lang/--tgt-lang describe a local set and need --src")
-    names = args.sets.split(",") if args.sets is not None else ([] if args.src else list(PAPER_SETS))
-    sets = [load_named_set(name.strip(), args.flores_dir) for name in names if name.strip()]
+    sets = [load_named_set(name, args.flores_dir) for name in set_names(args)]
     if args.src:
         sets.append(load_local_set(args.src, args.ref, args.src_lang, args.tgt_lang))
-    if not sets:
-        raise EvalError("no test sets: give --sets or --src")
-    if len({ts.name for ts in sets}) < len(sets):
-        raise EvalError(f"two test sets are named alike: {', '.join(ts.name for ts in sets)}")
     for ts in sets:
         note = f" (NOTE: {ts.note})" if ts.note else ""
         print(f"{ts.name}: {len(ts.srcs)} segments, {ts.src_lang}->{ts.tgt_lang}, from {ts.origin}{note}",
@@ -554,35 +744,30 @@ def load_sets(args) -> list[TestSet]:
 
 
 def run(args):
-    metrics = parse_metrics(args.metrics)
-    models = model_labels(args.model)
-    sets = load_sets(args)
-    for model_dir in models.values():
-        load_tokenizer(model_dir)  # fails fast on a wrong path, before hours of translating the first model
+    models, metrics, fingerprints = check_args(args)
+    sets = load_sets(args)  # reads (or downloads) the test data: still nothing written
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    settings_file = out / "settings.json"
-    if settings_file.exists():
-        before = json.loads(settings_file.read_text())
-        changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in translation_settings(args).items() if before.get(k) != v]
-        if changed:
-            raise EvalError(f"{out} holds outputs made with other settings ({'; '.join(changed)}); use another --out")
-    replace_file(settings_file, json.dumps(translation_settings(args), indent=2) + "\n")
+    for label, fp in fingerprints.items():
+        (out / label).mkdir(parents=True, exist_ok=True)
+        replace_file(out / label / "model.json", json.dumps(fp, indent=2) + "\n")
+    replace_file(out / "settings.json", json.dumps(translation_settings(args), indent=2) + "\n")
     outputs = run_models(models, sets, metrics, out, args)
     run_metrics(outputs, metrics, args)
     report(models, sets, metrics, outputs, out, args)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
     try:
-        run(args)
+        args = parse_args(argv)
+        try:
+            run(args)
+        except KeyboardInterrupt:
+            print(f"\neval: interrupted; rerun the same command to resume from {args.out}", file=sys.stderr)
+            return 130
     except (EvalError, DataError, CheckpointError, RewardError) as e:
-        print(f"eval.py: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"\neval.py: interrupted; rerun the same command to resume from {args.out}", file=sys.stderr)
-        return 130
+        # one line, always: a message quoting a library (a JSON or tokenizer error) may hold a line break
+        print("eval: error: " + " ".join(str(e).splitlines()), file=sys.stderr)
+        return 2
     return 0
 
 

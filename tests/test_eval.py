@@ -1,9 +1,11 @@
 """eval.py: test sets, translation with resume, metrics, tables, the CLI. Offline; tiny models built in code."""
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ import sacrebleu
 
 import eval as ev
 import judge
+from checkpoint import make_tiny_model
 from sampler import Completion, Sampler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,13 +53,26 @@ def test_bleu_chrf_equal_sacrebleu_with_zh_tokenization():
     assert sent["bleu"] == sacrebleu.sentence_bleu(hyps[0], [REFS[0]], tokenize="zh").score
 
 
-def test_parse_metrics():
-    ms = ev.parse_metrics("xcomet-xxl,cometkiwi-xxl,bleu,chrf,self-judge,kiwi=/ckpt/kiwi,Unbabel/wmt22-comet-da")
+def fake_comet(path):
+    """What parse_metrics checks of a local COMET checkpoint: checkpoints/model.ckpt next to hparams.yaml."""
+    (path / "checkpoints").mkdir(parents=True)
+    (path / "checkpoints" / "model.ckpt").write_bytes(b"")
+    (path / "hparams.yaml").write_text("")
+    return path
+
+
+def test_parse_metrics(tmp_path):
+    kiwi, xcomet = fake_comet(tmp_path / "kiwi"), fake_comet(tmp_path / "XCOMET-XXL")
+    ms = ev.parse_metrics(f"xcomet-xxl,cometkiwi-xxl,bleu,chrf,self-judge,kiwi={kiwi},Unbabel/wmt22-comet-da,{xcomet}")
     assert [(m.label, m.comet) for m in ms] == [
         ("xcomet-xxl", "Unbabel/XCOMET-XXL"), ("cometkiwi-xxl", "Unbabel/wmt23-cometkiwi-da-xxl"), ("bleu", None),
-        ("chrf", None), ("self-judge", None), ("kiwi", "/ckpt/kiwi"), ("Unbabel/wmt22-comet-da", "Unbabel/wmt22-comet-da")]
-    assert ev.parse_metrics("xcomet-xxl=/local/XCOMET-XXL")[0].comet == "/local/XCOMET-XXL"
-    for bad, message in [("bleu,bleu", "twice"), ("bleu=/x", "built in"), ("", "empty"), ("=x", "LABEL=PATH")]:
+        ("chrf", None), ("self-judge", None), ("kiwi", str(kiwi)), ("Unbabel/wmt22-comet-da", "Unbabel/wmt22-comet-da"),
+        (str(xcomet), str(xcomet))]
+    assert ev.parse_metrics(f"xcomet-xxl={xcomet}")[0].comet == str(xcomet)
+    for bad, message in [("bleu,bleu", "twice"), ("bleu=/x", "built in"), ("", "empty"), ("=x", "LABEL=PATH"),
+                         ("bleuu", "unknown metric"), (f"kiwi={tmp_path / 'none'}", "no such COMET checkpoint"),
+                         (str(tmp_path / "none"), "no such COMET checkpoint"),
+                         (f"k={tmp_path}", "not a COMET checkpoint")]:
         with pytest.raises(ev.EvalError, match=message):
             ev.parse_metrics(bad)
 
@@ -198,7 +214,9 @@ def test_wmt_sets_from_the_sacrebleu_cache(tmp_path, monkeypatch):
 
 
 def test_unknown_sacrebleu_set_is_a_clear_error():
-    with pytest.raises(ev.EvalError, match="sacrebleu .* has no test set wmt23 en-xx"):
+    with pytest.raises(ev.EvalError, match="sacrebleu .* has no test set wmt23 en-ko"):
+        ev.load_named_set("wmt23:en-ko", None)
+    with pytest.raises(judge.DataError, match="unknown language code 'xx'"):
         ev.load_named_set("wmt23:en-xx", None)
     with pytest.raises(ev.EvalError, match="expected NAME:SRC-TGT"):
         ev.load_named_set("wmt23", None)
@@ -213,10 +231,10 @@ def test_offline_named_set_is_one_line(tiny_model_dir, tmp_path):
     proc = subprocess.run([sys.executable, "eval.py", "--model", str(tiny_model_dir), "--sets", "wmt23:en-zh",
                            "--out", str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert lines[0].startswith("eval.py: error: wmt23:en-zh: not in the sacrebleu cache")
+    assert lines[0].startswith("eval: error: wmt23:en-zh: not in the sacrebleu cache")
     assert "SACREBLEU" in lines[0] and "--src/--ref" in lines[0]
     assert not (tmp_path / "out").exists()  # nothing written before the inputs are all there
 
@@ -357,10 +375,10 @@ def test_resume_after_interrupt_equals_a_straight_run(tiny_model_dir, tmp_path, 
 
     # the sources changed under the same --out: refuse rather than mix two test sets
     write_local(tmp_path, SRCS[:4] + ["something else"], REFS)
-    assert ev.main(argv + ["--out", str(out)]) == 1
+    assert ev.main(argv + ["--out", str(out)]) == 2
     # other translation settings under the same --out: refuse too
     write_local(tmp_path)
-    assert ev.main(argv + ["--out", str(out), "--template", "chat"]) == 1
+    assert ev.main(argv + ["--out", str(out), "--template", "chat"]) == 2
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -392,10 +410,138 @@ def test_bad_input_is_one_line(tiny_model_dir, tmp_path, monkeypatch, capsys):
     for argv, message in [
         (["--model", str(tmp_path / "nope"), *write_local(tmp_path)], "nope"),
         (["--model", str(tiny_model_dir), "--src", str(tmp_path / "missing.en"), "--ref", "x", "--src-lang", "en",
-          "--tgt-lang", "zh"], "missing.en: cannot read"),
+          "--tgt-lang", "zh"], "missing.en: no such file"),
         (["--model", str(tiny_model_dir), "--sets", "flores:en-zh"], "FLORES_DIR"),
         (["--model", str(tiny_model_dir), "--ref", "x"], "need --src"),
     ]:
-        assert ev.main([*argv, "--out", str(tmp_path / "out")]) == 1
+        assert ev.main([*argv, "--out", str(tmp_path / "out")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert err[-1].startswith("eval.py: error:") and message in err[-1], err
+        assert err[-1].startswith("eval: error:") and message in err[-1], err
+
+
+# ----------------------------------------------------------------------------------------------------
+# every flag checked before any work: one line, exit status 2, no model loaded, nothing written
+
+def bad_flag_cases(tmp_path, model):
+    """(what is wrong, argv, what the one error line must say); each argv is a good command but for one thing."""
+    local = write_local(tmp_path)
+    (tmp_path / "file").write_text("not a directory")
+    for name, content in (("garbage", "{not json"), ("list", "[1, 2]")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "settings.json").write_text(content)
+    legacy = tmp_path / "legacy" / Path(model).name / "test"  # outputs of an eval.py that wrote no model.json
+    legacy.mkdir(parents=True)
+    (legacy / "segments.jsonl").write_text("")
+    lacking = {}
+    for missing in ("config.json", "tokenizer.json", "model.safetensors"):
+        lacking[missing] = shutil.copytree(model, tmp_path / f"no_{missing}", ignore=shutil.ignore_patterns(missing))
+    jsonl = tmp_path / "t.jsonl"
+    jsonl.write_text('{"src": "a", "ref": "b", "src_lang": "en", "tgt_lang": "zh"}\n')
+
+    def run(*flags, out=tmp_path / "out", metrics="bleu", src=local, models=(model,)):
+        return [*(f for m in models for f in ("--model", str(m))), *src, "--metrics", metrics, "--out", str(out),
+                "--device", "cpu", *flags]
+
+    cases = [
+        ("unknown metric", run(metrics="bleu,bleuu"), "--metrics bleuu: unknown metric; valid: bleu, chrf"),
+        ("missing local COMET path", run(metrics=f"kiwi={tmp_path / 'none'}"), "no such COMET checkpoint"),
+        ("a directory that is no COMET checkpoint", run(metrics=f"kiwi={tmp_path}"), "not a COMET checkpoint"),
+        ("empty --metrics", run(metrics=""), "--metrics is empty"),
+        ("--out is a file", run(out=tmp_path / "file"), "exists and is not a directory"),
+        ("--out under a file", run(out=tmp_path / "file" / "sub"), "exists and is not a directory"),
+        ("non-JSON settings.json", run(out=tmp_path / "garbage"), "garbage/settings.json"),
+        ("non-object settings.json", run(out=tmp_path / "list"), "settings.json is not a JSON object"),
+        ("outputs without model.json", run(out=tmp_path / "legacy"), "without a model.json"),
+        ("src_lang == tgt_lang", run(src=local[:-1] + ["en"]), "--src-lang/--tgt-lang: src_lang and tgt_lang are both"),
+        ("unknown language", run(src=local[:-1] + ["xx"]), "unknown language code 'xx'; known codes: en, zh"),
+        ("--ref without --src", run("--ref", "x", src=[]), "need --src"),
+        ("jsonl with --ref", run(src=["--src", str(jsonl), "--ref", local[3]]), "drop --ref"),
+        ("missing --src file", run(src=["--src", str(tmp_path / "none.jsonl")]), "none.jsonl: no such file"),
+        ("bad set name", run("--sets", "wmt23"), "--sets wmt23: expected NAME:SRC-TGT"),
+        ("unknown sacrebleu set", run("--sets", "wmt23:en-ko"), "--sets wmt23:en-ko: sacrebleu"),
+        ("missing --flores-dir", run("--sets", "flores:en-zh", "--flores-dir", str(tmp_path / "none")),
+         "--flores-dir"),
+        ("no config.json", run(models=[lacking["config.json"]]), "config.json: no such file"),
+        ("no tokenizer.json", run(models=[lacking["tokenizer.json"]]), "tokenizer.json: no such file"),
+        ("no weights", run(models=[lacking["model.safetensors"]]), "no *.safetensors weights"),
+        ("no model directory", run(models=[tmp_path / "nope"]), "nope: no such checkpoint directory"),
+        ("a model twice", run(models=[model, model]), "given twice"),
+        ("no --model", run(models=[]), "required: --model"),
+        ("--batch-size 0", run("--batch-size", "0"), "--batch-size 0: must be an integer >= 1"),
+        ("--max-new-tokens -1", run("--max-new-tokens", "-1"), "--max-new-tokens -1: must be an integer >= 1"),
+        ("--comet-batch-size 0", run("--comet-batch-size", "0"), "--comet-batch-size 0: must be"),
+        ("--batch-size not an int", run("--batch-size", "x"), "argument --batch-size: invalid int value"),
+        ("--temperature < 0", run("--temperature", "-1"), "--temperature -1.0: must be a finite number >= 0"),
+        ("--temperature nan", run("--temperature", "nan"), "--temperature nan"),
+        ("--seed < 0", run("--seed", "-1"), "--seed -1: must be an integer in [0, 2**63)"),
+        ("--template", run("--template", "x"), "argument --template: invalid choice"),
+        ("--device", run("--device", "tpu"), "--device tpu: expected cpu, cuda or cuda:N"),
+    ]
+    if os.geteuid() != 0:  # root writes anywhere: no unwritable directory to test with
+        (tmp_path / "locked").mkdir(mode=0o500)
+        cases.append(("--out not writable", run(out=tmp_path / "locked" / "out"), "is not writable"))
+    return cases
+
+
+def test_bad_flags_are_one_line_before_any_work(tiny_model_dir, tmp_path, monkeypatch, capfd):
+    def no_model(*args, **kw):
+        raise AssertionError("a model was loaded before every flag was checked")
+
+    monkeypatch.setattr(ev.Transformer, "from_pretrained", no_model)
+    monkeypatch.setattr(ev, "load_sets", no_model)  # test data is read only after every flag passed
+    for what, argv, message in bad_flag_cases(tmp_path, tiny_model_dir):
+        before = sorted(tmp_path.rglob("*"))
+        start = time.monotonic()
+        assert ev.main(argv) == 2, what
+        seconds = time.monotonic() - start
+        out, err = capfd.readouterr()
+        lines = err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("eval: error: ") and message in lines[0], (what, err)
+        assert out == "" and seconds < 5, what
+        assert sorted(tmp_path.rglob("*")) == before, what  # nothing written, no output folder created
+
+
+def test_bad_flags_through_the_cli(tiny_model_dir, tmp_path):
+    """The same checks as a user meets them: the exit status and stderr of `python eval.py` itself (a few cases,
+    run side by side: each process spends ~2 s importing torch)."""
+    cases = [c for c in bad_flag_cases(tmp_path, tiny_model_dir)
+             if c[0] in ("unknown metric", "--batch-size not an int", "no config.json")]
+    procs = [subprocess.Popen([sys.executable, "eval.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _, argv, _ in cases]
+    for (what, _, message), proc in zip(cases, procs):
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in err, (what, err)
+        assert err.splitlines() == [err.strip()] and err.startswith("eval: error: ") and message in err, (what, err)
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# a label's translations belong to one checkpoint, whatever its folder is called
+
+def test_another_checkpoint_under_the_same_label_is_refused(tmp_path, monkeypatch, capsys):
+    first = make_tiny_model(tmp_path / "a" / "step_6", seed=0)
+    second = make_tiny_model(tmp_path / "b" / "step_6", seed=1)  # other weights, the same folder name
+    generated = []
+    real_generate = Sampler.generate
+    monkeypatch.setattr(Sampler, "generate", lambda self, prompts, **kw: generated.extend(prompts) or
+                        real_generate(self, prompts, **kw))
+    out = tmp_path / "out"
+    flags = [*write_local(tmp_path), "--max-new-tokens", "4", "--metrics", "bleu", "--device", "cpu", "--out", str(out)]
+    assert ev.main(["--model", str(first), *flags]) == 0
+    rows = read_segments(out, "step_6")
+    assert json.loads((out / "step_6" / "model.json").read_text())["path"] == str(first.resolve())
+    generated.clear()
+    capsys.readouterr()
+    # another checkpoint whose folder is also step_6: keyed by name, it would get the first one's translations
+    assert ev.main(["--model", str(second), *flags]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "holds the translations of another checkpoint" in err[0] and "another path" in err[0], err
+    # the first checkpoint rewritten in place (new weights, same path): refused too
+    os.utime(first / "model.safetensors", ns=(1, 1))
+    assert ev.main(["--model", str(first), *flags]) == 2
+    assert "other weight files" in capsys.readouterr().err
+    assert generated == [] and read_segments(out, "step_6") == rows
+    assert json.loads((out / "results.json").read_text())["models"] == {"step_6": str(first)}
+    # the second checkpoint in an --out of its own: its own translations
+    assert ev.main(["--model", str(second), *flags[:-1], str(tmp_path / "out2")]) == 0
+    assert len(generated) == len(SRCS) and [r["src"] for r in read_segments(tmp_path / "out2", "step_6")] == SRCS
