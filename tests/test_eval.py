@@ -477,9 +477,8 @@ def bad_flag_cases(tmp_path, model):
         ("--template", run("--template", "x"), "argument --template: invalid choice"),
         ("--device", run("--device", "tpu"), "--device tpu: expected cpu, cuda or cuda:N"),
     ]
-    if os.geteuid() != 0:  # root writes anywhere: no unwritable directory to test with
-        (tmp_path / "locked").mkdir(mode=0o500)
-        cases.append(("--out not writable", run(out=tmp_path / "locked" / "out"), "is not writable"))
+    (tmp_path / "locked").mkdir(mode=0o500)  # root writes there all the same: the test below denies it to root too
+    cases.append(("--out not writable", run(out=tmp_path / "locked" / "out"), "locked is not writable"))
     return cases
 
 
@@ -489,6 +488,8 @@ def test_bad_flags_are_one_line_before_any_work(tiny_model_dir, tmp_path, monkey
 
     monkeypatch.setattr(ev.Transformer, "from_pretrained", no_model)
     monkeypatch.setattr(ev, "load_sets", no_model)  # test data is read only after every flag passed
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path).name != "locked" and access(path, mode))
     for what, argv, message in bad_flag_cases(tmp_path, tiny_model_dir):
         before = sorted(tmp_path.rglob("*"))
         start = time.monotonic()
