@@ -262,11 +262,14 @@ def save_pretrained(path, cfg: ModelConfig, shapes: dict[str, tuple[torch.Size, 
     if write:
         path.mkdir(parents=True, exist_ok=True)
     for file, names in zip(files, shards):
+        if not write:  # a rank that only takes part in the gathers keeps nothing
+            for k in names:
+                get_tensor(k)
+            continue
         tensors = {hf_name(k): get_tensor(k).detach().to("cpu").contiguous() for k in names}
-        if write:
-            # every file goes to a temp name first: a crash mid-write never leaves a truncated shard
-            save_file(tensors, str(path / (file + ".tmp")), metadata={"format": "pt"})
-            os.replace(path / (file + ".tmp"), path / file)
+        # every file goes to a temp name first: a crash mid-write never leaves a truncated shard
+        save_file(tensors, str(path / (file + ".tmp")), metadata={"format": "pt"})
+        os.replace(path / (file + ".tmp"), path / file)
         del tensors
     if not write:
         return

@@ -1,14 +1,24 @@
-"""Training at scale: torchrun processes, DDP/FSDP2 wrapping, weight sync to the sampler, checkpoints, resume.
+"""Training at scale: torchrun processes, DDP/FSDP2 models, weight sync to the sampler, checkpoints, resume.
 
-    rank, world, device = init_distributed()          # torchrun's environment, or one process
-    model = wrap_model(model, "fsdp", device)         # DDP replicas or FSDP2 shards
-    sync_sampler(model, sampler.model)                # the new weights into the sampler's copy, in place
-    save_checkpoint(...) / load_train_state(...)      # OUT/step_N: HF weights + the trainer's state
+    rank, world, device = init_distributed(timeout_minutes=60)  # torchrun's environment, or one process
+    model = load_trainer_model(path, "fsdp", device)            # sharded from the start: no full copy on a GPU
+    sync_sampler(model, sampler.model)                          # new weights into the sampler, a tensor at a time
+    save_checkpoint(...) / load_train_state(...)                # OUT/step_N: HF weights + the sharded trainer state
 
-Everything here is collective under torchrun: every rank calls every function, in the same order.
+Scale rules (Qwen2.5-7B on 8 x 80 GB): no rank ever holds a full fp32 copy of the model on its GPU, and the
+weight sync and the checkpoint save gather one parameter at a time. Everything here is collective under
+torchrun: every rank calls every function, in the same order.
+
+A checkpoint OUT/step_N/ holds
+  config.json, *.safetensors, tokenizer files   a Hugging Face checkpoint in the base model's dtype, written by
+                                                rank 0 one shard file at a time (eval.py and transformers load it);
+  train_state/                                  torch.distributed.checkpoint: fp32 weights and AdamW state, each
+                                                rank writing and reading only its own shard (exact resume);
+  trainer.pt, rng_rank{R}.pt                    step, LR schedule, run config; each rank's RNG states.
 """
 from __future__ import annotations
 
+import datetime
 import os
 import random
 import re
@@ -18,12 +28,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from model import Transformer
+from checkpoint import CheckpointError, iter_checkpoint, read_config, save_pretrained
+from model import Transformer, empty_model
 
 
-def init_distributed():
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python ssr.py` is one process.
-    Returns (rank, world size, this rank's device)."""
+def init_distributed(timeout_minutes: float = 60):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python ssr.py` is one process. The timeout is how
+    long a rank waits in a collective for the others (one writing a checkpoint file, a long judge batch)
+    before the job fails. Returns (rank, world size, this rank's device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
@@ -32,93 +44,187 @@ def init_distributed():
     else:
         device = torch.device("cpu")
     if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     return rank, world, device
 
 
-def wrap_model(model: Transformer, mode: str, device: torch.device):
-    """DDP replicates the model and averages gradients; FSDP2 shards parameters, gradients and optimizer
-    state per layer (a 7B full fine-tune over 8 GPUs). On GPU both compute in bf16 over fp32 masters."""
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------
+# models
+
+def shard(model: Transformer, device: torch.device) -> Transformer:
+    """FSDP2: every layer its own unit (gathered for its forward/backward, then freed), the root holding the
+    embedding, final norm and (tied) head. On GPU the compute runs in bf16 with fp32 gradient reduction."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if device.type == "cuda" else MixedPrecisionPolicy())
+    for layer in model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+@torch.no_grad()
+def load_sharded(path, device: torch.device, dtype: torch.dtype, fill: bool = True) -> Transformer:
+    """An FSDP2 model whose full weights never exist on any GPU: built on the meta device, sharded, given
+    storage for this rank's shards only, then (fill=True) filled from the checkpoint a tensor at a time:
+    every rank reads each tensor (host memory: one tensor) and keeps its own rows. FSDP2 shards dim 0
+    with torch.chunk, so this rank's shard is chunk number `rank`. fill=False leaves the shards for a
+    resume to fill from the saved train state."""
+    cfg = read_config(path)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = shard(model.to(dtype), device)
+    model.to_empty(device=device)
+    if not fill:
+        return model
+    rank, world = dist.get_rank(), dist.get_world_size()
+    params = dict(model.named_parameters())
+    for name, tensor in iter_checkpoint(Path(path), cfg, {k: p.shape for k, p in params.items()}):
+        local = params[name].to_local()
+        chunks = tensor.chunk(world, 0)
+        mine = chunks[rank] if rank < len(chunks) else tensor[:0]
+        if mine.shape != local.shape:
+            raise RuntimeError(f"{name}: FSDP2 shard {tuple(local.shape)} is not torch.chunk's {tuple(mine.shape)}")
+        local.copy_(mine)
+    return model
+
+
+def load_trainer_model(path, mode: str, device: torch.device, fill: bool = True):
+    """The policy being trained, in fp32 (the master weights), wrapped for `mode`: none, ddp or fsdp."""
+    if mode == "fsdp":
+        return load_sharded(path, device, torch.float32, fill)
+    model = Transformer.from_pretrained(path, device=device, dtype=torch.float32)
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if mode == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-              if device.type == "cuda" else MixedPrecisionPolicy())
-        for layer in model.layers:
-            fully_shard(layer, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)  # the root holds embedding, final norm and (tied) head
     return model
+
+
+def load_frozen_model(path, mode: str, device: torch.device, dtype: torch.dtype) -> Transformer:
+    """A model that is only run forward (the KL reference): sharded like the policy under FSDP2."""
+    model = load_sharded(path, device, dtype) if mode == "fsdp" else Transformer.from_pretrained(path, device, dtype)
+    return model.eval().requires_grad_(False)
 
 
 def unwrap(model) -> Transformer:
     return model.module if hasattr(model, "module") else model
 
 
-@torch.no_grad()
-def full_state_dict(model) -> dict:
-    """Full (unsharded) tensors on every rank: FSDP2 parameters are DTensors and gather collectively."""
-    out = {}
+def gathered_params(model, dtype: torch.dtype):
+    """Yield (name, full tensor in `dtype`) for every parameter, one at a time: under FSDP2 each is gathered
+    (cast to `dtype` before the gather, so bf16 moves half the bytes) and can be dropped before the next.
+    Extra memory: one parameter, never the model."""
     for name, p in unwrap(model).named_parameters():
-        out[name] = p.full_tensor() if hasattr(p, "full_tensor") else p
-    return out
+        p = p.detach().to(dtype)
+        yield name, p.full_tensor() if hasattr(p, "full_tensor") else p
 
 
 @torch.no_grad()
 def sync_sampler(model, sampler_model: Transformer):
-    """Copy the trained weights into the sampler's copy in place (bf16 on GPU). In place matters: the
-    sampler's CUDA graphs captured these tensors' addresses."""
+    """Copy the trained weights into the sampler's copy in place (bf16 on GPU), a parameter at a time. In
+    place matters: the sampler's CUDA graphs captured these tensors' addresses."""
+    dtype = next(sampler_model.parameters()).dtype
     params = dict(sampler_model.named_parameters())
-    for name, tensor in full_state_dict(model).items():
+    for name, tensor in gathered_params(model, dtype):
         params[name].copy_(tensor)
+
+
+def sampler_copy(model, device: torch.device, dtype: torch.dtype) -> Transformer:
+    """The sampler's own copy of the policy (bf16 on GPU), filled from the trainer's weights."""
+    copy = empty_model(unwrap(model).config, device, dtype).eval()
+    sync_sampler(model, copy)
+    return copy
 
 
 # ----------------------------------------------------------------------------------------------------
 # checkpoints
 
-def save_checkpoint(out_dir, step: int, model, optimizer, scheduler, config: dict, tokenizer_dir, rank: int):
-    """OUT/step_N/: HF weights (+ tokenizer) that transformers and eval.py load, plus train_state.pt.
-    Written to a temp name then renamed, so a crash never leaves a half checkpoint that --resume trusts."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+def save_checkpoint(out_dir, step: int, model, optimizer, scheduler, config: dict, tokenizer_dir,
+                    keep_last: int = 0, max_shard_bytes: int = 5 * 1024**3):
+    """Write OUT/step_N (see the module docstring) under a temporary name, then rename it, so a crash never
+    leaves a half checkpoint that --resume trusts; then keep only the newest `keep_last` (0: all). Rank 0's host
+    memory holds one weights file of at most max_shard_bytes at a time."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from checkpoint import save_pretrained
-
-    weights = full_state_dict(model)  # collective under FSDP: every rank calls it
-    optim = get_optimizer_state_dict(model, optimizer,
-                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    final, tmp = Path(out_dir) / f"step_{step}", Path(out_dir) / f".step_{step}.tmp"
     if rank == 0:
-        final, tmp = Path(out_dir) / f"step_{step}", Path(out_dir) / f".step_{step}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        save_pretrained(tmp, unwrap(model).config, {k: (v.shape, v.dtype) for k, v in weights.items()},
-                        lambda name: weights[name].cpu(), tokenizer_dir=tokenizer_dir)
-        state = {"step": step, "optimizer": optim, "scheduler": scheduler.state_dict(),
-                 "rng_cpu": torch.get_rng_state(), "rng_python": random.getstate(),
-                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                 "config": config}
-        torch.save(state, tmp / "train_state.pt")
+        tmp.mkdir(parents=True)
+    barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / "train_state")
+    torch.save({"cpu": torch.get_rng_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp / f"rng_rank{rank}.pt")
+    cfg = unwrap(model).config
+    export_dtype = getattr(torch, cfg.torch_dtype, torch.float32)  # the base checkpoint's own dtype
+    shapes = {name: (p.shape, export_dtype) for name, p in unwrap(model).named_parameters()}
+    weights = gathered_params(model, export_dtype)
+
+    def next_weight(name: str) -> torch.Tensor:  # save_pretrained asks for the tensors in `shapes` order
+        gathered, tensor = next(weights)
+        assert gathered == name, (gathered, name)
+        return tensor
+
+    save_pretrained(tmp, cfg, shapes, next_weight, tokenizer_dir=tokenizer_dir, write=rank == 0,
+                    max_shard_bytes=max_shard_bytes)
+    if rank == 0:
+        torch.save({"step": step, "scheduler": scheduler.state_dict(), "config": config}, tmp / "trainer.pt")
+    barrier()  # every rank's shard is on disk before the rename makes the checkpoint count
+    if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-    if dist.is_initialized():
-        dist.barrier()
+        for old in checkpoints(out_dir)[:-keep_last] if keep_last else []:
+            shutil.rmtree(old)
+    barrier()
+
+
+def checkpoints(out_dir) -> list[Path]:
+    """Complete step_N checkpoints, oldest first."""
+    steps = [(int(m.group(1)), p) for p in Path(out_dir).glob("step_*")
+             if (m := re.fullmatch(r"step_(\d+)", p.name)) and ((p / "trainer.pt").exists()
+                                                                 or (p / "train_state.pt").exists())]
+    return [p for _, p in sorted(steps)]
 
 
 def newest_checkpoint(out_dir) -> Path | None:
-    steps = [(int(m.group(1)), p) for p in Path(out_dir).glob("step_*")
-             if (m := re.fullmatch(r"step_(\d+)", p.name)) and (p / "train_state.pt").exists()]
-    return max(steps)[1] if steps else None
+    found = checkpoints(out_dir)
+    return found[-1] if found else None
+
+
+def check_resumable(path: Path):
+    """Refuse, before any model loads, a checkpoint this version cannot continue."""
+    if not (path / "trainer.pt").exists():
+        raise CheckpointError(f"{path}: written by an older ssr (one train_state.pt), which this version cannot "
+                              f"resume; start a new run from its weights with --model {path}")
 
 
 def load_train_state(path: Path, model, optimizer, scheduler) -> int:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    """Fill the model's (sharded) fp32 weights, the optimizer and the LR schedule from step_N, and restore this
+    rank's RNG states; returns the step to continue from."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=path / "train_state")
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
     # weights_only: a checkpoint folder is data, never code to unpickle
-    state = torch.load(path / "train_state.pt", weights_only=True, map_location="cpu")
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"],
-                             options=StateDictOptions(full_state_dict=True))
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng_cpu"])
-    random.setstate(state["rng_python"])
-    if state["rng_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
-    return state["step"]
+    trainer = torch.load(path / "trainer.pt", weights_only=True)
+    scheduler.load_state_dict(trainer["scheduler"])
+    # the train state reshards to any world size (DCP); RNG states are per rank, restored where one was saved
+    rng_file = path / f"rng_rank{dist.get_rank() if dist.is_initialized() else 0}.pt"
+    if rng_file.exists():
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        random.setstate(rng["python"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    return trainer["step"]

@@ -129,6 +129,8 @@ def sequence_logprobs(model, rollouts: Rollouts, micro_batch_size: int, temperat
         ids = mb.input_ids.to(device)  # (b, w)
         logp = model(ids, targets=next_tokens(ids), temperature=temperature)  # (b, w) fp32
         out[start:start + len(mb), :ids.shape[1]] = logp.to(out.device)
+    if hasattr(model, "reshard"):  # FSDP2 keeps the root's parameters gathered after a forward, expecting a
+        model.reshard()            # backward; with none coming, free them (embedding + head: 2 GiB at 7B)
     return out
 
 

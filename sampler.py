@@ -62,6 +62,13 @@ class SamplerStats:
     graphs_captured: int = 0
 
 
+def batch_buckets(max_batch_size: int) -> list[int]:
+    """Row counts a decode graph is captured for: a graph runs rows 0..b-1 for the smallest bucket b >= live rows
+    (nano-vllm's buckets), so a shrinking batch costs its bucket, not max_batch_size."""
+    return sorted({b for b in (1, 2, 4, 8) if b < max_batch_size} | set(range(16, max_batch_size, 16)) |
+                  {max_batch_size})
+
+
 # ----------------------------------------------------------------------------------------------------
 # the cache
 
@@ -219,8 +226,7 @@ class Sampler:
         self.hist_tok = torch.zeros(self.sync_every, max_batch_size, dtype=torch.long, device=self.device)
         self.hist_lp = torch.zeros(self.sync_every, max_batch_size, dtype=torch.float32, device=self.device)
         # a graph runs rows 0..b-1 for the smallest bucket b >= live rows (nano-vllm's buckets)
-        self.batch_buckets = sorted({b for b in (1, 2, 4, 8) if b < max_batch_size} |
-                                    set(range(16, max_batch_size, 16)) | {max_batch_size})
+        self.batch_buckets = batch_buckets(max_batch_size)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_pool = None  # one memory pool shared by all graphs: they never run at the same time
         self.stats = SamplerStats()

@@ -34,11 +34,12 @@ from tqdm import tqdm
 
 import grpo
 import judge
-from checkpoint import CheckpointError, load_tokenizer, make_tiny_model
-from distributed import (init_distributed, load_train_state, newest_checkpoint, save_checkpoint, sync_sampler,
-                         wrap_model)
+from checkpoint import CheckpointError, load_tokenizer, make_tiny_model, read_config
+from distributed import (check_resumable, init_distributed, load_frozen_model, load_train_state, load_trainer_model, newest_checkpoint,
+                         sampler_copy, save_checkpoint, sync_sampler, unwrap)
 from judge import DataError
 from model import Transformer
+from plan import GIB, cache_positions, comet_checkpoint_bytes, device_memory_bytes, memory_plan, sampler_slots
 from sampler import Completion, Sampler
 
 
@@ -98,6 +99,14 @@ class Config:
     grad_checkpointing: bool = arg(True, "recompute each layer in backward (activation checkpointing)")
     log_samples: int = arg(4, "full rollouts per step written to samples.jsonl")
     wandb: str = arg("", "log to this Weights & Biases project (needs wandb installed)")
+    keep_last: int = arg(3, "keep only the newest N step_* checkpoints (0: keep all)")
+    dist_timeout: float = arg(60.0, "minutes a rank waits for the others in a collective (a save, a long judge "
+                              "batch) before the job fails")
+    # --- memory plan
+    plan: bool = arg(False, "print the memory plan (needs only the model's config.json) and exit: 0 fits, 2 not")
+    plan_world: int = arg(0, "plan for this many ranks (0: this job's world size)")
+    gpu_gib: float = arg(0.0, "plan for GPUs of this many GiB (0: this device's memory; on a CPU machine the plan "
+                         "is then for a CPU run in host memory)")
 
 
 PRESETS = {
@@ -123,7 +132,7 @@ class ConfigError(ValueError):
 
 
 FLAG_GROUPS = {"model": "model and data", "reward": "reward", "prompts_per_step": "rollouts", "lr": "GRPO",
-               "steps": "run"}
+               "steps": "run", "plan": "memory plan"}
 
 
 def parse_args(argv=None) -> Config:
@@ -224,23 +233,18 @@ class Run:
 
 
 def setup(cfg: Config) -> Run:
-    rank, world, device = init_distributed()
-    mode = cfg.dist if cfg.dist != "auto" else ("ddp" if world > 1 else "none")
-    if mode != "none" and world == 1 and not dist.is_initialized():
-        mode = "none"  # --dist ddp on one process: nothing to shard or average
-    if world > 1 and mode == "none":
-        raise ConfigError("several ranks need --dist ddp or --dist fsdp")
-    if cfg.prompts_per_step % world:
-        raise ConfigError(f"--prompts-per-step {cfg.prompts_per_step} is not divisible by {world} ranks")
+    rank, world, device = init_distributed(cfg.dist_timeout)
+    mode = dist_mode(cfg, world)
     out = Path(cfg.out_dir)
+    if not cfg.model:
+        prepare_smoke_model(cfg, out, rank, device)
+    check_memory(cfg, world, mode, device, rank)  # --plan stops here
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     custom_reward = judge.load_custom_reward(cfg.reward) if cfg.reward else None  # fail fast on a bad spec
     wandb_run = start_wandb(cfg) if cfg.wandb and rank == 0 else None
-    if not cfg.model:
-        prepare_smoke_model(cfg, out, rank, device)
 
     tok = load_tokenizer(cfg.model)
     prompt_len = lambda r: len(tok.encode(judge.actor_prompt(r["src"], r["src_lang"], r["tgt_lang"], cfg.template)))
@@ -248,32 +252,69 @@ def setup(cfg: Config) -> Run:
     resume_dir = claim_out_dir(cfg, out, rank)
 
     comet = judge.CometScorer(cfg.comet_model, device=device) if cfg.w_comet > 0 else None
-    # fp32 master weights; on GPU the forward runs in bf16 (autocast for DDP, FSDP2's param_dtype)
-    model = Transformer.from_pretrained(resume_dir or cfg.model, device=device, dtype=torch.float32)
-    model.grad_checkpointing = cfg.grad_checkpointing
-    gen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cache_len = cfg.max_prompt_tokens + cfg.max_new_tokens + cfg.judge_max_new_tokens + 128
-
-    def new_sampler(weights: Transformer) -> Sampler:
-        return Sampler(weights, max_batch_size=cfg.sampler_batch_size, max_seq_len=cache_len, device=device,
-                       dtype=gen_dtype)
-
-    sampler = new_sampler(Transformer.from_pretrained(resume_dir or cfg.model, device=device, dtype=gen_dtype).eval())
-    judge_sampler = (new_sampler(Transformer.from_pretrained(cfg.judge_model, device=device, dtype=gen_dtype).eval())
-                     if cfg.judge_model else sampler)
-    ref_model = (Transformer.from_pretrained(cfg.model, device=device, dtype=gen_dtype).eval()
-                 if cfg.kl_beta > 0 else None)
-
-    model = wrap_model(model, mode, device)
+    # fp32 master weights, sharded from the start under FSDP2 (a resume fills them from the saved state); on GPU
+    # the forward runs in bf16 (autocast for DDP, FSDP2's param_dtype)
+    model = load_trainer_model(resume_dir or cfg.model, mode, device, fill=resume_dir is None)
+    unwrap(model).grad_checkpointing = cfg.grad_checkpointing
     optimizer, scheduler = make_optimizer(cfg, model)
     start = load_train_state(resume_dir, model, optimizer, scheduler) if resume_dir else 0
     if rank == 0 and resume_dir:
         print(f"resumed from {resume_dir} at step {start}")
         drop_logs_after(out, start)
+
+    gen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # one cache slot per sequence this rank can have live at once: its rollouts, or its judge prompts
+    sampler_args = dict(max_batch_size=sampler_slots(cfg, world), max_seq_len=cache_positions(cfg), device=device,
+                        dtype=gen_dtype)
+    sampler = Sampler(sampler_copy(model, device, gen_dtype), **sampler_args)
+    judge_sampler = (Sampler(Transformer.from_pretrained(cfg.judge_model, device, gen_dtype).eval(), **sampler_args)
+                     if cfg.judge_model else sampler)
+    ref_model = load_frozen_model(cfg.model, mode, device, gen_dtype) if cfg.kl_beta > 0 else None
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and mode != "fsdp"
                 else torch.autocast("cpu", enabled=False))
     return Run(cfg, rank, world, device, out, tok, rows, model, optimizer, scheduler, sampler, judge_sampler,
                ref_model, comet, custom_reward, autocast, start, wandb_run)
+
+
+def dist_mode(cfg: Config, world: int) -> str:
+    """none (one process: nothing to shard or average), ddp (replicas) or fsdp (shards)."""
+    if world > 1 and cfg.dist == "none":
+        raise ConfigError("several ranks need --dist ddp or --dist fsdp")
+    if cfg.prompts_per_step % world:
+        raise ConfigError(f"--prompts-per-step {cfg.prompts_per_step} is not divisible by {world} ranks")
+    return "none" if world == 1 else "ddp" if cfg.dist == "auto" else cfg.dist
+
+
+PLAN_ADVICE = {  # row of the plan -> what shrinks it
+    "trainer": "shard the trainer over more GPUs (torchrun --nproc-per-node/--nnodes) with --dist fsdp",
+    "DDP": "use --dist fsdp", "autocast": "use --dist fsdp",
+    "KV cache": "lower --sampler-batch-size, --max-new-tokens or --judge-max-new-tokens",
+    "activations": "lower --micro-batch-size or turn on --grad-checkpointing",
+    "reference": "set --kl-beta 0 (no reference model)", "external judge": "drop --judge-model",
+    "COMET": "set --w-comet 0 or use a smaller --comet-model",
+    "FSDP2": "shard over more GPUs", "fused head": "lower --micro-batch-size", "prefill": "use a smaller --model",
+    "sampler weights": "use a smaller --model",
+}
+
+
+def check_memory(cfg: Config, world: int, mode: str, device: torch.device, rank: int):
+    """Print the memory plan (rank 0) and refuse a run that will not fit; with --plan, exit after printing."""
+    if cfg.plan_world:
+        world = cfg.plan_world
+        mode = dist_mode(dataclasses.replace(cfg, dist="auto" if cfg.dist == "none" else cfg.dist,
+                                             prompts_per_step=world), world)
+    on_gpu = device.type == "cuda" or cfg.gpu_gib > 0
+    plan = memory_plan(cfg, read_config(cfg.model), world, mode, on_gpu,
+                       cfg.gpu_gib * GIB or device_memory_bytes(on_gpu),
+                       read_config(cfg.judge_model) if cfg.judge_model else None,
+                       comet_checkpoint_bytes(cfg.comet_model) if cfg.w_comet > 0 else 0)
+    if rank == 0:
+        print(plan.table(PLAN_ADVICE), flush=True)
+    if cfg.plan:
+        sys.exit(0 if plan.fits() else 2)
+    if not plan.fits():
+        raise ConfigError(f"the memory plan needs {plan.peak / GIB:.1f} GiB per GPU, over the "
+                          f"{plan.device_bytes / GIB:.0f} GiB there are: {plan.biggest(PLAN_ADVICE)}")
 
 
 def start_wandb(cfg: Config):
@@ -304,6 +345,7 @@ def claim_out_dir(cfg: Config, out: Path, rank: int) -> Path | None:
     if cfg.resume:
         if newest is None:
             raise CheckpointError(f"{cfg.out_dir}: --resume given but no step_N checkpoint there")
+        check_resumable(newest)
         return newest
     if newest is not None:
         if cfg.preset != "smoke":
@@ -477,7 +519,7 @@ def train(cfg: Config):
         log_step(run, step, rollouts, stats, times, t_step)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             save_checkpoint(cfg.out_dir, step + 1, run.model, run.optimizer, run.scheduler, dataclasses.asdict(cfg),
-                            cfg.model, run.rank)
+                            cfg.model, cfg.keep_last)
     if run.master:
         print(f"done: checkpoint {run.out / f'step_{cfg.steps}'}, metrics {run.out / 'metrics.jsonl'}"
               + (" (smoke run: the model is tiny and random; pass --model for real training)"

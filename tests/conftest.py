@@ -1,7 +1,37 @@
-"""Shared fixtures: tiny random checkpoints built in code (no downloads anywhere in the suite)."""
+"""Shared fixtures: tiny random checkpoints built in code (no downloads anywhere in the suite), and a runner
+for multi-process tests that can never hang the suite."""
+import socket
+import time
+
 import pytest
 
 from checkpoint import make_tiny_model
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(worker, args: tuple, nprocs: int = 2, timeout: float = 120.0):
+    """worker(rank, *args) in `nprocs` forked processes (fork: the children inherit the imported torch instead
+    of paying seconds for it again). Fails the test with a message if any rank raises or if they have not all
+    finished within `timeout` seconds (a gloo collective or teardown that hangs): the stragglers are killed."""
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(worker, args=args, nprocs=nprocs, start_method="fork", join=False)
+    deadline = time.monotonic() + timeout
+    try:
+        while not context.join(timeout=max(0.0, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                pytest.fail(f"{worker.__name__}: {nprocs} ranks did not finish within {timeout:.0f} s (hung collective?)")
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+        pytest.fail(f"{worker.__name__}: a rank failed:\n{e}")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
 
 
 @pytest.fixture(scope="session")

@@ -1,12 +1,11 @@
 """grpo.py against formulas written out independently here, and the invariances the trainer relies on:
 the update's gradients do not depend on how the batch is split into micro-batches, mini-batches or ranks."""
 import math
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+from conftest import free_port, run_ranks
 from grpo import (LOSS_AGGS, Rollouts, build_rollouts, group_advantages, grpo_update, loss_weights, next_tokens,
                   sequence_logprobs, token_losses)
 from model import Transformer
@@ -291,12 +290,8 @@ def test_two_rank_ddp_equals_one_process(tiny, tmp_path):
     """Real DDP over gloo, 2 processes with 2 micro-batches each (no_sync path), vs 1 process with the
     whole batch in one micro-batch; SGD with lr 1 and no clipping, so the update is the raw gradient and
     a wrong scale (per-rank normaliser, DDP's averaging left in) shows."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "rank0.pt"
-    # fork: the children inherit the imported torch instead of paying for it again (seconds on 2 cores)
-    mp.start_processes(_ddp_worker, args=(port, tiny, str(out)), nprocs=2, start_method="fork")
+    run_ranks(_ddp_worker, (free_port(), tiny, str(out)))
     results = torch.load(out)
     for loss_agg in LOSS_AGGS:
         got = results[loss_agg]

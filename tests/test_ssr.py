@@ -159,22 +159,29 @@ def test_resume_is_bit_exact(tmp_path, model_dir, data_file):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     strip = lambda ms: [{k: v for k, v in m.items() if not k.startswith("sec_") and "per_s" not in k} for m in ms]
     assert strip(metrics(tmp_path / "straight")) == strip(metrics(tmp_path / "resumed"))
-    state = torch.load(tmp_path / "resumed" / "step_3" / "train_state.pt", weights_only=True)
+    state = torch.load(tmp_path / "resumed" / "step_3" / "trainer.pt", weights_only=True)
     assert state["step"] == 3
     assert not list((tmp_path / "resumed").glob(".step_*"))  # no temp checkpoint left behind
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_torchrun_two_ranks_train_and_save(tmp_path, model_dir, data_file, mode):
-    out = tmp_path / mode
+def torchrun(out, model_dir, data_file, mode, *args, port=29400):
+    """`torchrun --nproc_per_node 2 ssr.py ...` on gloo; a hang fails the test after its timeout."""
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(29400 + (mode == "fsdp")), str(ROOT / "ssr.py"),
-                           "--model", str(model_dir), "--data", str(data_file), "--out-dir", str(out),
-                           "--dist", mode, "--steps", "2", *map(str, SMALL),
-                           "--reward", "judge:letter_share_reward"],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--master_port", str(port), str(ROOT / "ssr.py"), "--model", str(model_dir),
+                               "--data", str(data_file), "--out-dir", str(out), "--dist", mode, *map(str, SMALL),
+                               "--reward", "judge:letter_share_reward", *map(str, args)],
+                              capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"torchrun {mode} did not finish in 300 s (hung collective?): {(e.stderr or b'')[-2000:]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_torchrun_ddp_trains_and_saves(tmp_path, model_dir, data_file):
+    out = tmp_path / "ddp"
+    torchrun(out, model_dir, data_file, "ddp", "--steps", 2)
     assert [m["step"] for m in metrics(out)] == [1, 2]
     trained = Transformer.from_pretrained(out / "step_2")
     base = Transformer.from_pretrained(model_dir)
@@ -182,8 +189,46 @@ def test_torchrun_two_ranks_train_and_save(tmp_path, model_dir, data_file, mode)
     assert (out / "step_2" / "tokenizer.json").exists()
 
 
+def test_torchrun_fsdp_resume_equals_straight_run(tmp_path, model_dir, data_file):
+    """FSDP2 on 2 ranks: 2 steps, then --resume for 2 more, gives the very weights of 4 straight steps; each
+    rank's train-state file holds only its own shard; --keep-last keeps the newest N."""
+    import torch.distributed.checkpoint as dcp
+
+    torchrun(tmp_path / "straight", model_dir, data_file, "fsdp", "--steps", 4, "--save-every", 1, "--keep-last", 2)
+    assert sorted(p.name for p in (tmp_path / "straight").glob("step_*")) == ["step_3", "step_4"]
+    torchrun(tmp_path / "resumed", model_dir, data_file, "fsdp", "--steps", 2, "--save-every", 2, port=29401)
+    torchrun(tmp_path / "resumed", model_dir, data_file, "fsdp", "--steps", 4, "--save-every", 2, "--resume",
+             port=29402)
+    a = load_file(tmp_path / "straight" / "step_4" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "step_4" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda ms: [{k: v for k, v in m.items() if not k.startswith("sec_") and "per_s" not in k} for m in ms]
+    assert strip(metrics(tmp_path / "straight")) == strip(metrics(tmp_path / "resumed"))
+    # rank r's file holds chunk r of every sharded weight (FSDP2 shards dim 0), never the whole tensor
+    meta = dcp.FileSystemReader(tmp_path / "resumed" / "step_4" / "train_state").read_metadata()
+    for name, tensor in a.items():
+        fqn = "model." + name.removeprefix("model.")
+        chunks = {info.relative_path: index.offset[0] for index, info in meta.storage_data.items()
+                  if index.fqn == fqn}
+        rows = tensor.shape[0]
+        assert chunks == {"__0_0.distcp": 0, "__1_0.distcp": (rows + 1) // 2}, (fqn, chunks)
+
+
 # ----------------------------------------------------------------------------------------------------
 # bad input: one line naming the problem, exit code 2, no traceback
+
+def test_resume_refuses_an_old_layout_checkpoint(tmp_path, model_dir, data_file):
+    """A step_N of the previous layout (one train_state.pt, no trainer.pt): one line saying why and what to do."""
+    old = tmp_path / "run" / "step_2"
+    shutil.copytree(model_dir, old)
+    torch.save({"step": 2}, old / "train_state.pt")
+    proc = run_ssr("--model", model_dir, "--data", data_file, "--out-dir", tmp_path / "run", "--resume",
+                   expect_ok=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"ssr: error: {old}: written by an older ssr (one train_state.pt), "
+                                                f"which this version cannot resume; start a new run from its "
+                                                f"weights with --model {old}"]
+
 
 @pytest.mark.parametrize("line, message", [
     ("{not json", "train.jsonl:2: not valid JSON"),

@@ -1,0 +1,102 @@
+"""plan.py: the memory plan's rows against numbers worked out by hand for Qwen2.5-7B, and `ssr.py --plan`."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import plan
+import ssr
+from model import ModelConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+GIB = 1024**3
+
+# Qwen2.5-7B's config.json, the keys that matter (the published model card says 7.61B parameters)
+QWEN25_7B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 152064,
+             "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+             "num_key_value_heads": 4, "rope_theta": 1000000.0, "rms_norm_eps": 1e-06, "tie_word_embeddings": False,
+             "torch_dtype": "bfloat16", "use_sliding_window": False, "max_position_embeddings": 131072}
+
+
+@pytest.fixture(scope="module")
+def config_only_dir(tmp_path_factory):
+    """A model directory holding config.json and nothing else: all --plan may read."""
+    path = tmp_path_factory.mktemp("qwen25_7b")
+    (path / "config.json").write_text(json.dumps(QWEN25_7B))
+    return path
+
+
+def rows(p: plan.Plan) -> dict:
+    return {what.split(" (")[0].split(":")[0]: n for what, n, _ in p.rows}
+
+
+def test_7b_rows_by_hand(config_only_dir):
+    cfg = ssr.parse_args(["--preset", "ssr-zero-7b", "--model", str(config_only_dir)])
+    model = ModelConfig(arch="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                        num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, head_dim=128)
+    P = 7_615_616_512  # Qwen2.5-7B's parameter count
+    # per layer: q 3584x3584 + k, v 3584x512 each + o 3584x3584 + qkv biases 3584+2x512 + MLP 3x3584x18944
+    # + two norms; root: embedding and untied head 152064x3584 each + the final norm
+    layer = 3584 * 3584 * 2 + 2 * 3584 * 512 + 3584 + 2 * 512 + 3 * 3584 * 18944 + 2 * 3584
+    root = 2 * 152064 * 3584 + 3584
+    assert plan.param_counts(model) == (layer, root) and 28 * layer + root == P
+    assert plan.kv_bytes_per_token(model, 2) == 56 * 1024  # 2 (K, V) x 28 layers x 4 heads x 128 x 2 bytes
+
+    p = plan.memory_plan(cfg, model, world=8, mode="fsdp", on_gpu=True, device_bytes=80 * GIB)
+    r = rows(p)
+    assert r["sampler weights"] == P * 2  # bf16: 14.19 GiB
+    # 64 prompts x 8 rollouts / 8 ranks = 64 live sequences; 256 + 1024 + 1024 + 128 positions each
+    assert r["KV cache"] == 64 * 2432 * 56 * 1024  # 8.31 GiB, not the 33 GiB of 256 slots
+    assert r["trainer"] == 16 * P / 8  # 14.19 GiB: fp32 weights, grads and two AdamW moments, sharded
+    assert r["FSDP2 gathered params"] == (root + 2 * layer) * 2
+    assert r["AdamW step temporary"] == 4 * P / 8
+    # checkpointed activations: micro-batch 4 x 1280 tokens, each layer's bf16 input, plus one layer recomputed
+    per_token = 2 * 3584 * (2 * 2 + 8) + (3584 + 2 * 512) * 2 * 4 + 3584 * 2 * 2 + 4 * 18944 * 2
+    assert r["activations"] == 28 * 5120 * 3584 * 2 + 5120 * per_token
+    resident = P * 2 + 64 * 2432 * 56 * 1024 + 16 * P / 8 + r["decode graphs' logits buffers"]
+    update = sum(n for _, n, phase in p.rows if phase == "update")
+    assert p.peak == resident + max(update, 4 * P / 8, sum(n for _, n, ph in p.rows if ph == "sample"))
+    assert 40 * GIB < p.peak < 60 * GIB and p.fits()
+
+
+def test_options_add_their_rows(config_only_dir):
+    model = ModelConfig(arch="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                        num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, head_dim=128)
+    base = ssr.parse_args(["--preset", "ssr-zero-7b", "--model", str(config_only_dir)])
+    plain = plan.memory_plan(base, model, 8, "fsdp", True, 80 * GIB)
+    kl = plan.memory_plan(ssr.parse_args(["--preset", "ssr-zero-7b", "--model", "m", "--kl-beta", "0.01"]),
+                          model, 8, "fsdp", True, 80 * GIB)
+    assert rows(kl)["reference model"] == 7_615_616_512 * 2 / 8  # sharded like the policy
+    x = plan.memory_plan(ssr.parse_args(["--preset", "ssr-x-zero-7b", "--model", "m"]), model, 8, "fsdp", True,
+                         80 * GIB, comet_bytes=3 * GIB)
+    assert rows(x)["COMET model"] == 3 * GIB and x.peak == plain.peak + 3 * GIB
+    judged = plan.memory_plan(ssr.parse_args(["--preset", "ssr-zero-7b", "--model", "m", "--judge-model", "j"]),
+                              model, 8, "fsdp", True, 80 * GIB, judge_model=model)
+    assert judged.peak == pytest.approx(plain.peak + rows(plain)["sampler weights"] + rows(plain)["KV cache"])
+    no_ckpt = plan.memory_plan(ssr.parse_args(["--preset", "ssr-zero-7b", "--model", "m", "--no-grad-checkpointing"]),
+                               model, 8, "fsdp", True, 80 * GIB)
+    assert rows(no_ckpt)["activations"] > 10 * rows(plain)["activations"]
+
+
+def run_plan(*args):
+    return subprocess.run([sys.executable, str(ROOT / "ssr.py"), "--plan", *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+
+
+@pytest.mark.parametrize("preset", ["ssr-zero-7b", "ssr-x-zero-7b"])
+def test_cli_plan_7b_on_8_gpus_fits(config_only_dir, preset):
+    proc = run_plan("--preset", preset, "--model", config_only_dir, "--plan-world", 8, "--gpu-gib", 80)
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("plan: peak ") and last.endswith(" GiB per GPU of 80 GiB: fits"), last
+    assert "KV cache (64 slots x 2432 positions)" in proc.stdout
+
+
+def test_cli_plan_7b_on_one_gpu_does_not_fit(config_only_dir):
+    proc = run_plan("--preset", "ssr-zero-7b", "--model", config_only_dir, "--plan-world", 1, "--gpu-gib", 80)
+    assert proc.returncode == 2
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1].endswith("GiB per GPU of 80 GiB: does not fit")
+    assert "--dist fsdp" in lines[-2]  # names what to change: the trainer state is the biggest row
