@@ -7,7 +7,7 @@ Three phases, each resuming from what --out holds. Translate: each model in turn
 training prompt and <answer> extraction, appending every batch to OUT/<model>/<set>/segments.jsonl; `self-judge`
 runs here too, while the model is loaded. Score: each COMET model in turn, freed before the next loads (two XXL
 models never share the GPU); BLEU and chrF through sacrebleu. Report: OUT/results.json and OUT/table.md (the
-paper's table, then every metric of every set), also printed.
+paper's table, then every metric of every set), also printed. The test sets themselves come from testsets.py.
 
 Every flag is checked first, in seconds and before any model loads (check_args); a problem is one line
 `eval: error: ...`, exit status 2. OUT/<label>/model.json records which checkpoint made that label's translations;
@@ -39,178 +39,11 @@ from checkpoint import CheckpointError, load_tokenizer, read_config
 from judge import DataError, RewardError
 from model import Transformer
 from sampler import Sampler
+from testsets import PAPER_SETS, TestSet, check_set_flags, load_sets
 
 
 class EvalError(ValueError):
-    """Bad input to the evaluation (a test set, a file, a flag); the message says what and how to fix it."""
-
-
-# ----------------------------------------------------------------------------------------------------
-# test sets
-
-# the paper's table: WMT23, WMT24 and Flores200 devtest, both directions between English and Chinese
-PAPER_SETS = ("wmt23:zh-en", "wmt24:zh-en", "flores:zh-en", "wmt23:en-zh", "wmt24:en-zh", "flores:en-zh")
-# Flores file names per language; flores_plus (the maintained release) renamed zho_Hans to cmn_Hans
-FLORES_CODES = {"en": ("eng_Latn",), "zh": ("zho_Hans", "cmn_Hans")}
-
-
-@dataclass
-class TestSet:
-    name: str  # "wmt23:en-zh", "flores:zh-en", or a local file's stem
-    src_lang: str
-    tgt_lang: str
-    srcs: list[str]
-    refs: list[str]
-    origin: str  # where the text came from, recorded in results.json
-    note: str = ""  # what a reader of the numbers must know (wmt24:zh-en is en-zh reversed)
-
-
-def checked_set(ts: TestSet) -> TestSet:
-    """Every set goes through here: a direction the prompts can name, aligned and non-empty sources."""
-    judge.check_direction(f"{ts.name} ({ts.origin})", ts.src_lang, ts.tgt_lang)
-    if len(ts.srcs) != len(ts.refs):
-        raise EvalError(f"{ts.name}: {len(ts.srcs)} sources but {len(ts.refs)} references ({ts.origin})")
-    if not ts.srcs:
-        raise EvalError(f"{ts.name}: no segments ({ts.origin})")
-    for i, src in enumerate(ts.srcs):
-        if not src.strip():  # an empty prompt asks the model to translate nothing: a data error, not a test
-            raise EvalError(f"{ts.name}: segment {i + 1} has an empty source ({ts.origin})")
-    return ts
-
-
-def read_lines(path: Path) -> list[str]:
-    """One segment a line. Split on "\\n" only: str.splitlines would also split at U+2028 and friends, which
-    occur inside real segments and would shift every later line against its reference."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise EvalError(f"{path}: cannot read ({e})") from None
-    return [line.strip() for line in text.removesuffix("\n").split("\n")] if text else []
-
-
-def load_sacrebleu(corpus: str, pair: str, name: str) -> tuple[list[str], list[str], str]:
-    """Source and first reference of a sacrebleu test set (`name` is the set asked for, checked by parse_set_name);
-    sacrebleu downloads it once into $SACREBLEU (default ~/.sacrebleu) and reads the cached copy from then on."""
-    from sacrebleu.dataset import DATASETS
-
-    try:
-        src_file = DATASETS[corpus].get_source_file(pair)
-        ref_files = DATASETS[corpus].get_reference_files(pair)
-    except (OSError, SystemExit):  # URLError is an OSError; sacrebleu calls sys.exit on a bad checksum or SSL
-        cache = os.environ.get("SACREBLEU", "~/.sacrebleu")
-        raise EvalError(f"{name}: not in the sacrebleu cache ({cache}) and the download failed (offline?); run "
-                        f"once online, or copy a ~/.sacrebleu cache here and point SACREBLEU at it, or pass "
-                        f"the files with --src/--ref") from None
-    if not ref_files:
-        raise EvalError(f"{name}: sacrebleu has no reference for {corpus} {pair}")
-    return read_lines(Path(src_file)), read_lines(Path(ref_files[0])), f"sacrebleu {corpus} {pair}"
-
-
-def read_flores(root: Path, lang: str, name: str) -> tuple[list[str], Path]:
-    """The devtest sentences of `lang` in any common layout: the FLORES-200 release (flores200_dataset/devtest/
-    eng_Latn.devtest, or the folder inside it) or flores_plus (devtest/eng_Latn.jsonl, the text under "text")."""
-    tried = [base / "devtest" / f"{code}.{ext}" for base in (root, root / "flores200_dataset")
-             for code in FLORES_CODES[lang] for ext in ("devtest", "jsonl")]
-    path = next((p for p in tried if p.is_file()), None)
-    if path is None:
-        raise EvalError(f"{name}: no Flores devtest file for {lang} under {root} (looked for {tried[0]}, "
-                        f"{tried[1]} and {len(tried) - 2} more: FLORES-200 or flores_plus layouts)")
-    if path.suffix == ".devtest":
-        return read_lines(path), path
-    rows = judge.read_jsonl(path)  # flores_plus: one object per sentence, in id order
-    for where, row in rows:
-        if not isinstance(row.get("text"), str):
-            raise EvalError(f"{where}: no 'text' string (expected flores_plus jsonl)")
-    return [row["text"].strip() for _, row in rows], path
-
-
-# WMT24 has no zh->en task. The paper reports a WMT24 ZH->EN column all the same; the only reading that gives one
-# is en-zh run backwards: the Chinese references become sources, the English sources references.
-REVERSED_SETS = {"wmt24:zh-en": "en-zh"}
-
-
-def parse_set_name(name: str) -> tuple[str, str, str]:
-    """(corpus, src_lang, tgt_lang) of a --sets name, checked without reading any data: NAME:SRC-TGT, a direction
-    the prompts can name, and a set that exists (Flores en-zh and zh-en, else one sacrebleu knows)."""
-    from sacrebleu.dataset import DATASETS
-
-    corpus, _, pair = name.partition(":")
-    src_lang, _, tgt_lang = pair.partition("-")
-    if not corpus or not src_lang or not tgt_lang:
-        raise EvalError(f"--sets {name}: expected NAME:SRC-TGT, e.g. wmt23:en-zh")
-    judge.check_direction(f"--sets {name}", src_lang, tgt_lang)
-    if corpus == "flores":
-        if {src_lang, tgt_lang} != set(FLORES_CODES):
-            raise EvalError(f"--sets {name}: Flores sets here are en-zh and zh-en")
-    elif corpus not in DATASETS or REVERSED_SETS.get(name, pair) not in DATASETS[corpus].langpairs:
-        raise EvalError(f"--sets {name}: sacrebleu {sacrebleu.__version__} has no test set {corpus} {pair} (WMT24 "
-                        f"needs sacrebleu >= 2.5); valid: {', '.join(PAPER_SETS)} or any sacrebleu set as "
-                        f"NAME:SRC-TGT; for other data use --src")
-    return corpus, src_lang, tgt_lang
-
-
-def flores_root(flores_dir: str | None, name: str) -> Path:
-    if not flores_dir:
-        raise EvalError(f"--sets {name}: no Flores directory; pass --flores-dir DIR or set FLORES_DIR (the FLORES-200 "
-                        f"release, flores200_dataset/devtest/*.devtest, or flores_plus, devtest/*.jsonl)")
-    if not Path(flores_dir).expanduser().is_dir():
-        raise EvalError(f"--flores-dir {flores_dir}: no such directory (--sets {name} reads Flores from it)")
-    return Path(flores_dir).expanduser()
-
-
-def load_named_set(name: str, flores_dir: str | None) -> TestSet:
-    corpus, src_lang, tgt_lang = parse_set_name(name)
-    if corpus == "flores":
-        root = flores_root(flores_dir, name)
-        (srcs, src_file), (refs, ref_file) = read_flores(root, src_lang, name), read_flores(root, tgt_lang, name)
-        return checked_set(TestSet(name, src_lang, tgt_lang, srcs, refs, f"{src_file} / {ref_file}"))
-    if name in REVERSED_SETS:
-        srcs, refs, origin = load_sacrebleu(corpus, REVERSED_SETS[name], name)
-        return checked_set(TestSet(name, src_lang, tgt_lang, refs, srcs, origin + ", reversed",
-                                   note="WMT24 has no zh-en: this is wmt24 en-zh reversed (Chinese references "
-                                        "as sources, English sources as references)"))
-    return checked_set(TestSet(name, src_lang, tgt_lang, *load_sacrebleu(corpus, f"{src_lang}-{tgt_lang}", name)))
-
-
-def check_local_flags(src: str, ref: str | None, src_lang: str | None, tgt_lang: str | None):
-    """--src with the flags that go with it, checked without reading the files."""
-    path = Path(src).expanduser()
-    if not path.is_file():
-        raise EvalError(f"--src {src}: no such file")
-    if path.suffix == ".jsonl":
-        if ref or src_lang or tgt_lang:
-            raise EvalError(f"--src {src}: a .jsonl carries its own ref, src_lang and tgt_lang; drop --ref/--src-lang/"
-                            f"--tgt-lang")
-        return
-    if not (ref and src_lang and tgt_lang):
-        raise EvalError(f"--src {src}: a plain-text --src needs --ref, --src-lang and --tgt-lang (or give a .jsonl of "
-                        f"{{src, ref, src_lang, tgt_lang}} lines)")
-    if not Path(ref).expanduser().is_file():
-        raise EvalError(f"--ref {ref}: no such file")
-    judge.check_direction("--src-lang/--tgt-lang", src_lang, tgt_lang)
-
-
-def load_local_set(src: str, ref: str | None, src_lang: str | None, tgt_lang: str | None) -> TestSet:
-    """--src FILE: plain text with --ref/--src-lang/--tgt-lang, or jsonl lines {src, ref, src_lang, tgt_lang}.
-    The set is named after the file (test.en -> "test")."""
-    check_local_flags(src, ref, src_lang, tgt_lang)
-    path = Path(src).expanduser()
-    if path.suffix != ".jsonl":
-        return checked_set(TestSet(path.stem, src_lang, tgt_lang, read_lines(path),
-                                   read_lines(Path(ref).expanduser()), f"{path} / {ref}"))
-    rows = judge.read_jsonl(path)
-    for where, row in rows:
-        missing = [k for k in ("src", "ref", "src_lang", "tgt_lang") if not isinstance(row.get(k), str)]
-        if missing:
-            raise EvalError(f"{where}: lacks {', '.join(missing)} (each line needs src, ref, src_lang, tgt_lang "
-                            f"as strings)")
-    directions = {(row["src_lang"], row["tgt_lang"]) for _, row in rows}
-    if len(directions) != 1:  # one set = one direction: BLEU's tokenizer and the table's columns depend on it
-        raise EvalError(f"{path}: " + (f"mixes directions {sorted(directions)}; use one file per direction"
-                                       if directions else "no segments"))
-    (src_lang, tgt_lang), = directions
-    return checked_set(TestSet(path.stem, src_lang, tgt_lang, [row["src"].strip() for _, row in rows],
-                               [row["ref"].strip() for _, row in rows], str(path)))
+    """Bad input to the evaluation (a flag, a file under --out); the message says what and how to fix it."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -221,19 +54,19 @@ def load_local_set(src: str, ref: str | None, src_lang: str | None, tgt_lang: st
 COMET_ALIASES = {"xcomet-xxl": "Unbabel/XCOMET-XXL", "cometkiwi-xxl": "Unbabel/wmt23-cometkiwi-da-xxl"}
 SACREBLEU_METRICS = ("bleu", "chrf")
 SELF_JUDGE = "self-judge"
+# what --metrics accepts, for its help and for every error about it
+METRIC_NAMES = (f"valid: {', '.join(SACREBLEU_METRICS)}, {SELF_JUDGE} (the model's own judge score), "
+                f"{', '.join(f'{k} ({v})' for k, v in COMET_ALIASES.items())}, a local COMET checkpoint (a directory "
+                f"holding checkpoints/model.ckpt and hparams.yaml), a hub name ORG/NAME that is not a local path "
+                f"(COMET downloads it when scoring), or LABEL=any of the COMET ones (e.g. xcomet-xxl=/ckpt/XCOMET-XXL)")
+# a Hugging Face hub model id, ORG/NAME: what COMET downloads when the name is not a local path
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+", re.ASCII)
 
 
 @dataclass
 class Metric:
     label: str  # the key in results.json, segments.jsonl and the tables
     comet: str | None = None  # COMET model name or local path; None for bleu, chrf, self-judge
-
-
-# a Hugging Face hub model id, ORG/NAME: what COMET downloads when the name is not a local path
-HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+", re.ASCII)
-METRIC_NAMES = (f"valid: {', '.join(SACREBLEU_METRICS)}, {SELF_JUDGE}, {', '.join(COMET_ALIASES)}, a local COMET "
-                f"checkpoint (a directory holding checkpoints/model.ckpt and hparams.yaml), a hub name ORG/NAME, "
-                f"or LABEL=any of the COMET ones")
 
 
 def comet_source(item: str, source: str) -> str:
@@ -302,6 +135,10 @@ def replace_file(path: Path, text: str):
     os.replace(tmp, path)
 
 
+def jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
 def segments_path(out: Path, model_label: str, ts: TestSet) -> Path:
     return out / model_label / ts.name.replace(":", "_") / "segments.jsonl"
 
@@ -327,42 +164,45 @@ def load_rows(path: Path, ts: TestSet) -> list[dict]:
     return rows
 
 
-def jsonl(rows: list[dict]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-
-
 # ----------------------------------------------------------------------------------------------------
 # phase 1: translate (and self-judge) with each model
 
-def respond(model, tok, prompts: dict[int, list[int]], max_new_tokens: int, temperature: float, seed, done: int,
-            desc: str, args, device, dtype):
+def translation_prompt(src: str, ts: TestSet, args) -> str:
+    """What a model is asked to translate with: the training prompt (--template), so eval measures the task
+    training optimized. Every translation prompt is built here."""
+    return judge.actor_prompt(src, ts.src_lang, ts.tgt_lang, args.template)
+
+
+def respond(model, tok, prompts: dict[int, list[int]], max_new_tokens: int, temperature: float, done: int,
+            desc: str, args):
     """Generate for `prompts` (segment index -> prompt ids), `--batch-size` at a time, with a progress bar that
-    starts at `done`; yields (indices, response texts, finish reasons) per batch. seed(first index) seeds a batch."""
+    starts at `done`; yields (indices, response texts, finish reasons) per batch."""
+    if not prompts:
+        return
+    weight = next(model.parameters())
     # the KV cache is sized for the longest prompt, so no segment is cut or refused
-    sampler = Sampler(model, max_batch_size=min(args.batch_size, len(prompts)), device=device, dtype=dtype,
-                      max_seq_len=max(map(len, prompts.values())) + max_new_tokens)
+    sampler = Sampler(model, max_batch_size=min(args.batch_size, len(prompts)), device=weight.device,
+                      dtype=weight.dtype, max_seq_len=max(map(len, prompts.values())) + max_new_tokens)
     todo = list(prompts)
     with tqdm(total=done + len(todo), initial=done, desc=desc, unit="seg") as bar:
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start:start + args.batch_size]
+            # the seed follows the batch's position, so a resumed sampled run repeats an uninterrupted one
             outs = sampler.generate([prompts[i] for i in batch], max_new_tokens=max_new_tokens, temperature=temperature,
                                     stop_token_ids=tok.eos_ids, stop_strings=judge.STOP_STRINGS, tokenizer=tok,
-                                    seed=seed(batch[0]))
+                                    seed=args.seed + batch[0])
             # special tokens skipped, as in training: a trailing EOS ends the response, it is not part of its text
             yield batch, [tok.decode(o.tokens, skip_special_tokens=True) for o in outs], [o.finish_reason for o in outs]
             bar.update(len(batch))
 
 
-def translate(model, tok, ts: TestSet, path: Path, rows: list[dict], label: str, args, device, dtype):
+def translate(model, tok, ts: TestSet, path: Path, rows: list[dict], label: str, args):
     """Translate the segments `rows` (read from `path`) lacks, appending each batch to both."""
-    prompts = {i: tok.encode(judge.actor_prompt(ts.srcs[i], ts.src_lang, ts.tgt_lang, args.template))
-               for i in range(len(rows), len(ts.srcs))}
+    prompts = {i: tok.encode(translation_prompt(ts.srcs[i], ts, args)) for i in range(len(rows), len(ts.srcs))}
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
-        # the seed follows the batch's position, so a resumed sampled run repeats an uninterrupted one
-        for batch, raws, reasons in respond(model, tok, prompts, args.max_new_tokens, args.temperature,
-                                            lambda first: args.seed + first, len(rows), f"{label} {ts.name}",
-                                            args, device, dtype):
+        for batch, raws, reasons in respond(model, tok, prompts, args.max_new_tokens, args.temperature, len(rows),
+                                            f"{label} {ts.name}", args):
             new = []
             for i, raw, reason in zip(batch, raws, reasons):
                 answer = judge.extract_answer(raw)
@@ -373,14 +213,14 @@ def translate(model, tok, ts: TestSet, path: Path, rows: list[dict], label: str,
             rows += new
 
 
-def self_judge(model, tok, ts: TestSet, rows: list[dict], path: Path, label: str, args, device, dtype):
+def self_judge(model, tok, ts: TestSet, path: Path, rows: list[dict], label: str, args):
     """The model's own judge score of each translation: the training judge prompt, greedy, parse_score.
     A failed extraction is judged as the empty translation it is scored as everywhere; a judgement that does
     not parse scores 0 and is counted. Saved after every batch, like the translations."""
     prompts = {i: tok.encode(judge.judge_prompt(r["src"], r["hyp"], ts.src_lang, ts.tgt_lang, args.template))
                for i, r in enumerate(rows) if SELF_JUDGE not in r["scores"]}
-    for batch, raws, _ in respond(model, tok, prompts, args.judge_max_new_tokens, 0.0, lambda first: args.seed,
-                                  len(rows) - len(prompts), f"{label} {ts.name} self-judge", args, device, dtype):
+    for batch, raws, _ in respond(model, tok, prompts, args.judge_max_new_tokens, 0.0, len(rows) - len(prompts),
+                                  f"{label} {ts.name} self-judge", args):
         for i, raw in zip(batch, raws):
             score = judge.parse_score(raw)
             rows[i].update(judge_raw=raw, judge_parsed=score is not None)
@@ -399,21 +239,20 @@ def run_models(models: dict[str, str], sets: list[TestSet], metrics: list[Metric
     """Phase 1 for every model; returns {(label, set name): (segments.jsonl, its rows, the set)}."""
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 on GPU, as the trainer samples
-    needs_judge = any(m.label == SELF_JUDGE for m in metrics)
+    judged = any(m.label == SELF_JUDGE for m in metrics)
     outputs = {(label, ts.name): (segments_path(out, label, ts), load_rows(segments_path(out, label, ts), ts), ts)
                for label in models for ts in sets}
     for label, model_dir in models.items():
         pending = [(path, rows, ts) for path, rows, ts in (outputs[label, ts.name] for ts in sets)
-                   if len(rows) < len(ts.srcs) or (needs_judge and any(SELF_JUDGE not in r["scores"] for r in rows))]
+                   if len(rows) < len(ts.srcs) or (judged and any(SELF_JUDGE not in r["scores"] for r in rows))]
         if not pending:  # everything on disk already: don't load a 7B model to do nothing
             continue
         tok = load_tokenizer(model_dir)
         model = Transformer.from_pretrained(model_dir, device=device, dtype=dtype).eval()
-        for path, rows, ts in pending:
-            if len(rows) < len(ts.srcs):
-                translate(model, tok, ts, path, rows, label, args, device, dtype)
-            if needs_judge and any(SELF_JUDGE not in r["scores"] for r in rows):
-                self_judge(model, tok, ts, rows, path, label, args, device, dtype)
+        for path, rows, ts in pending:  # each phase does only what the rows lack
+            translate(model, tok, ts, path, rows, label, args)
+            if judged:
+                self_judge(model, tok, ts, path, rows, label, args)
         del model
         free_memory()
     return outputs
@@ -459,12 +298,10 @@ def summarize(rows: list[dict], ts: TestSet, metrics: list[Metric]) -> dict:
     return result
 
 
-def markdown(header: list[str], rows: list[list[str]]) -> str:
-    return "".join("| " + " | ".join(cells) + " |\n" for cells in [header, ["---"] * len(header), *rows])
-
-
-def fmt(value: float | None) -> str:
-    return "–" if value is None else f"{value:.2f}"
+def markdown(header: list[str], rows: list[list]) -> str:
+    """Both tables: a float is a score (2 decimals), None a number that is missing (–), anything else as is."""
+    cell = lambda v: "–" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
+    return "".join("| " + " | ".join(map(cell, cells)) + " |\n" for cells in [header, ["---"] * len(header), *rows])
 
 
 PAPER_DIRECTIONS = {"zh-en": "ZH→EN", "en-zh": "EN→ZH"}
@@ -490,23 +327,17 @@ def paper_table(results: dict) -> str:
     rows = []
     for model in results:
         values = [[value(model, *cell) for cell in cells] for _, cells in columns]
-        rows.append([model, *(fmt(statistics.fmean(v) if None not in v else None) for v in values)])
+        rows.append([model, *(statistics.fmean(v) if None not in v else None for v in values)])
     return markdown(["Model", *(title for title, _ in columns)], rows)
 
 
 def metrics_table(results: dict, sets: list[TestSet], metrics: list[Metric]) -> str:
     """Every metric of every set, a row per model x set, with the failures a reader must see next to them."""
-    judged = any(m.label == SELF_JUDGE for m in metrics)
-    header = ["Model", "Set", *(m.label for m in metrics), "failed extractions"]
-    header += ["judge parse failures"] if judged else []
-    rows = []
-    for model, per_set in results.items():
-        for ts in sets:
-            r = per_set[ts.name]
-            counts = [r["failed_extractions"]] + ([r["judge_parse_failures"]] if judged else [])
-            rows.append([model, ts.name, *(fmt(r["scores"][m.label]) for m in metrics),
-                         *(f"{count}/{r['segments']}" for count in counts)])
-    return markdown(header, rows)
+    counts = ["failed_extractions"] + (["judge_parse_failures"] if any(m.label == SELF_JUDGE for m in metrics) else [])
+    rows = [[model, ts.name, *(per_set[ts.name]["scores"][m.label] for m in metrics),
+             *(f"{per_set[ts.name][c]}/{per_set[ts.name]['segments']}" for c in counts)]
+            for model, per_set in results.items() for ts in sets]
+    return markdown(["Model", "Set", *(m.label for m in metrics), *(c.replace("_", " ") for c in counts)], rows)
 
 
 def report(models: dict[str, str], sets: list[TestSet], metrics: list[Metric], outputs: dict, out: Path, args):
@@ -535,7 +366,12 @@ def report(models: dict[str, str], sets: list[TestSet], metrics: list[Metric], o
 # ----------------------------------------------------------------------------------------------------
 # checks before any work: flags, models, --out
 
-INT_FLAGS = {"--batch-size": 1, "--max-new-tokens": 1, "--judge-max-new-tokens": 1, "--comet-batch-size": 1}  # least
+# flag -> (least, bound, what is valid): a value is valid when least <= value < bound, which NaN never is
+COUNT = (1, float("inf"), "an integer >= 1")
+NUMBER_FLAGS = {"--batch-size": COUNT, "--max-new-tokens": COUNT, "--judge-max-new-tokens": COUNT,
+                "--comet-batch-size": COUNT, "--temperature": (0, float("inf"), "a finite number >= 0 (0 = greedy)"),
+                # the sampler's generator takes up to 64 bits; seed + segment index stays below
+                "--seed": (0, 2**63, "an integer in [0, 2**63)")}
 
 
 def translation_settings(args) -> dict:
@@ -550,28 +386,6 @@ def check_device(device: str):
     if device != "cpu" and int(device.partition(":")[2] or 0) >= torch.cuda.device_count():
         raise EvalError(f"--device {device}: {torch.cuda.device_count()} CUDA devices visible here; use cpu, or "
                         f"cuda:N with N below that")
-
-
-def set_names(args) -> list[str]:
-    names = args.sets.split(",") if args.sets is not None else ([] if args.src else list(PAPER_SETS))
-    return [name.strip() for name in names if name.strip()]
-
-
-def check_set_flags(args):
-    """--sets, --flores-dir and the local set's flags, checked without reading any data."""
-    if not args.src and (args.ref or args.src_lang or args.tgt_lang):
-        raise EvalError("--ref/--src-lang/--tgt-lang describe a local set and need --src")
-    names = set_names(args)
-    for name in names:
-        if parse_set_name(name)[0] == "flores":
-            flores_root(args.flores_dir, name)
-    if args.src:
-        check_local_flags(args.src, args.ref, args.src_lang, args.tgt_lang)
-        names.append(Path(args.src).expanduser().stem)
-    if not names:
-        raise EvalError("--sets is empty and there is no --src: name test sets (e.g. --sets wmt23:en-zh) or give --src")
-    if len(set(names)) < len(names):
-        raise EvalError(f"--sets/--src: two test sets are named alike ({', '.join(names)})")
 
 
 def model_labels(paths: list[str]) -> dict[str, str]:
@@ -610,8 +424,10 @@ def fingerprint(model_dir: str) -> dict:
             "weights": {w.name: [w.stat().st_size, w.stat().st_mtime_ns] for w in weights}}
 
 
-def read_record(path: Path, where: str) -> dict:
-    """A JSON object eval.py wrote under --out (settings.json, model.json)."""
+def read_record(path: Path, where: str) -> dict | None:
+    """A JSON object eval.py wrote under --out (settings.json, model.json); None if there is none yet."""
+    if not path.exists():
+        return None
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
@@ -636,16 +452,14 @@ def check_out(out: Path, settings: dict, models: dict[str, str], fingerprints: d
         raise EvalError(f"{where}: {first} exists and is not a directory; give a directory (created if missing)")
     if not os.access(first, os.W_OK | os.X_OK):
         raise EvalError(f"{where}: {first} is not writable; give a directory you can write")
-    if (out / "settings.json").exists():
-        before = read_record(out / "settings.json", where)
-        changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in settings.items() if before.get(k) != v]
-        if changed:
-            raise EvalError(f"{where}: holds outputs made with other settings ({'; '.join(changed)}); use another "
-                            f"--out")
+    before = read_record(out / "settings.json", where)
+    changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in settings.items()
+               if before is not None and before.get(k) != v]
+    if changed:
+        raise EvalError(f"{where}: holds outputs made with other settings ({'; '.join(changed)}); use another --out")
     for label, fp in fingerprints.items():
         folder, flag = out / label, f"--model {models[label]}"
-        if (folder / "model.json").exists():
-            before = read_record(folder / "model.json", where)
+        if (before := read_record(folder / "model.json", where)) is not None:
             if before != fp:
                 changed = ", ".join(FINGERPRINT_PARTS[k] for k in fp if before.get(k) != fp[k])
                 raise EvalError(f"{flag}: {folder} holds the translations of another checkpoint ({before.get('path')};"
@@ -657,14 +471,11 @@ def check_out(out: Path, settings: dict, models: dict[str, str], fingerprints: d
 
 def check_args(args) -> tuple[dict[str, str], list[Metric], dict[str, dict]]:
     """Every flag and combination, right after parsing: seconds, no model loaded, nothing written. Each problem
-    is one EvalError naming the flag and what would be valid. Returns models by label, metrics, fingerprints."""
-    for flag, least in INT_FLAGS.items():
-        if (value := getattr(args, flag[2:].replace("-", "_"))) < least:
-            raise EvalError(f"{flag} {value}: must be an integer >= {least}")
-    if not 0 <= args.temperature < float("inf"):  # NaN fails this too
-        raise EvalError(f"--temperature {args.temperature}: must be a finite number >= 0 (0 = greedy)")
-    if not 0 <= args.seed < 2**63:  # the sampler's generator takes up to 64 bits; seed + segment index stays below
-        raise EvalError(f"--seed {args.seed}: must be an integer in [0, 2**63)")
+    is one EvalError (or testsets' TestSetError) naming the flag and what would be valid. Returns models by label,
+    metrics, fingerprints."""
+    for flag, (least, bound, valid) in NUMBER_FLAGS.items():
+        if not least <= (value := getattr(args, flag[2:].replace("-", "_"))) < bound:
+            raise EvalError(f"{flag} {value}: must be {valid}")
     check_device(args.device)
     metrics = parse_metrics(args.metrics)
     check_set_flags(args)
@@ -687,60 +498,46 @@ def parse_args(argv=None):
         "Translate test sets with one or more checkpoints and score them (COMET, BLEU, chrF, the model's own "
         "judge); prints the paper's table. Rerun the same command to resume. Every flag is checked before any "
         "model loads; a problem is one line `eval: error: ...` and exit status 2."))
-    p.add_argument("--model", action="append", required=True,
+    p.add_argument("--model", action="append", required=True, metavar="DIR",
                    help="HF checkpoint directory (config.json, tokenizer.json, *.safetensors); repeat to compare "
-                        "several models side by side. OUT/<label>/model.json records which checkpoint made a label's "
-                        "translations (resolved path, config/tokenizer hashes, weight files' sizes and mtimes); "
-                        "another checkpoint under the same label is refused, never credited with them")
-    p.add_argument("--sets", default=None,
-                   help=f"comma-separated test sets (default: {','.join(PAPER_SETS)}; none when --src is given). "
-                        f"wmtNN:SRC-TGT comes through sacrebleu (any of its sets), flores:en-zh/zh-en from "
-                        f"--flores-dir; wmt24:zh-en is wmt24 en-zh reversed")
-    p.add_argument("--flores-dir", default=os.environ.get("FLORES_DIR"),
+                        "models side by side. OUT/<label>/model.json records which checkpoint made a label's "
+                        "translations: another checkpoint under the same label is refused, never credited with them")
+    p.add_argument("--sets", metavar="LIST",
+                   help=f"comma-separated test sets (default: {', '.join(PAPER_SETS)}; none when --src is given): "
+                        f"wmtNN:SRC-TGT through sacrebleu (any of its sets), flores:en-zh/zh-en from --flores-dir; "
+                        f"wmt24:zh-en is wmt24 en-zh reversed")
+    p.add_argument("--flores-dir", default=os.environ.get("FLORES_DIR"), metavar="DIR",
                    help="local Flores200 directory: the FLORES-200 release or flores_plus (default: $FLORES_DIR)")
-    p.add_argument("--src", help="local test set: plain-text sources (one a line, needs --ref/--src-lang/"
-                                 "--tgt-lang) or a .jsonl of {src, ref, src_lang, tgt_lang}")
-    p.add_argument("--ref", help="references for a plain-text --src, one a line")
-    p.add_argument("--src-lang", help=f"source language code of a plain-text --src: {', '.join(judge.LANGUAGES)}")
-    p.add_argument("--tgt-lang", help="target language code of a plain-text --src, another of those")
-    p.add_argument("--metrics", default="xcomet-xxl,cometkiwi-xxl,bleu,chrf",
-                   help=f"comma-separated: bleu, chrf, {SELF_JUDGE} (the model's own judge score), "
-                        f"{', '.join(f'{k} ({v})' for k, v in COMET_ALIASES.items())}, a local COMET checkpoint that "
-                        f"exists (a directory holding checkpoints/model.ckpt and hparams.yaml), a hub name ORG/NAME "
-                        f"that is not a local path (COMET downloads it when scoring), or LABEL=one of the COMET ones "
-                        f"(e.g. xcomet-xxl=/ckpt/XCOMET-XXL); anything else stops before any work "
+    p.add_argument("--src", metavar="FILE", help="local test set: plain-text sources (one a line, needs --ref/"
+                                                 "--src-lang/--tgt-lang) or a .jsonl of {src, ref, src_lang, tgt_lang}")
+    p.add_argument("--ref", metavar="FILE", help="references for a plain-text --src, one a line")
+    p.add_argument("--src-lang", metavar="CODE",
+                   help=f"source language of a plain-text --src: {', '.join(judge.LANGUAGES)}")
+    p.add_argument("--tgt-lang", metavar="CODE", help="target language of a plain-text --src, another of those")
+    p.add_argument("--metrics", default="xcomet-xxl,cometkiwi-xxl,bleu,chrf", metavar="LIST",
+                   help=f"comma-separated metrics; {METRIC_NAMES}. Anything else stops before any work "
                         f"(default: %(default)s)")
-    p.add_argument("--out", default="out/eval",
+    p.add_argument("--out", default="out/eval", metavar="DIR",
                    help="output directory, created if missing; a rerun resumes from what is there, and refuses "
                         "other settings or another checkpoint under a known label (default: %(default)s)")
     p.add_argument("--template", default="r1", choices=judge.TEMPLATES,
                    help="prompt template, as in training (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.0, help=">= 0; 0 = greedy (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="sampling temperature, >= 0; 0 = greedy (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, metavar="N",
                    help="sampling seed when --temperature > 0, in [0, 2**63) (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=64,
+    p.add_argument("--batch-size", type=int, default=64, metavar="N",
                    help="segments translated (and saved) per batch, >= 1 (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=2048,
+    p.add_argument("--max-new-tokens", type=int, default=2048, metavar="N",
                    help="token budget of one translation, thinking included, >= 1; WMT24 segments are "
                         "paragraphs (default: %(default)s)")
-    p.add_argument("--judge-max-new-tokens", type=int, default=1024,
+    p.add_argument("--judge-max-new-tokens", type=int, default=1024, metavar="N",
                    help=f"token budget of one {SELF_JUDGE} judgement, >= 1 (default: %(default)s)")
-    p.add_argument("--comet-batch-size", type=int, default=16,
+    p.add_argument("--comet-batch-size", type=int, default=16, metavar="N",
                    help="segments per COMET forward, >= 1 (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N: the translation models and COMET (default: %(default)s)")
     return p.parse_args(argv)
-
-
-def load_sets(args) -> list[TestSet]:
-    sets = [load_named_set(name, args.flores_dir) for name in set_names(args)]
-    if args.src:
-        sets.append(load_local_set(args.src, args.ref, args.src_lang, args.tgt_lang))
-    for ts in sets:
-        note = f" (NOTE: {ts.note})" if ts.note else ""
-        print(f"{ts.name}: {len(ts.srcs)} segments, {ts.src_lang}->{ts.tgt_lang}, from {ts.origin}{note}",
-              file=sys.stderr)
-    return sets
 
 
 def run(args):
@@ -764,7 +561,7 @@ def main(argv=None) -> int:
         except KeyboardInterrupt:
             print(f"\neval: interrupted; rerun the same command to resume from {args.out}", file=sys.stderr)
             return 130
-    except (EvalError, DataError, CheckpointError, RewardError) as e:
+    except (EvalError, DataError, CheckpointError, RewardError) as e:  # DataError covers testsets' TestSetError
         # one line, always: a message quoting a library (a JSON or tokenizer error) may hold a line break
         print("eval: error: " + " ".join(str(e).splitlines()), file=sys.stderr)
         return 2

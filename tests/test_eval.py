@@ -1,4 +1,5 @@
-"""eval.py: test sets, translation with resume, metrics, tables, the CLI. Offline; tiny models built in code."""
+"""eval.py: translation with resume, metrics, tables, model identity, the CLI and its checks. Offline; tiny models
+built in code. The test sets themselves are tested in test_testsets.py."""
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import sacrebleu
 
 import eval as ev
 import judge
+import testsets
 from checkpoint import make_tiny_model
 from sampler import Completion, Sampler
 
@@ -39,17 +41,17 @@ def read_segments(out, model_label, set_dir="test"):
 def test_bleu_chrf_equal_sacrebleu_with_zh_tokenization():
     hyps = ["猫坐在垫子上。", "今天天气很好", "", "一只狗和猫。", "我喜欢。"]
     rows = [{"hyp": h, "ref": r} for h, r in zip(hyps, REFS)]
-    zh = ev.corpus_scores(rows, ev.TestSet("t", "en", "zh", SRCS, REFS, "test"))
+    zh = ev.corpus_scores(rows, testsets.TestSet("t", "en", "zh", SRCS, REFS, "test"))
     assert zh["bleu"] == sacrebleu.corpus_bleu(hyps, [REFS], tokenize="zh").score
     assert zh["chrf"] == sacrebleu.corpus_chrf(hyps, [REFS]).score
     # the zh tokenizer matters: 13a sees each unspaced Chinese sentence as one word
     assert zh["bleu"] != pytest.approx(sacrebleu.corpus_bleu(hyps, [REFS]).score, abs=1)
     en_hyps, en_refs = ["the cat sat on the mat", "good weather"], ["the cat is on the mat", "the weather is good"]
     en = ev.corpus_scores([{"hyp": h, "ref": r} for h, r in zip(en_hyps, en_refs)],
-                          ev.TestSet("t", "zh", "en", ["x", "y"], en_refs, "test"))
+                          testsets.TestSet("t", "zh", "en", ["x", "y"], en_refs, "test"))
     assert en["bleu"] == sacrebleu.corpus_bleu(en_hyps, [en_refs], tokenize="13a").score
     row = {"hyp": hyps[0], "ref": REFS[0]}
-    sent = ev.sentence_scores(row, ev.TestSet("t", "en", "zh", SRCS, REFS, "test"))
+    sent = ev.sentence_scores(row, testsets.TestSet("t", "en", "zh", SRCS, REFS, "test"))
     assert sent["bleu"] == sacrebleu.sentence_bleu(hyps[0], [REFS[0]], tokenize="zh").score
 
 
@@ -111,132 +113,6 @@ def test_paper_table_two_models():
     only_en_zh = {"m": {"wmt23:en-zh": {"scores": {"xcomet-xxl": 90.0}}}}
     assert "ZH→EN" not in ev.paper_table(only_en_zh) and "| m | – | 90.00 |" in ev.paper_table(only_en_zh)
     assert ev.paper_table({"m": {"test": {"scores": {"bleu": 30.0}}}}) == ""
-
-
-# ----------------------------------------------------------------------------------------------------
-# test sets
-
-def test_local_text_and_jsonl(tmp_path):
-    srcs = SRCS[:2] + ["a line\u2028with a line separator"]  # must not split: str.splitlines would
-    refs = REFS[:2] + ["一行"]
-    write_local(tmp_path, srcs, refs)
-    text = ev.load_local_set(str(tmp_path / "test.en"), str(tmp_path / "test.zh"), "en", "zh")
-    assert (text.name, text.src_lang, text.tgt_lang, text.srcs, text.refs) == ("test", "en", "zh", srcs, refs)
-    jsonl = tmp_path / "mine.jsonl"
-    jsonl.write_text("".join(json.dumps({"src": s, "ref": r, "src_lang": "en", "tgt_lang": "zh"}, ensure_ascii=False)
-                             + "\n" for s, r in zip(srcs, refs)), encoding="utf-8")
-    js = ev.load_local_set(str(jsonl), None, None, None)
-    assert (js.name, js.src_lang, js.tgt_lang, js.srcs, js.refs) == ("mine", "en", "zh", srcs, refs)
-
-    (tmp_path / "short.zh").write_text("一\n", encoding="utf-8")
-    with pytest.raises(ev.EvalError, match="3 sources but 1 references"):
-        ev.load_local_set(str(tmp_path / "test.en"), str(tmp_path / "short.zh"), "en", "zh")
-    with pytest.raises(ev.EvalError, match="needs --ref, --src-lang and --tgt-lang"):
-        ev.load_local_set(str(tmp_path / "test.en"), str(tmp_path / "test.zh"), "en", None)
-    with pytest.raises(judge.DataError, match="unknown language"):
-        ev.load_local_set(str(tmp_path / "test.en"), str(tmp_path / "test.zh"), "en", "xx")
-    mixed = tmp_path / "mixed.jsonl"
-    mixed.write_text('{"src": "a", "ref": "b", "src_lang": "en", "tgt_lang": "zh"}\n'
-                     '{"src": "c", "ref": "d", "src_lang": "zh", "tgt_lang": "en"}\n')
-    with pytest.raises(ev.EvalError, match="mixes directions"):
-        ev.load_local_set(str(mixed), None, None, None)
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"src": "a", "src_lang": "en", "tgt_lang": "zh"}\n')
-    with pytest.raises(ev.EvalError, match="bad.jsonl:1: lacks ref"):
-        ev.load_local_set(str(bad), None, None, None)
-    (tmp_path / "gap.en").write_text("a\n\nc\n")
-    with pytest.raises(ev.EvalError, match="segment 2 has an empty source"):
-        ev.load_local_set(str(tmp_path / "gap.en"), str(tmp_path / "gap.en"), "en", "zh")
-
-
-def test_flores_layouts(tmp_path, monkeypatch):
-    en, zh = ["Sentence one.", "Sentence two."], ["第一句。", "第二句。"]
-    # the FLORES-200 release: flores200_dataset/devtest/<code>.devtest, found from the folder above it or inside it
-    release = tmp_path / "release" / "flores200_dataset" / "devtest"
-    release.mkdir(parents=True)
-    (release / "eng_Latn.devtest").write_text("\n".join(en) + "\n", encoding="utf-8")
-    (release / "zho_Hans.devtest").write_text("\n".join(zh) + "\n", encoding="utf-8")
-    (release / "zho_Hant.devtest").write_text("第一句。\n第二句。\n", encoding="utf-8")  # never the traditional one
-    for root in (tmp_path / "release", tmp_path / "release" / "flores200_dataset"):
-        ts = ev.load_named_set("flores:en-zh", str(root))
-        assert (ts.src_lang, ts.tgt_lang, ts.srcs, ts.refs) == ("en", "zh", en, zh)
-        ts = ev.load_named_set("flores:zh-en", str(root))
-        assert (ts.src_lang, ts.tgt_lang, ts.srcs, ts.refs) == ("zh", "en", zh, en)
-    # flores_plus: devtest/<code>.jsonl with the text under "text", Chinese as cmn_Hans
-    plus = tmp_path / "plus" / "devtest"
-    plus.mkdir(parents=True)
-    for code, texts in (("eng_Latn", en), ("cmn_Hans", zh)):
-        (plus / f"{code}.jsonl").write_text("".join(json.dumps({"id": i, "iso_639_3": code[:3], "text": t},
-                                                               ensure_ascii=False) + "\n"
-                                                    for i, t in enumerate(texts)), encoding="utf-8")
-    ts = ev.load_named_set("flores:zh-en", str(tmp_path / "plus"))
-    assert (ts.srcs, ts.refs) == (zh, en)
-    # the directory from $FLORES_DIR
-    monkeypatch.setenv("FLORES_DIR", str(tmp_path / "plus"))
-    assert ev.parse_args(["--model", "m"]).flores_dir == str(tmp_path / "plus")
-    half = tmp_path / "half" / "devtest"
-    half.mkdir(parents=True)
-    (half / "eng_Latn.devtest").write_text("\n".join(en) + "\n", encoding="utf-8")
-    with pytest.raises(ev.EvalError, match="flores:en-zh: no Flores devtest file for zh under"):
-        ev.load_named_set("flores:en-zh", str(tmp_path / "half"))
-    with pytest.raises(ev.EvalError, match="pass --flores-dir DIR or set FLORES_DIR"):
-        ev.load_named_set("flores:en-zh", None)
-
-
-def fake_sacrebleu_cache(monkeypatch, tmp_path, corpus, tarball, xml_path, srcs, refs):
-    """What sacrebleu leaves in its cache after an online download: the tarball (any non-empty file: sacrebleu
-    only checks that it exists) and the extracted WMT XML, in a tmp dir instead of ~/.sacrebleu."""
-    from sacrebleu.dataset import DATASETS
-
-    raw = tmp_path / "sacrebleu" / corpus / "raw"
-    (raw / xml_path).parent.mkdir(parents=True)
-    (raw / tarball).write_text("downloaded")
-    segs = lambda texts: "".join(f'<seg id="{i}">{t}</seg>' for i, t in enumerate(texts, 1))
-    (raw / xml_path).write_text(
-        f'<dataset id="test"><collection id="general"><doc id="d1" origlang="en" domain="news">'
-        f'<src lang="en"><p>{segs(srcs)}</p></src><ref lang="zh" translator="refA"><p>{segs(refs)}</p></ref>'
-        f'</doc></collection></dataset>', encoding="utf-8")
-    monkeypatch.setattr(DATASETS[corpus], "_outdir", str(raw.parent))
-    monkeypatch.setattr(DATASETS[corpus], "_rawdir", str(raw))
-
-
-def test_wmt_sets_from_the_sacrebleu_cache(tmp_path, monkeypatch):
-    fake_sacrebleu_cache(monkeypatch, tmp_path, "wmt23", "wmt23.v.0.1.tar.gz",
-                         "wmt23-news-systems-v.0.1/xml/wmttest2023.en-zh.all.xml", SRCS[:2], REFS[:2])
-    ts = ev.load_named_set("wmt23:en-zh", None)
-    assert (ts.src_lang, ts.tgt_lang, ts.srcs, ts.refs, ts.note) == ("en", "zh", SRCS[:2], REFS[:2], "")
-    # WMT24 has no zh-en: wmt24:zh-en is en-zh run backwards, and says so
-    fake_sacrebleu_cache(monkeypatch, tmp_path, "wmt24", "wmt24.data_onlyxml.tar.gz",
-                         "xml/wmttest2024.en-zh.all.xml", SRCS[2:4], REFS[2:4])
-    ts = ev.load_named_set("wmt24:zh-en", None)
-    assert (ts.src_lang, ts.tgt_lang, ts.srcs, ts.refs) == ("zh", "en", REFS[2:4], SRCS[2:4])
-    assert "reversed" in ts.note and "reversed" in ts.origin
-
-
-def test_unknown_sacrebleu_set_is_a_clear_error():
-    with pytest.raises(ev.EvalError, match="sacrebleu .* has no test set wmt23 en-ko"):
-        ev.load_named_set("wmt23:en-ko", None)
-    with pytest.raises(judge.DataError, match="unknown language code 'xx'"):
-        ev.load_named_set("wmt23:en-xx", None)
-    with pytest.raises(ev.EvalError, match="expected NAME:SRC-TGT"):
-        ev.load_named_set("wmt23", None)
-
-
-def test_offline_named_set_is_one_line(tiny_model_dir, tmp_path):
-    """A real offline condition: an empty sacrebleu cache, and every download sent to a closed local port
-    (connection refused at once, no waiting on network timeouts)."""
-    env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "http_proxy", "https_proxy")}
-    env.update(SACREBLEU=str(tmp_path / "sacrebleu"), http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9",
-               HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
-    proc = subprocess.run([sys.executable, "eval.py", "--model", str(tiny_model_dir), "--sets", "wmt23:en-zh",
-                           "--out", str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert lines[0].startswith("eval: error: wmt23:en-zh: not in the sacrebleu cache")
-    assert "SACREBLEU" in lines[0] and "--src/--ref" in lines[0]
-    assert not (tmp_path / "out").exists()  # nothing written before the inputs are all there
 
 
 # ----------------------------------------------------------------------------------------------------
