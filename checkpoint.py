@@ -261,16 +261,21 @@ def save_pretrained(path, cfg: ModelConfig, shapes: dict[str, tuple[torch.Size, 
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     if write:
         path.mkdir(parents=True, exist_ok=True)
+    error = None
     for file, names in zip(files, shards):
-        if not write:  # a rank that only takes part in the gathers keeps nothing
+        if not write or error is not None:  # only taking part in the gathers: keep nothing
             for k in names:
                 get_tensor(k)
             continue
         tensors = {hf_name(k): get_tensor(k).detach().to("cpu").contiguous() for k in names}
-        # every file goes to a temp name first: a crash mid-write never leaves a truncated shard
-        save_file(tensors, str(path / (file + ".tmp")), metadata={"format": "pt"})
-        os.replace(path / (file + ".tmp"), path / file)
+        try:  # every file goes to a temp name first: a crash mid-write never leaves a truncated shard
+            save_file(tensors, str(path / (file + ".tmp")), metadata={"format": "pt"})
+            os.replace(path / (file + ".tmp"), path / file)
+        except Exception as e:  # a full disk: keep draining the (collective) gathers so no rank waits forever
+            error = e
         del tensors
+    if error is not None:
+        raise error
     if not write:
         return
     if len(shards) > 1:

@@ -18,11 +18,14 @@ A checkpoint OUT/step_N/ holds
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import io
 import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -150,20 +153,49 @@ def save_checkpoint(out_dir, step: int, model, optimizer, scheduler, config: dic
                     keep_last: int = 0, max_shard_bytes: int = 5 * 1024**3):
     """Write OUT/step_N (see the module docstring) under a temporary name, then rename it, so a crash never
     leaves a half checkpoint that --resume trusts; then keep only the newest `keep_last` (0: all). Rank 0's host
-    memory holds one weights file of at most max_shard_bytes at a time."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
+    memory holds one weights file of at most max_shard_bytes at a time. A write that fails (a full disk) on any
+    rank removes the temporary folder and raises one CheckpointError on every rank; older checkpoints stay."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     final, tmp = Path(out_dir) / f"step_{step}", Path(out_dir) / f".step_{step}.tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
+    error = write_checkpoint(tmp, step, model, optimizer, scheduler, config, tokenizer_dir, max_shard_bytes, rank)
+    failed = torch.tensor([error is not None], dtype=torch.int32)
+    if dist.is_initialized():  # every rank learns whether any failed: all rename, or none does
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if failed.item():
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        barrier()
+        newest = newest_checkpoint(out_dir)
+        reason = write_error_reason(error, out_dir) if error else "another rank's write failed"
+        raise CheckpointError(f"could not write {final.name} ({reason}); "
+                              + (f"the newest complete checkpoint, {newest}, is intact" if newest else
+                                 "no earlier checkpoint exists"))
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoints(out_dir)[:-keep_last] if keep_last else []:
+            shutil.rmtree(old)
+    barrier()
+
+
+def write_checkpoint(tmp: Path, step: int, model, optimizer, scheduler, config: dict, tokenizer_dir,
+                     max_shard_bytes: int, rank: int) -> BaseException | None:
+    """Every file of the checkpoint into `tmp`; returns this rank's error, if any (after every collective ran)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    error = None
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / "train_state")
-    torch.save({"cpu": torch.get_rng_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp / f"rng_rank{rank}.pt")
+    try:  # collective: DCP gathers every rank's write result and raises on all ranks if one failed
+        with single_process_quiet():
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / "train_state",
+                     no_dist=not dist.is_initialized())
+    except dcp.api.CheckpointException as e:
+        error = e
     cfg = unwrap(model).config
     export_dtype = getattr(torch, cfg.torch_dtype, torch.float32)  # the base checkpoint's own dtype
     shapes = {name: (p.shape, export_dtype) for name, p in unwrap(model).named_parameters()}
@@ -174,17 +206,41 @@ def save_checkpoint(out_dir, step: int, model, optimizer, scheduler, config: dic
         assert gathered == name, (gathered, name)
         return tensor
 
-    save_pretrained(tmp, cfg, shapes, next_weight, tokenizer_dir=tokenizer_dir, write=rank == 0,
-                    max_shard_bytes=max_shard_bytes)
-    if rank == 0:
-        torch.save({"step": step, "scheduler": scheduler.state_dict(), "config": config}, tmp / "trainer.pt")
-    barrier()  # every rank's shard is on disk before the rename makes the checkpoint count
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in checkpoints(out_dir)[:-keep_last] if keep_last else []:
-            shutil.rmtree(old)
-    barrier()
+    try:  # collective too: a rank whose write failed keeps gathering until the end, then raises
+        save_pretrained(tmp, cfg, shapes, next_weight, tokenizer_dir=tokenizer_dir, write=rank == 0 and not error,
+                        max_shard_bytes=max_shard_bytes)
+        small = {f"rng_rank{rank}.pt": {"cpu": torch.get_rng_state(), "python": random.getstate(),
+                                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+        if rank == 0:
+            small["trainer.pt"] = {"step": step, "scheduler": scheduler.state_dict(), "config": config}
+        for name, obj in small.items():
+            buffer = io.BytesIO()  # serialised in memory, then one plain write: a full disk is a clear OSError
+            torch.save(obj, buffer)
+            (tmp / name).write_bytes(buffer.getvalue())
+    except Exception as e:
+        error = error or e
+    return error
+
+
+def write_error_reason(error: BaseException, out_dir) -> str:
+    """A full disk reads differently from each writer (DCP wraps it, safetensors words it); say it plainly."""
+    import torch.distributed.checkpoint as dcp
+
+    if isinstance(error, dcp.api.CheckpointException) and error.failures:
+        error = next(iter(error.failures.values()))[0]
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).strip().splitlines()[0]
+    if "unexpected pos" in reason:  # torch.save's stream writer, cut short under it, says only this
+        reason = "the file system refused a write: disk full or a file size limit"
+    free = shutil.disk_usage(out_dir).free
+    return f"{reason}; {free / 2**20:.0f} MiB free there" if free < 2**30 else reason
+
+
+@contextlib.contextmanager
+def single_process_quiet():
+    """DCP warns on every save/load that it runs in one process; for `python ssr.py` that is the plan."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def checkpoints(out_dir) -> list[Path]:
@@ -200,11 +256,16 @@ def newest_checkpoint(out_dir) -> Path | None:
     return found[-1] if found else None
 
 
-def check_resumable(path: Path):
-    """Refuse, before any model loads, a checkpoint this version cannot continue."""
+def read_trainer_state(path: Path) -> dict:
+    """step_N/trainer.pt (step, LR schedule, run config), or one CheckpointError saying why it cannot be used."""
     if not (path / "trainer.pt").exists():
         raise CheckpointError(f"{path}: written by an older ssr (one train_state.pt), which this version cannot "
                               f"resume; start a new run from its weights with --model {path}")
+    try:  # weights_only: a checkpoint folder is data, never code to unpickle
+        return torch.load(path / "trainer.pt", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path / 'trainer.pt'}: cannot read ({str(e).strip().splitlines()[0]}); resume from "
+                              f"an earlier step_N by deleting {path}") from None
 
 
 def load_train_state(path: Path, model, optimizer, scheduler) -> int:
@@ -214,10 +275,15 @@ def load_train_state(path: Path, model, optimizer, scheduler) -> int:
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=path / "train_state")
+    try:
+        with single_process_quiet():
+            dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=path / "train_state",
+                     no_dist=not dist.is_initialized())
+    except (dcp.api.CheckpointException, Exception) as e:  # DCP's exception is a BaseException
+        raise CheckpointError(f"{path / 'train_state'}: cannot read the saved train state (truncated or corrupt?): "
+                              f"{write_error_reason(e, path)}") from None
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
-    # weights_only: a checkpoint folder is data, never code to unpickle
-    trainer = torch.load(path / "trainer.pt", weights_only=True)
+    trainer = read_trainer_state(path)
     scheduler.load_state_dict(trainer["scheduler"])
     # the train state reshards to any world size (DCP); RNG states are per rank, restored where one was saved
     rng_file = path / f"rng_rank{dist.get_rank() if dist.is_initialized() else 0}.pt"

@@ -34,9 +34,10 @@ from tqdm import tqdm
 
 import grpo
 import judge
+import rundir
 from checkpoint import CheckpointError, load_tokenizer, make_tiny_model, read_config
-from distributed import (check_resumable, init_distributed, load_frozen_model, load_train_state, load_trainer_model, newest_checkpoint,
-                         sampler_copy, save_checkpoint, sync_sampler, unwrap)
+from distributed import (init_distributed, load_frozen_model, load_train_state, load_trainer_model, newest_checkpoint,
+                         read_trainer_state, sampler_copy, save_checkpoint, sync_sampler, unwrap)
 from judge import DataError
 from model import Transformer
 from plan import GIB, cache_positions, comet_checkpoint_bytes, device_memory_bytes, memory_plan, sampler_slots
@@ -92,7 +93,9 @@ class Config:
     # --- run
     steps: int = arg(200, "training steps")
     save_every: int = arg(50, "checkpoint every N steps (and at the end)")
-    resume: bool = arg(False, "continue from the newest OUT/step_N")
+    resume: bool = arg(False, "continue from the newest OUT/step_N (its saved flags must match, see --resume-override)")
+    resume_override: str = arg("", "with --resume: comma-separated flags you change on purpose (e.g. lr,data); "
+                               "other changes to what the run means are refused")
     seed: int = arg(0, "seed of data order, sampling and the tiny model")
     dist: str = arg("auto", "data parallelism under torchrun (auto: ddp if several ranks)",
                     choices=["auto", "none", "ddp", "fsdp"])
@@ -153,6 +156,80 @@ def parse_args(argv=None) -> Config:
     # no model: the smoke run, whose preset is applied under whatever the user did give
     preset = given.get("preset") or ("smoke" if not given.get("model") else "")
     return Config(**(PRESETS.get(preset, {}) | given | {"preset": preset}))
+
+
+# Every flag's range, checked right after parsing: a mistake costs seconds, not a model load or a sampling step.
+# (flag, test on the config, what would be valid)
+CHECKS = [
+    ("prompts_per_step", lambda c: c.prompts_per_step >= 1, "at least 1"),
+    ("group_size", lambda c: c.group_size >= 2, "at least 2: GRPO compares the rollouts of a group"),
+    ("max_prompt_tokens", lambda c: c.max_prompt_tokens >= 1, "at least 1"),
+    ("max_new_tokens", lambda c: c.max_new_tokens >= 1, "at least 1"),
+    ("judge_max_new_tokens", lambda c: c.judge_max_new_tokens >= 1, "at least 1"),
+    ("temperature", lambda c: 0 < c.temperature < math.inf, "> 0: a group sampled greedily is one rollout 8 times"),
+    ("top_p", lambda c: 0 < c.top_p <= 1, "in (0, 1]"),
+    ("sampler_batch_size", lambda c: c.sampler_batch_size >= c.group_size, "at least --group-size (a group "
+                                                                            "shares one prefill)"),
+    ("judge_samples", lambda c: c.judge_samples >= 1, "at least 1"),
+    ("judge_temperature", lambda c: c.judge_samples == 1 or 0 < c.judge_temperature < math.inf,
+     "> 0 when --judge-samples > 1"),
+    ("w_self", lambda c: c.w_self >= 0 and c.w_comet >= 0 and (c.w_self + c.w_comet > 0 or c.reward),
+     ">= 0, like --w-comet, and not both 0 (nothing would reward a translation) unless --reward is given"),
+    ("format_penalty", lambda c: math.isfinite(c.format_penalty), "a finite number"),
+    ("lr", lambda c: 0 < c.lr < math.inf, "> 0"),
+    ("warmup_steps", lambda c: c.warmup_steps >= 0, ">= 0"),
+    ("weight_decay", lambda c: 0 <= c.weight_decay < math.inf, ">= 0"),
+    ("max_grad_norm", lambda c: 0 < c.max_grad_norm, "> 0"),
+    ("clip_low", lambda c: 0 <= c.clip_low < 1, "in [0, 1)"),
+    ("clip_high", lambda c: 0 <= c.clip_high < math.inf, ">= 0"),
+    ("kl_beta", lambda c: 0 <= c.kl_beta < math.inf, ">= 0"),
+    ("mini_batches", lambda c: c.mini_batches >= 1, "at least 1"),
+    ("micro_batch_size", lambda c: c.micro_batch_size >= 1, "at least 1"),
+    ("steps", lambda c: c.steps >= 1, "at least 1"),
+    ("save_every", lambda c: c.save_every >= 1, "at least 1"),
+    ("log_samples", lambda c: c.log_samples >= 0, ">= 0"),
+    ("keep_last", lambda c: c.keep_last >= 0, ">= 0 (0 keeps every checkpoint)"),
+    ("dist_timeout", lambda c: 0 < c.dist_timeout < math.inf, "> 0 minutes"),
+    ("plan_world", lambda c: c.plan_world >= 0, ">= 0"),
+    ("gpu_gib", lambda c: 0 <= c.gpu_gib < math.inf, ">= 0"),
+]
+
+
+def validate(cfg: Config, world: int):
+    """Every flag and flag combination, and every path, before any work: one ConfigError naming the flag."""
+    for name, ok, valid in CHECKS:
+        if not ok(cfg):
+            raise ConfigError(f"{flag(name)} {getattr(cfg, name)!r}: must be {valid}")
+    per_rank = cfg.prompts_per_step // world * cfg.group_size
+    if cfg.prompts_per_step % world or per_rank % cfg.mini_batches:
+        raise ConfigError(f"--prompts-per-step {cfg.prompts_per_step}: must be a multiple of the {world} ranks, and "
+                          f"each rank's rollouts ({per_rank}) must split into --mini-batches {cfg.mini_batches}")
+    if cfg.resume_override and not cfg.resume:
+        raise ConfigError("--resume-override only means something with --resume")
+    needs = ("config.json",) if cfg.plan else ("config.json", "tokenizer.json")  # --plan reads config.json only
+    for name in ("model", "judge_model"):
+        path = Path(getattr(cfg, name))
+        if getattr(cfg, name) and not all((path / f).is_file() for f in needs):
+            raise ConfigError(f"{flag(name)} {path}: not a model directory (needs {' and '.join(needs)})")
+    if not os.access(cfg.data, os.R_OK) or not Path(cfg.data).is_file():
+        raise ConfigError(f"--data {cfg.data}: no such readable file")
+    if cfg.w_comet > 0 and looks_like_path(cfg.comet_model) and not Path(cfg.comet_model).expanduser().exists():
+        raise ConfigError(f"--comet-model {cfg.comet_model}: no such COMET checkpoint directory")
+    rundir.check_writable(Path(cfg.out_dir))
+    if cfg.wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ConfigError("--wandb needs the wandb package (pip install wandb)") from None
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def looks_like_path(name: str) -> bool:
+    """A COMET model given as a path (./x, /x, ~/x, x/y/z) rather than a hub name (Org/name)."""
+    return name.startswith((".", "/", "~")) or name.count("/") != 1
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -258,9 +335,10 @@ def setup(cfg: Config) -> Run:
     unwrap(model).grad_checkpointing = cfg.grad_checkpointing
     optimizer, scheduler = make_optimizer(cfg, model)
     start = load_train_state(resume_dir, model, optimizer, scheduler) if resume_dir else 0
+    apply_schedule(cfg, optimizer, scheduler)  # a resume restored the saved LR; --resume-override lr changes it
     if rank == 0 and resume_dir:
         print(f"resumed from {resume_dir} at step {start}")
-        drop_logs_after(out, start)
+        rundir.trim_logs(out, start)
 
     gen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     # one cache slot per sequence this rank can have live at once: its rollouts, or its judge prompts
@@ -318,10 +396,8 @@ def check_memory(cfg: Config, world: int, mode: str, device: torch.device, rank:
 
 
 def start_wandb(cfg: Config):
-    try:
-        import wandb
-    except ImportError:
-        raise ConfigError("--wandb needs the wandb package (pip install wandb)") from None
+    import wandb
+
     return wandb.init(project=cfg.wandb, config=dataclasses.asdict(cfg))
 
 
@@ -339,22 +415,23 @@ def prepare_smoke_model(cfg: Config, out: Path, rank: int, device: torch.device)
 
 
 def claim_out_dir(cfg: Config, out: Path, rank: int) -> Path | None:
-    """The checkpoint to resume from (--resume), or None for a fresh run, which must not mix with an old one:
-    a directory holding checkpoints is refused, except by the smoke run, which simply starts over."""
+    """The checkpoint to resume from (--resume, after checking that its flags match ours), or None for a fresh
+    run, which must not mix with an old one (rundir.claim)."""
     newest = newest_checkpoint(cfg.out_dir)
-    if cfg.resume:
-        if newest is None:
-            raise CheckpointError(f"{cfg.out_dir}: --resume given but no step_N checkpoint there")
-        check_resumable(newest)
-        return newest
-    if newest is not None:
-        if cfg.preset != "smoke":
-            raise ConfigError(f"{cfg.out_dir} already holds {newest.name}: pass --resume to continue that run, "
-                              "or another --out-dir")
-        if rank == 0:
-            for path in [*out.glob("step_*"), out / "metrics.jsonl", out / "samples.jsonl"]:
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    return None
+    rundir.claim(out, newest, cfg.resume, cfg.preset == "smoke", rank == 0)
+    if not cfg.resume:
+        return None
+    saved = read_trainer_state(newest)["config"]
+    overrides = {k.strip().replace("-", "_") for k in cfg.resume_override.split(",") if k.strip()}
+    changed = rundir.config_changes(saved, run_config(cfg), overrides)
+    if rank == 0 and changed:
+        print(f"resuming with changed flags: {', '.join(rundir.flag(k) for k in changed)}")
+    return newest
+
+
+def run_config(cfg: Config) -> dict:
+    """What a checkpoint records of the run: the flags, and a fingerprint of the data they point at."""
+    return dataclasses.asdict(cfg) | {"data_sha256": rundir.file_sha256(cfg.data)}
 
 
 def make_optimizer(cfg: Config, model):
@@ -372,13 +449,14 @@ def make_optimizer(cfg: Config, model):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
 
-def drop_logs_after(out: Path, step: int):
-    """On resume: forget what was logged after the checkpoint, so the redone steps are logged once."""
-    for name in ("metrics.jsonl", "samples.jsonl"):
-        if (out / name).exists():
-            lines = (out / name).read_text(encoding="utf-8").splitlines(keepends=True)
-            kept = [line for line in lines if json.loads(line)["step"] <= step]
-            (out / name).write_text("".join(kept), encoding="utf-8")
+def apply_schedule(cfg: Config, optimizer, scheduler):
+    """Put cfg's peak LR and weight decay into the (possibly restored) optimizer and schedule. A fresh run
+    changes nothing; a resume whose LR was overridden continues with the new one from its current step."""
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.lr
+        group["lr"] = cfg.lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
+        group["weight_decay"] = cfg.weight_decay
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -487,7 +565,7 @@ def update_policy(run: Run, rollouts: list[Rollout]) -> dict:
                                  kl_beta=cfg.kl_beta, loss_agg=cfg.loss_agg, max_response_len=cfg.max_new_tokens,
                                  temperature=cfg.temperature, max_grad_norm=cfg.max_grad_norm, progress=progress)
     run.model.eval()
-    stats["lr"] = run.scheduler.get_last_lr()[0]
+    stats["lr"] = run.optimizer.param_groups[0]["lr"]  # the LR this update used
     run.scheduler.step()
     return stats
 
@@ -518,7 +596,7 @@ def train(cfg: Config):
             sync_sampler(run.model, run.sampler.model)  # 5. the new weights into the sampler's copy
         log_step(run, step, rollouts, stats, times, t_step)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(cfg.out_dir, step + 1, run.model, run.optimizer, run.scheduler, dataclasses.asdict(cfg),
+            save_checkpoint(cfg.out_dir, step + 1, run.model, run.optimizer, run.scheduler, run_config(cfg),
                             cfg.model, cfg.keep_last)
     if run.master:
         print(f"done: checkpoint {run.out / f'step_{cfg.steps}'}, metrics {run.out / 'metrics.jsonl'}"
@@ -577,15 +655,22 @@ def log_step(run: Run, step: int, rollouts: list[Rollout], stats: dict, times: d
 
 def main(argv=None):
     cfg = parse_args(argv)
+    release = None
     try:
+        validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        if not cfg.plan and int(os.environ.get("RANK", "0")) == 0:  # rank 0 owns the out-dir for the whole run
+            release = rundir.lock(Path(cfg.out_dir))
         train(cfg)
-    except (CheckpointError, DataError, ConfigError, judge.RewardError) as e:
+    except (CheckpointError, DataError, ConfigError, judge.RewardError, rundir.RunDirError) as e:
         # bad input: one line that says what to fix, no traceback
         print(f"ssr: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("ssr: interrupted; the newest complete checkpoint is intact (resume with --resume)", file=sys.stderr)
+        print(rundir.interrupted_message(Path(cfg.out_dir), newest_checkpoint(cfg.out_dir)), file=sys.stderr)
         sys.exit(130)
+    finally:
+        if release is not None:
+            release()
 
 
 if __name__ == "__main__":

@@ -145,8 +145,9 @@ def test_custom_reward_rises(tmp_path, model_dir, data_file):
 
 
 def test_resume_is_bit_exact(tmp_path, model_dir, data_file):
+    # warm-up then cosine: a resume that forgot the LR schedule would show in the weights and the logged lr
     common = ["--model", model_dir, "--data", data_file, *SMALL, "--reward", "judge:letter_share_reward",
-              "--save-every", 2]
+              "--save-every", 2, "--warmup-steps", 2, "--lr-schedule", "cosine"]
     run_ssr(*common, "--out-dir", tmp_path / "straight", "--steps", 3)
     run_ssr(*common, "--out-dir", tmp_path / "resumed", "--steps", 3)
     # a crash after step 3 was logged but before it was saved: resume from step_2 redoes step 3
@@ -245,10 +246,10 @@ def test_bad_data_line(tmp_path, model_dir, line, message):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model", "/nonexistent/model"], "no such checkpoint directory"),
+    (["--model", "/nonexistent/model"], "--model /nonexistent/model: not a model directory"),
     (["--reward", "no_such_module:fn"], "no module named 'no_such_module'"),
     (["--reward", "judge:nope"], "has no function 'nope'"),
-    (["--data", "/nonexistent.jsonl"], "no such data file"),
+    (["--data", "/nonexistent.jsonl"], "--data /nonexistent.jsonl: no such readable file"),
 ])
 def test_bad_model_reward_data_paths(tmp_path, model_dir, args, message):
     base = {"--model": str(model_dir), "--out-dir": str(tmp_path / "o")}

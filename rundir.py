@@ -1,0 +1,172 @@
+"""The run directory (--out-dir): one run owns it, a new run never mixes with an old one, and a resume cannot
+quietly change what the run means.
+
+- `lock(out)`: OUT/.lock names the owner (host, pid, start time) for the run's life; a second run refuses with
+  one line. A lock left by a process that died (same host, pid gone) is reported and taken over.
+- `claim(...)`: what a run may do with what OUT already holds: continue its newest checkpoint (--resume), or
+  start in an empty directory. Logs without a checkpoint (a run stopped before its first save) are refused
+  too: starting over must be explicit. The smoke run is the exception: it always starts over.
+- `config_changes(...)`: on --resume, the saved config against the effective one. Flags that change what the
+  run means (data, model, group size, seed, lengths, reward, judge, learning rate, ...) are refused unless
+  --resume-override names them; flags about how it runs (steps, logging, batch sizes for memory) may change.
+- `trim_logs(...)`: on resume, drop what was logged after the checkpoint, through a temp file and a rename.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+LOGS = ("metrics.jsonl", "samples.jsonl")
+
+# Flags a resumed run may change: how it runs, not what it computes. Everything else is refused unless named
+# in --resume-override (then applied: the loop reads the config every step; the LR is put into the restored
+# schedule and the weight decay into the restored optimizer).
+FREE_TO_CHANGE = {"steps", "save_every", "keep_last", "log_samples", "wandb", "dist_timeout", "resume",
+                  "resume_override", "plan", "plan_world", "gpu_gib", "micro_batch_size", "sampler_batch_size",
+                  "grad_checkpointing", "dist", "out_dir", "preset"}
+
+
+class RunDirError(ValueError):
+    """The out-dir cannot be used as asked; the message says why and the ways out."""
+
+
+def check_writable(out: Path):
+    """OUT must be (or become) a directory we can write: said before any work, not at the first save."""
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out-dir {out}: is a file, not a directory")
+    existing = next((p for p in [out, *out.parents] if p.exists()), None)
+    if existing is None or not os.access(existing, os.W_OK | os.X_OK):
+        raise RunDirError(f"--out-dir {out}: cannot create or write there (no write permission on {existing})")
+
+
+def lock(out: Path):
+    """Take OUT/.lock for this process (call release() at the end). Refuses if a live run holds it."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / ".lock"
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(2):  # a second try after removing a stale lock
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            owner = read_lock(path)
+            if owner.get("host") == me["host"] and not pid_alive(owner.get("pid")):
+                print(f"ssr: {path}: removing a stale lock of pid {owner.get('pid')} (started {owner.get('started')}), "
+                      f"which is no longer running")
+                path.unlink(missing_ok=True)
+                continue
+            raise RunDirError(f"--out-dir {out} is in use by pid {owner.get('pid')} on {owner.get('host')} (since "
+                              f"{owner.get('started')}); use another --out-dir, or delete {path} if that run is dead")
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return lambda: release(path, me["pid"])
+    raise RunDirError(f"--out-dir {out}: could not take {path}")
+
+
+def read_lock(path: Path) -> dict:
+    try:
+        owner = json.loads(path.read_text())
+        return owner if isinstance(owner, dict) else {}
+    except (OSError, ValueError):
+        return {}  # half-written by a process killed at birth: no owner we can name
+
+
+def pid_alive(pid) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by someone else
+    return True
+
+
+def release(path: Path, pid: int):
+    if read_lock(path).get("pid") == pid:
+        path.unlink(missing_ok=True)
+
+
+def claim(out: Path, newest: Path | None, resume: bool, smoke: bool, master: bool):
+    """Check that this run may use OUT as asked (see the module docstring); the smoke run clears old outputs."""
+    logs = [out / name for name in LOGS if (out / name).exists()]
+    if resume:
+        if newest is None:
+            raise RunDirError(f"--resume: {out} holds no step_N checkpoint"
+                              + (f" (only the logs of a run stopped before its first save: delete {out} or use "
+                                 f"another --out-dir to start over)" if logs else ""))
+        return
+    if newest is None and not logs:
+        return
+    if smoke:
+        if master:
+            for path in [*out.glob("step_*"), *out.glob(".step_*.tmp"), *logs]:
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        return
+    if newest is not None:
+        raise RunDirError(f"{out} already holds {newest.name}: pass --resume to continue that run, or use another "
+                          f"--out-dir")
+    raise RunDirError(f"{out} holds the logs of a run that saved no checkpoint, so it cannot be resumed: delete "
+                      f"{' and '.join(p.name for p in logs)} to start over there, or use another --out-dir")
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def config_changes(saved: dict, effective: dict, overrides: set[str]) -> list[str]:
+    """Refuse a resume whose effective config differs from the saved one in a flag that changes what the run
+    means, unless overridden; returns the changed flags that were allowed (to report them)."""
+    changed = sorted(k for k in effective.keys() | saved.keys() if saved.get(k) != effective.get(k))
+    unknown = overrides - effective.keys()
+    if unknown:
+        raise RunDirError(f"--resume-override names {', '.join(sorted(unknown))}, which "
+                          f"{'is not a flag' if len(unknown) == 1 else 'are not flags'}")
+    refused = [k for k in changed if k not in FREE_TO_CHANGE and k not in overrides]
+    if refused:
+        diffs = "; ".join(f"{flag(k)} {saved.get(k)!r} -> {effective.get(k)!r}" for k in refused)
+        raise RunDirError(f"--resume with changed settings ({diffs}): resume with the saved values, or name them in "
+                          f"--resume-override {','.join(refused)} to change them on purpose")
+    return changed
+
+
+def flag(key: str) -> str:
+    return "the data file's contents" if key == "data_sha256" else "--" + key.replace("_", "-")
+
+
+def trim_logs(out: Path, step: int):
+    """On resume: forget what was logged after the checkpoint (and a half-written last line), so the redone
+    steps are logged once. Each file is rewritten through a temp file and a rename: a crash keeps the old."""
+    for name in LOGS:
+        path = out / name
+        if not path.exists():
+            continue
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                break  # a line cut by a crash is the last one written
+            if not line.endswith("\n") or record.get("step", step + 1) > step:
+                break
+            kept.append(line)
+        tmp = path.with_name(name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def interrupted_message(out: Path, newest: Path | None) -> str:
+    """What an interrupted run leaves, truthfully."""
+    if newest is not None:
+        return f"ssr: interrupted; {newest} is the newest complete checkpoint: continue with --resume"
+    return (f"ssr: interrupted before the first checkpoint, so there is nothing to resume: delete {out} (or use "
+            f"another --out-dir) to start over")

@@ -1,0 +1,244 @@
+"""Nothing silently wrong: every bad flag stopped before work starts, runs that cannot mix in one out-dir,
+resumes that cannot drift, interrupted and failed saves that leave the newest checkpoint intact, and the
+loop's invariants that a single step cannot show (the judge is synced, the schedule resumes, epochs cover
+the data)."""
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import distributed
+import rundir
+import ssr
+from test_ssr import (ROOT, SMALL, data_file, metrics, model_dir, parrot_model_dir, run_ssr,  # noqa: F401
+                      write_jsonl)
+
+# ----------------------------------------------------------------------------------------------------
+# every bad flag: exit 2, one line naming it, no traceback, nothing loaded
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--group-size", 0], "--group-size 0: must be at least 2"),
+    (["--group-size", 1], "--group-size 1: must be at least 2"),
+    (["--prompts-per-step", 0], "--prompts-per-step 0: must be at least 1"),
+    (["--max-new-tokens", 0], "--max-new-tokens 0: must be at least 1"),
+    (["--lr", -1], "--lr -1.0: must be > 0"),
+    (["--temperature", -1], "--temperature -1.0: must be > 0"),
+    (["--temperature", 0], "--temperature 0.0: must be > 0"),
+    (["--top-p", 0], "--top-p 0.0: must be in (0, 1]"),
+    (["--save-every", 0], "--save-every 0: must be at least 1"),
+    (["--micro-batch-size", 0], "--micro-batch-size 0: must be at least 1"),
+    (["--sampler-batch-size", 1], "--sampler-batch-size 1: must be at least --group-size"),
+    (["--steps", 0], "--steps 0: must be at least 1"),
+    (["--mini-batches", 3], "must split into --mini-batches 3"),
+    (["--w-self", 0], "--w-self 0.0: must be >= 0, like --w-comet, and not both 0"),
+    (["--judge-samples", 2, "--judge-temperature", 0], "--judge-temperature 0.0: must be > 0 when"),
+    (["--resume-override", "lr"], "--resume-override only means something with --resume"),
+    (["--model", "/nonexistent/model"], "--model /nonexistent/model: not a model directory"),
+    (["--data", "/nonexistent.jsonl"], "--data /nonexistent.jsonl: no such readable file"),
+    (["--w-comet", 0.5, "--comet-model", "/no/such/kiwi"], "--comet-model /no/such/kiwi: no such COMET"),
+    (["--out-dir", "{file}"], "is a file, not a directory"),
+    (["--out-dir", "{file}/sub"], "cannot create or write there"),
+])
+def test_bad_flags_stop_before_any_work(tmp_path, model_dir, data_file, monkeypatch, capsys, args, message):
+    """In-process through ssr.main (the CLI's own entry point): the model loader is booby-trapped, so a check
+    that came after a model load would show as a failure here, not as a slow pass."""
+    (tmp_path / "afile").write_text("x")
+    args = [str(a).replace("{file}", str(tmp_path / "afile")) for a in args]
+    given = dict(zip(args[::2], args[1::2]))
+    base = {"--model": str(model_dir), "--data": str(data_file), "--out-dir": str(tmp_path / "out")} | given
+    loaded = []
+    monkeypatch.setattr(ssr, "load_trainer_model", lambda *a, **k: loaded.append(a) or 1 / 0)
+    t0 = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_info:
+        ssr.main([x for kv in base.items() for x in kv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and not loaded and time.perf_counter() - t0 < 30
+    assert len(err.strip().splitlines()) == 1 and err.startswith("ssr: error: ") and message in err, err
+
+
+def test_bad_flag_through_a_real_subprocess(tmp_path, model_dir, data_file):
+    proc = run_ssr("--model", model_dir, "--data", data_file, "--out-dir", tmp_path / "o", "--group-size", 1,
+                   expect_ok=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == ["ssr: error: --group-size 1: must be at least 2: GRPO compares the "
+                                                "rollouts of a group"]
+    assert not (tmp_path / "o").exists()  # refused before it created anything
+
+
+def test_non_utf8_data_names_file_and_line(tmp_path, model_dir):
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(b'{"src": "ok", "src_lang": "en", "tgt_lang": "zh"}\n{"src": "caf\xe9", "src_lang": "fr", '
+                     b'"tgt_lang": "en"}\n')
+    proc = run_ssr("--model", model_dir, "--data", data, "--out-dir", tmp_path / "o", expect_ok=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"ssr: error: {data}:2: not UTF-8 (byte 0xe9 at column 13)"
+
+
+# ----------------------------------------------------------------------------------------------------
+# one run per out-dir; starting over is explicit
+
+
+def common(model_dir, data_file, out, *extra):
+    return ["--model", model_dir, "--data", data_file, "--out-dir", out, *SMALL, "--reward",
+            "judge:letter_share_reward", *extra]
+
+
+def test_second_run_refused_while_the_first_runs(tmp_path, model_dir, data_file):
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, str(ROOT / "ssr.py"),
+                              *map(str, common(model_dir, data_file, out, "--steps", 6, "--save-every", 6))],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / ".lock").exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (out / ".lock").exists(), "the first run never took the lock"
+        second = run_ssr(*common(model_dir, data_file, out, "--steps", 7, "--resume"), expect_ok=False)
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        assert f"--out-dir {out} is in use by pid {first.pid}" in second.stderr, second.stderr
+    finally:
+        stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-2000:]
+    assert not (out / ".lock").exists()  # released at the end
+    run_ssr(*common(model_dir, data_file, out, "--steps", 7, "--resume"))  # now it may go on
+    assert [m["step"] for m in metrics(out)] == list(range(1, 8))
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, model_dir, data_file):
+    out = tmp_path / "run"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / ".lock").write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid, "started": "earlier"}))
+    proc = run_ssr(*common(model_dir, data_file, out, "--steps", 1))
+    assert f"removing a stale lock of pid {dead.pid}" in proc.stdout
+
+
+def test_restart_after_an_early_stop_is_explicit(tmp_path, model_dir, data_file):
+    """A run stopped before its first checkpoint left logs: a new run refuses (no steps 1, 1, 2...), naming
+    both ways out, and --resume says there is nothing to resume."""
+    out = tmp_path / "run"
+    run_ssr(*common(model_dir, data_file, out, "--steps", 2, "--save-every", 5))
+    for p in out.glob("step_*"):  # as if it had been stopped before its save
+        import shutil
+        shutil.rmtree(p)
+    again = run_ssr(*common(model_dir, data_file, out, "--steps", 2), expect_ok=False)
+    assert again.returncode == 2 and "holds the logs of a run that saved no checkpoint" in again.stderr
+    assert "delete metrics.jsonl and samples.jsonl to start over there, or use another --out-dir" in again.stderr
+    resumed = run_ssr(*common(model_dir, data_file, out, "--steps", 2, "--resume"), expect_ok=False)
+    assert resumed.returncode == 2 and "holds no step_N checkpoint" in resumed.stderr
+    assert [m["step"] for m in metrics(out)] == [1, 2]
+    message = rundir.interrupted_message(out, None)  # what Ctrl-C would have said: no --resume advice
+    assert "nothing to resume" in message and "--resume" not in message
+
+
+# ----------------------------------------------------------------------------------------------------
+# resume cannot drift
+
+
+def test_resume_refuses_changed_meaning_and_accepts_steps_and_overrides(tmp_path, model_dir, data_file):
+    out = tmp_path / "run"
+    run = lambda *extra, **kw: run_ssr(*common(model_dir, data_file, out, "--warmup-steps", 4, *extra), **kw)
+    run("--steps", 2, "--save-every", 2)
+    changed = run("--steps", 3, "--resume", "--group-size", 8, expect_ok=False)
+    assert changed.returncode == 2 and "Traceback" not in changed.stderr
+    assert changed.stderr.strip() == ("ssr: error: --resume with changed settings (--group-size 4 -> 8): resume with "
+                                      "the saved values, or name them in --resume-override group_size to change "
+                                      "them on purpose")
+    other_data = write_jsonl(tmp_path / "other.jsonl", [{"src": "x y", "src_lang": "en", "tgt_lang": "zh"}])
+    data_changed = run_ssr(*common(model_dir, other_data, out, "--warmup-steps", 4, "--steps", 3, "--resume"),
+                           expect_ok=False)
+    assert "--data" in data_changed.stderr and "the data file's contents" in data_changed.stderr
+    # --steps may change; a learning-rate change is applied from the resumed step on, when asked for
+    run("--steps", 3, "--resume", "--resume-override", "lr", "--lr", 2e-4)
+    lrs = [m["lr"] for m in metrics(out)]
+    assert lrs == pytest.approx([1e-4 * 1 / 4, 1e-4 * 2 / 4, 2e-4 * 3 / 4])
+    state = torch.load(out / "step_3" / "trainer.pt", weights_only=True)
+    assert state["config"]["lr"] == 2e-4  # the saved config is what ran
+
+
+def test_partial_metrics_line_and_truncated_state_on_resume(tmp_path, model_dir, data_file):
+    out = tmp_path / "run"
+    run_ssr(*common(model_dir, data_file, out, "--steps", 2, "--save-every", 1))
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "reward_me')  # killed mid-write
+    run_ssr(*common(model_dir, data_file, out, "--steps", 3, "--resume"))
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3]
+    trainer = out / "step_3" / "trainer.pt"
+    trainer.write_bytes(trainer.read_bytes()[:100])
+    proc = run_ssr(*common(model_dir, data_file, out, "--steps", 4, "--resume"), expect_ok=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert f"{trainer}: cannot read" in proc.stderr and "resume from an earlier step_N" in proc.stderr
+
+
+def test_failed_save_leaves_newest_checkpoint_intact(tmp_path, model_dir, data_file):
+    """A write that fails mid-save (here: a file-size limit, as a full disk would): one line, no half
+    checkpoint, and the newest complete one still resumes."""
+    out = tmp_path / "run"
+    run_ssr(*common(model_dir, data_file, out, "--steps", 1, "--save-every", 1))
+
+    def limit_file_size():  # every file this process writes stops at 256 KiB; EFBIG instead of a signal
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+
+    proc = subprocess.run([sys.executable, str(ROOT / "ssr.py"),
+                           *map(str, common(model_dir, data_file, out, "--steps", 2, "--save-every", 1, "--resume"))],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("ssr: error: could not write step_2 (") and ("File too large" in line or "refused a write"
+                                                                          in line), line
+    assert line.endswith(f"); the newest complete checkpoint, {out / 'step_1'}, is intact")
+    assert sorted(p.name for p in out.iterdir() if "step" in p.name) == ["step_1"]
+    run_ssr(*common(model_dir, data_file, out, "--steps", 2, "--save-every", 1, "--resume"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# what a single step cannot show
+
+
+def test_judge_uses_the_current_weights_every_step(tmp_path, parrot_model_dir, data_file, monkeypatch):
+    """Self-judging means the judge *is* the policy of this step: at every judge call its weights equal the
+    trainer's, which moved (a judge synced once, or never, would still pass a one-step test). The parrot's
+    rollouts all score alike, so weight decay is what moves the weights here."""
+    out = tmp_path / "run"
+    cfg = ssr.parse_args(list(map(str, ["--model", parrot_model_dir, "--data", data_file, "--out-dir", out, *SMALL,
+                                        "--steps", 3, "--lr", 1e-2, "--temperature", 0.5, "--max-new-tokens", 32,
+                                        "--judge-max-new-tokens", 32, "--weight-decay", 0.1])))
+    seen = []
+    real_judge = ssr.judge_translations
+
+    def spy(run, rollouts, seed):
+        trainer = dict(distributed.unwrap(run.model).named_parameters())
+        judge = dict(run.judge_sampler.model.named_parameters())
+        seen.append((max((trainer[k] - judge[k]).abs().max().item() for k in judge),
+                     trainer["layers.0.mlp.up_proj.weight"].detach().clone()))
+        return real_judge(run, rollouts, seed)
+
+    monkeypatch.setattr(ssr, "judge_translations", spy)
+    ssr.train(cfg)
+    assert len(seen) == 3 and all(gap == 0.0 for gap, _ in seen), [gap for gap, _ in seen]
+    assert not torch.equal(seen[0][1], seen[2][1])  # the policy did move between the judge calls
+    assert all(m["judge_parse_failure_rate"] is not None for m in metrics(out))  # the judge really ran
+
+
+def test_each_epoch_visits_every_row_once_whatever_the_global_rng():
+    rows = [{"src": str(i)} for i in range(10)]
+    cfg = ssr.Config(prompts_per_step=4, seed=3)
+    torch.manual_seed(0)
+    first = [r["src"] for step in range(5) for rank in range(2) for r in ssr.step_sources(rows, step, cfg, rank, 2)]
+    torch.manual_seed(123)  # the data order is a function of (seed, epoch), not of the global RNG's state
+    again = [r["src"] for step in range(5) for rank in range(2) for r in ssr.step_sources(rows, step, cfg, rank, 2)]
+    assert first == again
+    assert sorted(first[:10]) == sorted(first[10:20]) == sorted(map(str, range(10)))  # each epoch: every row once
+    assert first[:10] != first[10:20]  # a fresh permutation per epoch
+    one_rank = [r["src"] for step in range(5) for r in ssr.step_sources(rows, step, cfg, 0, 1)]
+    assert one_rank == first  # the global batch does not depend on the world size
