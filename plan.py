@@ -81,6 +81,18 @@ def graph_logits_bytes(slots: int, positions: int, vocab: int) -> int:
     return sum(batch_buckets(slots)) * math.ceil(positions / GRAPH_LEN_STEP) * vocab * 4
 
 
+ADVICE = {  # a row of the plan -> the flags that shrink it
+    "trainer": "shard the trainer over more GPUs (torchrun --nproc-per-node/--nnodes) with --dist fsdp",
+    "DDP": "use --dist fsdp", "autocast": "use --dist fsdp",
+    "KV cache": "lower --sampler-batch-size, --max-new-tokens or --judge-max-new-tokens",
+    "activations": "lower --micro-batch-size or turn on --grad-checkpointing",
+    "reference": "set --kl-beta 0 (no reference model)", "external judge": "drop --judge-model",
+    "COMET": "set --w-comet 0 or use a smaller --comet-model",
+    "FSDP2": "shard over more GPUs", "fused head": "lower --micro-batch-size", "prefill": "use a smaller --model",
+    "sampler weights": "use a smaller --model",
+}
+
+
 @dataclass
 class Plan:
     rows: list[tuple[str, float, str]]  # (what, bytes, phase: "resident" / "update" / "optimizer" / "sample")
@@ -92,12 +104,12 @@ class Plan:
     def fits(self) -> bool:
         return self.peak <= self.device_bytes
 
-    def biggest(self, advice: dict[str, str]) -> str:
-        """What shrinks the largest row that something can shrink (advice: row prefix -> flags to change)."""
+    def advice(self) -> str:
+        """What shrinks the largest row that a flag can shrink."""
         rows = sorted(self.rows, key=lambda r: -r[1])
-        return next(text for what, _, _ in rows for prefix, text in advice.items() if what.startswith(prefix))
+        return next(text for what, _, _ in rows for prefix, text in ADVICE.items() if what.startswith(prefix))
 
-    def table(self, advice: dict[str, str]) -> str:
+    def table(self) -> str:
         """The table, ending with exactly `plan: peak X GiB per GPU of G GiB: fits` (or `does not fit`, after a
         line saying what to change)."""
         width = max(len(what) for what, _, _ in self.rows) + 2
@@ -107,7 +119,7 @@ class Plan:
         lines += [f"  {'host per rank: ' + what:<{width}}{n / GIB:8.2f}" for what, n in self.host]
         verdict = "fits" if self.fits() else "does not fit"
         if not self.fits():
-            lines.append(f"  to fit: {self.biggest(advice)}")
+            lines.append(f"  to fit: {self.advice()}")
         lines.append(f"plan: peak {self.peak / GIB:.1f} GiB per GPU of {self.device_bytes / GIB:.0f} GiB: {verdict}")
         return "\n".join(lines)
 

@@ -363,18 +363,6 @@ def dist_mode(cfg: Config, world: int) -> str:
     return "none" if world == 1 else "ddp" if cfg.dist == "auto" else cfg.dist
 
 
-PLAN_ADVICE = {  # row of the plan -> what shrinks it
-    "trainer": "shard the trainer over more GPUs (torchrun --nproc-per-node/--nnodes) with --dist fsdp",
-    "DDP": "use --dist fsdp", "autocast": "use --dist fsdp",
-    "KV cache": "lower --sampler-batch-size, --max-new-tokens or --judge-max-new-tokens",
-    "activations": "lower --micro-batch-size or turn on --grad-checkpointing",
-    "reference": "set --kl-beta 0 (no reference model)", "external judge": "drop --judge-model",
-    "COMET": "set --w-comet 0 or use a smaller --comet-model",
-    "FSDP2": "shard over more GPUs", "fused head": "lower --micro-batch-size", "prefill": "use a smaller --model",
-    "sampler weights": "use a smaller --model",
-}
-
-
 def check_memory(cfg: Config, world: int, mode: str, device: torch.device, rank: int):
     """Print the memory plan (rank 0) and refuse a run that will not fit; with --plan, exit after printing."""
     if cfg.plan_world:
@@ -387,12 +375,12 @@ def check_memory(cfg: Config, world: int, mode: str, device: torch.device, rank:
                        read_config(cfg.judge_model) if cfg.judge_model else None,
                        comet_checkpoint_bytes(cfg.comet_model) if cfg.w_comet > 0 else 0)
     if rank == 0:
-        print(plan.table(PLAN_ADVICE), flush=True)
+        print(plan.table(), flush=True)
     if cfg.plan:
         sys.exit(0 if plan.fits() else 2)
     if not plan.fits():
         raise ConfigError(f"the memory plan needs {plan.peak / GIB:.1f} GiB per GPU, over the "
-                          f"{plan.device_bytes / GIB:.0f} GiB there are: {plan.biggest(PLAN_ADVICE)}")
+                          f"{plan.device_bytes / GIB:.0f} GiB there are: {plan.advice()}")
 
 
 def start_wandb(cfg: Config):
