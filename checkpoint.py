@@ -30,7 +30,7 @@ class CheckpointError(Exception):
 # ----------------------------------------------------------------------------------------------------
 # config.json <-> ModelConfig
 
-ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
 
 
 def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
@@ -42,13 +42,20 @@ def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if key not in raw:
             raise CheckpointError(f"{source}: missing required key '{key}'")
+    # what the network does not implement is refused by its key, never silently computed differently
     if raw.get("use_sliding_window"):
         raise CheckpointError(f"{source}: use_sliding_window=true is not supported")
-    # transformers 5 moved rope_theta into rope_parameters; 4.x keeps it at top level
-    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    if raw.get("mlp_bias"):
+        raise CheckpointError(f"{source}: mlp_bias=true is not supported (MLP projections without bias only)")
+    if raw.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{source}: hidden_act={raw['hidden_act']!r} is not supported (only 'silu')")
+    # transformers 5 moved rope_theta into rope_parameters; 4.x keeps it at top level, next to rope_scaling
+    # (Llama 3.1+ checkpoints set rope_scaling type 'llama3', long-context Qwen 'yarn': both refused here)
+    rope_key = "rope_parameters" if raw.get("rope_parameters") else "rope_scaling"
+    rope = raw.get(rope_key) or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
-        raise CheckpointError(f"{source}: rope type '{rope_type}' is not supported (only default RoPE)")
+        raise CheckpointError(f"{source}: {rope_key} type '{rope_type}' is not supported (only default RoPE)")
     heads = raw["num_attention_heads"]
     return ModelConfig(
         arch=arch,
@@ -62,7 +69,7 @@ def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
         rope_theta=float(raw.get("rope_theta", rope.get("rope_theta", 10000.0))),
         rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        attention_bias=True if arch == "qwen2" else bool(raw.get("attention_bias", False)),
+        attention_bias=arch == "qwen2" or bool(raw.get("attention_bias", False)),
         max_position_embeddings=raw.get("max_position_embeddings", 32768),
         torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
         raw=raw,
@@ -81,8 +88,10 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         tie_word_embeddings=cfg.tie_word_embeddings, max_position_embeddings=cfg.max_position_embeddings,
         hidden_act="silu", torch_dtype=cfg.torch_dtype,
     )
-    if cfg.arch == "qwen3":
+    if cfg.arch != "qwen2":  # Qwen2's biases are implied by its architecture
         out["attention_bias"] = cfg.attention_bias
+    if cfg.arch == "llama":
+        out["mlp_bias"] = False
     out.pop("rope_parameters", None)  # we wrote rope_theta above; both 4.x and 5.x read it
     out.pop("dtype", None)
     return out
@@ -384,11 +393,11 @@ def make_tiny_model(path, arch: str = "qwen2", corpus: Iterable[str] | None = No
     write_json(path / "generation_config.json", {"eos_token_id": eos_id, "pad_token_id": eos_id})
 
     dims = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=False) | overrides
+                num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=False,
+                attention_bias=arch == "qwen2") | overrides
     dims.setdefault("head_dim", dims["hidden_size"] // dims["num_attention_heads"])
     cfg = ModelConfig(arch=arch, vocab_size=math.ceil(tok.get_vocab_size() / 64) * 64,
-                      attention_bias=(arch == "qwen2"), torch_dtype=str(dtype).removeprefix("torch."),
-                      **dims)
+                      torch_dtype=str(dtype).removeprefix("torch."), **dims)
     cfg.raw = {"eos_token_id": eos_id, "bos_token_id": eos_id}
     torch.manual_seed(seed)
     model = Transformer(cfg)

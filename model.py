@@ -1,4 +1,8 @@
-"""Qwen2 / Qwen2.5 / Qwen3 (dense) decoder, written from scratch: the network and nothing else.
+"""Qwen2 / Qwen2.5 / Qwen3 (dense) and Llama decoders, written from scratch: the network and nothing else.
+
+The three differ only in the attention projections: Qwen2 always has q/k/v biases (no o_proj bias), Qwen3 adds a
+per-head RMSNorm on q and k, and Llama and Qwen3 put a bias on all four projections only when their config says
+`attention_bias`. Everything else (RMSNorm, rotate-half RoPE, SwiGLU, tied or untied head) is shared.
 
 One model class serves everyone:
 - the trainer calls `model(input_ids)` for logits, or `model(input_ids, targets=...)` for the fp32 log-prob
@@ -23,7 +27,7 @@ import torch.nn.functional as F
 
 @dataclass
 class ModelConfig:
-    arch: str  # "qwen2" (qkv bias) or "qwen3" (per-head q/k RMSNorm, no qkv bias)
+    arch: str  # "qwen2" (qkv bias), "qwen3" (per-head q/k RMSNorm) or "llama"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -34,7 +38,7 @@ class ModelConfig:
     rope_theta: float = 1_000_000.0
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
-    attention_bias: bool = True  # qkv projections carry a bias (always in Qwen2, optional in Qwen3)
+    attention_bias: bool = True  # q/k/v carry a bias: always in Qwen2; in Qwen3/Llama o_proj too, if the config says
     max_position_embeddings: int = 32768
     torch_dtype: str = "bfloat16"  # what the checkpoint stores
     raw: dict = field(default_factory=dict, repr=False)  # the config.json we were read from, kept on save
@@ -67,7 +71,7 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: to
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device,
                                              dtype=torch.int64).float() / head_dim))
     angles = positions.float()[..., None] * inv_freq  # (B, T, head_dim/2)
-    angles = torch.cat([angles, angles], dim=-1)  # Qwen uses the "rotate half" layout, not interleaved
+    angles = torch.cat([angles, angles], dim=-1)  # HF Qwen and Llama use the "rotate half" layout, not interleaved
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -87,7 +91,9 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        # Qwen2 hard-codes q/k/v biases and none on o_proj; Qwen3 and Llama use attention_bias for all four
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size,
+                                bias=cfg.attention_bias and cfg.arch != "qwen2")
         if cfg.arch == "qwen3":  # Qwen3 normalises each head's q and k before RoPE
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)

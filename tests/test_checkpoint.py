@@ -16,11 +16,12 @@ from test_model import CONFIGS, hf_load, random_ids
 @pytest.mark.parametrize("name", CONFIGS)
 def test_hf_sharded_checkpoint_loads_in_ours(tmp_path, name):
     arch, dims = CONFIGS[name]
-    cls = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[arch]
+    cls = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config, "llama": transformers.LlamaConfig}[arch]
     head_dim = dims.get("head_dim", 64 // dims["num_attention_heads"])
     cfg = cls(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
               num_attention_heads=dims["num_attention_heads"], num_key_value_heads=dims["num_key_value_heads"],
-              head_dim=head_dim, rope_theta=5000.0, tie_word_embeddings=dims.get("tie_word_embeddings", False))
+              head_dim=head_dim, rope_theta=5000.0, tie_word_embeddings=dims.get("tie_word_embeddings", False),
+              **({"attention_bias": dims["attention_bias"]} if "attention_bias" in dims else {}))
     torch.manual_seed(2)
     theirs = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     with torch.no_grad():  # HF initialises norms to 1 and biases to 0; random values test their placement
@@ -85,8 +86,8 @@ def test_missing_directory(tmp_path):
 def test_unsupported_architecture_and_missing_key(tmp_path, tiny_model_dir):
     path = copy_dir(tiny_model_dir, tmp_path / "m")
     cfg = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps(cfg | {"architectures": ["LlamaForCausalLM"]}))
-    with pytest.raises(CheckpointError, match=r"config.json: unsupported architectures \['LlamaForCausalLM'\]"):
+    (path / "config.json").write_text(json.dumps(cfg | {"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(CheckpointError, match=r"config.json: unsupported architectures \['GPT2LMHeadModel'\]"):
         Transformer.from_pretrained(path)
     del cfg["hidden_size"]
     (path / "config.json").write_text(json.dumps(cfg))
@@ -95,6 +96,23 @@ def test_unsupported_architecture_and_missing_key(tmp_path, tiny_model_dir):
     (path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         Transformer.from_pretrained(path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling type 'llama3' is not supported"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling type 'linear' is not supported"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6}}, "rope_parameters type 'yarn' is not supported"),
+    ({"mlp_bias": True}, "mlp_bias=true is not supported"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
+])
+def test_unsupported_llama_features_refused(tmp_path, edit, message):
+    """What the network does not compute is refused with one line naming config.json and the key."""
+    path = make_tiny_model(tmp_path, arch="llama")
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(cfg | edit))
+    with pytest.raises(CheckpointError, match=f"config.json: {message}") as err:
+        Transformer.from_pretrained(path)
+    assert "\n" not in str(err.value)
 
 
 def rewrite_tensors(path, edit):

@@ -6,14 +6,20 @@ import transformers
 from checkpoint import make_tiny_model
 from model import Transformer
 
-# (arch, overrides): tied and untied heads, GQA and MHA, Qwen3 with a head_dim that is not hidden/heads
+# (arch, overrides): tied and untied heads, GQA and MHA, Qwen3 with a head_dim that is not hidden/heads,
+# Llama with and without attention biases (q/k/v and o_proj) and with its own RoPE theta
 CONFIGS = {
     "qwen2-untied-gqa": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=2)),
     "qwen2-tied-mha": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True)),
     "qwen3-untied-gqa": ("qwen3", dict(num_attention_heads=4, num_key_value_heads=2)),
     "qwen3-tied-headdim": ("qwen3", dict(num_attention_heads=4, num_key_value_heads=1, head_dim=24,
                                          tie_word_embeddings=True)),
+    "llama-tied-gqa": ("llama", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                     rope_theta=100000.0)),
+    "llama-untied-bias-headdim": ("llama", dict(num_attention_heads=4, num_key_value_heads=1, head_dim=24,
+                                                attention_bias=True)),
 }
+HF_CLASSES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
 
 
 def hf_load(path, dtype=torch.float32):
@@ -30,7 +36,7 @@ def test_ours_loads_in_hf_with_same_logits(tmp_path, name):
     path = make_tiny_model(tmp_path, arch=arch, seed=1, **dims)
     ours = Transformer.from_pretrained(path)
     theirs = hf_load(path)
-    assert type(theirs).__name__ == {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[arch]
+    assert type(theirs).__name__ == HF_CLASSES[arch]
     ids = random_ids(ours.config.vocab_size)
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-4, rtol=0)
