@@ -124,9 +124,30 @@ def wrap_prompt(user_text: str, template: str) -> str:
     raise RewardError(f"unknown prompt template {template!r}; choose one of {', '.join(TEMPLATES)}")
 
 
-def actor_prompt(src: str, src_lang: str, tgt_lang: str, template: str = "r1") -> str:
+def think_prefill(template: str) -> str:
+    """The start of the response that --think-prefill writes into the actor prompt (many R1-Zero reproductions
+    do this): the model continues inside an open <think>, so it only has to close the tags. The trainer puts
+    this text back in front of the sampled response before extracting the answer."""
+    return " <think>" if template == "r1" else "<think>"  # r1: "Assistant: <think>"; chat: right after the header
+
+
+def actor_prompt(src: str, src_lang: str, tgt_lang: str, template: str = "r1", prefill: bool = False) -> str:
     language_name(src_lang)  # the request names only the target, but a bad source code is still a data error
-    return wrap_prompt(f"Translate the following text to {language_name(tgt_lang)}:\n{src}", template)
+    prompt = wrap_prompt(f"Translate the following text to {language_name(tgt_lang)}:\n{src}", template)
+    return prompt + (think_prefill(template) if prefill else "")
+
+
+def plain_prompt(src: str, src_lang: str, tgt_lang: str, template: str = "chat") -> str:
+    """A plain translation request whose whole response is the translation: no R1 system text, no tags, nothing
+    to extract. For baselines never trained on the <think>/<answer> format (eval.py --plain-model): `chat` is a
+    ChatML user turn for instruction-tuned models, `r1` the same request as a bare User:/Assistant: exchange."""
+    request = (f"Translate the following text from {language_name(src_lang)} to {language_name(tgt_lang)}. "
+               f"Reply with the translation only.\n{src}")
+    if template == "chat":
+        return chat_prompt([{"role": "user", "content": request}])
+    if template == "r1":
+        return f"User:\n{request}\nAssistant:"
+    raise RewardError(f"unknown prompt template {template!r}; choose one of {', '.join(TEMPLATES)}")
 
 
 def judge_prompt(src: str, translation: str, src_lang: str, tgt_lang: str, template: str = "r1") -> str:
@@ -167,6 +188,13 @@ def extract_answer(response: str) -> str | None:
     if m is None or any(tag in m.group(1) or tag in m.group(2) for tag in TAGS):
         return None
     return m.group(2).strip() or None
+
+
+def format_progress(response: str) -> float:
+    """The share of the four tags that occur exactly once in the response, 0 to 1: how far a malformed response
+    got towards the format, for --format-credit. Exactly once, so that copying the system text's example
+    ("<think> </think> ... <answer> </answer>") after a prefilled <think> earns only part of it."""
+    return sum(response.count(tag) == 1 for tag in TAGS) / len(TAGS)
 
 
 # The score alone: plain decimal digits with an optional fraction ("87", "87.5") and an optional final

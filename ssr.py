@@ -58,6 +58,8 @@ class Config:
     preset: str = arg("", "start from a named recipe; flags given on the command line override it",
                       choices=["", "ssr-zero-7b", "ssr-x-zero-7b", "smoke"])
     template: str = arg("r1", "actor/judge prompt template", choices=["r1", "chat"])
+    think_prefill: bool = arg(False, "end the actor prompt with '<think>' so every response starts inside the "
+                                     "thinking block (R1-Zero reproductions do this; see RESULTS.md)")
     # --- reward
     reward: str = arg("", "custom reward 'module:function' replacing the whole reward (judge still logged)")
     judge_model: str = arg("", "judge with this frozen model instead of the current policy (ablation)")
@@ -65,6 +67,8 @@ class Config:
     w_comet: float = arg(0.0, "weight of the COMET QE score (SSR-X: 0.5 with w_self 0.5)")
     comet_model: str = arg("Unbabel/wmt22-cometkiwi-da", "COMET QE checkpoint name or local path (SSR-X)")
     format_penalty: float = arg(-1.0, "reward of a response that is not <think>..</think> <answer>..</answer>")
+    format_credit: float = arg(0.0, "graded format reward: a malformed response gets format_penalty + format_credit"
+                                    " x the share of the four tags it holds exactly once (0: off; RESULTS.md)")
     judge_samples: int = arg(1, "judgements averaged per translation (1 = one greedy judgement)")
     judge_temperature: float = arg(1.0, "sampling temperature of the judge when judge_samples > 1")
     judge_max_new_tokens: int = arg(512, "token budget of one judgement")
@@ -324,7 +328,8 @@ def setup(cfg: Config) -> Run:
     wandb_run = start_wandb(cfg) if cfg.wandb and rank == 0 else None
 
     tok = load_tokenizer(cfg.model)
-    prompt_len = lambda r: len(tok.encode(judge.actor_prompt(r["src"], r["src_lang"], r["tgt_lang"], cfg.template)))
+    prompt_len = lambda r: len(tok.encode(judge.actor_prompt(r["src"], r["src_lang"], r["tgt_lang"], cfg.template,
+                                                             cfg.think_prefill)))
     rows = load_data(cfg.data, prompt_len, cfg.max_prompt_tokens)
     resume_dir = claim_out_dir(cfg, out, rank)
 
@@ -478,7 +483,9 @@ def bar(desc: str, total: int):
 def sample_translations(run: Run, sources: list[dict], seed: int) -> list[Rollout]:
     """1. sample: every source's actor prompt, prefilled once, sampled group_size times."""
     cfg, tok = run.cfg, run.tok
-    prompts = [tok.encode(judge.actor_prompt(s["src"], s["src_lang"], s["tgt_lang"], cfg.template)) for s in sources]
+    prompts = [tok.encode(judge.actor_prompt(s["src"], s["src_lang"], s["tgt_lang"], cfg.template, cfg.think_prefill))
+               for s in sources]
+    prefill = judge.think_prefill(cfg.template) if cfg.think_prefill else ""  # part of the prompt, not trained on
     with bar("sample", len(prompts) * cfg.group_size) as progress:
         completions = run.sampler.generate(prompts, group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
                                            temperature=cfg.temperature, top_p=cfg.top_p, stop_token_ids=tok.eos_ids,
@@ -487,7 +494,7 @@ def sample_translations(run: Run, sources: list[dict], seed: int) -> list[Rollou
     rollouts = []
     for i, c in enumerate(completions):
         # special tokens skipped: a trailing EOS is how a response ends, not part of its text
-        response = tok.decode(c.tokens, skip_special_tokens=True)
+        response = prefill + tok.decode(c.tokens, skip_special_tokens=True)
         source, prompt = sources[i // cfg.group_size], prompts[i // cfg.group_size]
         rollouts.append(Rollout(source, prompt, c, response, judge.extract_answer(response)))
     return rollouts
@@ -524,6 +531,10 @@ def assign_rewards(run: Run, rollouts: list[Rollout]):
                                  [r.judge_outputs for r in rollouts] if cfg.w_self != 0 else None,
                                  [r.comet for r in rollouts] if run.comet is not None else None,
                                  w_self=cfg.w_self, w_comet=cfg.w_comet, format_penalty=cfg.format_penalty)
+    if cfg.format_credit:  # partial credit: a signal among malformed responses, which otherwise all tie
+        parts = [p if p.format_valid else dataclasses.replace(p, reward=p.reward + cfg.format_credit
+                                                                 * judge.format_progress(r.response))
+                 for r, p in zip(rollouts, parts)]
     if run.custom_reward is not None:  # replaces the reward; the judge's components stay in the log
         custom = run.custom_reward([r.sample_dict() for r in rollouts])
         parts = [dataclasses.replace(p, reward=x) for p, x in zip(parts, custom)]

@@ -437,3 +437,43 @@ def test_judge_module_does_not_import_comet():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(judge.__file__).parent)
     assert out.stdout.split() == ["False", "False"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# options found on a real small model (RESULTS.md): a prefilled <think>, graded format credit, a plain prompt
+
+@pytest.mark.parametrize("template, prefill", [("chat", "<think>"), ("r1", " <think>")])
+def test_think_prefill(template, prefill):
+    plain = actor_prompt("Hello.", "en", "fr", template)
+    assert judge.think_prefill(template) == prefill
+    assert actor_prompt("Hello.", "en", "fr", template, prefill=True) == plain + prefill
+    # the trainer puts the prefill back in front of what the model wrote: a closed format is then valid
+    assert extract_answer(prefill + "\nsimple</think> <answer>Bonjour.</answer>") == "Bonjour."
+    assert extract_answer(prefill + "\nBonjour.") is None
+
+
+@pytest.mark.parametrize("response, progress", [
+    ("<think>a</think> <answer>b</answer>", 1.0),
+    ("", 0.0),
+    ("Bonjour.", 0.0),
+    ("<think>Bonjour.", 0.25),
+    ("<think>x</think> Bonjour.", 0.5),
+    ("<think>x</think> <answer>Bonjour.", 0.75),
+    # a prefilled <think>, then the system text's example copied out: the doubled <think> earns nothing
+    ("<think>\nThe reasoning is enclosed within <think> </think> and answer within <answer> </answer>", 0.75),
+    ("<think><think></think></think><answer></answer><answer></answer>", 0.0),
+])
+def test_format_progress(response, progress):
+    assert judge.format_progress(response) == progress
+
+
+def test_plain_prompt():
+    chat = judge.plain_prompt("Hello.", "en", "fr", "chat")
+    assert chat == ("<|im_start|>user\nTranslate the following text from English to French. Reply with the "
+                    "translation only.\nHello.<|im_end|>\n<|im_start|>assistant\n")
+    assert R1_SYSTEM not in chat and "<answer>" not in chat
+    assert judge.plain_prompt("你好。", "zh", "en", "r1") == (
+        "User:\nTranslate the following text from Chinese to English. Reply with the translation only.\n你好。\n"
+        "Assistant:")
+    with pytest.raises(RewardError, match="unknown prompt template 'nope'"):
+        judge.plain_prompt("x", "en", "fr", "nope")

@@ -257,3 +257,21 @@ def test_bad_model_reward_data_paths(tmp_path, model_dir, args, message):
     proc = run_ssr(*[x for kv in base.items() for x in kv], expect_ok=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
+
+
+def test_format_credit_grades_malformed_responses():
+    """--format-credit: a malformed response earns format_penalty + credit x its share of the four tags held
+    once, so a group with no valid response still has a reward spread; well-formed ones are untouched."""
+    from types import SimpleNamespace
+
+    from sampler import Completion
+
+    responses = ["<think>a</think> <answer>b</answer>", "<think>a</think> <answer>b", "<think>a", "no tags"]
+    for credit, expected in ((0.0, [1.0, -1.0, -1.0, -1.0]), (0.4, [1.0, -0.7, -0.9, -1.0])):
+        run = SimpleNamespace(cfg=ssr.Config(model="m", format_credit=credit), comet=None, custom_reward=None)
+        rollouts = [ssr.Rollout({"src": "x", "src_lang": "en", "tgt_lang": "fr"}, [1], Completion([2], [0.0], "stop"),
+                                text, judge.extract_answer(text),
+                                judge_outputs=["<answer>100</answer>"] if judge.extract_answer(text) else [])
+                    for text in responses]
+        ssr.assign_rewards(run, rollouts)
+        assert [r.reward.reward for r in rollouts] == pytest.approx(expected)
