@@ -167,10 +167,13 @@ def load_rows(path: Path, ts: TestSet) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------
 # phase 1: translate (and self-judge) with each model
 
-def translation_prompt(src: str, ts: TestSet, args) -> str:
-    """What a model is asked to translate with: the training prompt (--template), so eval measures the task
-    training optimized. Every translation prompt is built here."""
-    return judge.actor_prompt(src, ts.src_lang, ts.tgt_lang, args.template)
+def translation_prompt(src: str, ts: TestSet, args, plain: bool) -> str:
+    """What a model is asked to translate with: the training prompt (--template, --think-prefill), so eval
+    measures the task training optimized; for a --plain-model the plain prompt, whose whole response is the
+    translation. Every translation prompt is built here."""
+    if plain:
+        return judge.plain_prompt(src, ts.src_lang, ts.tgt_lang, args.template)
+    return judge.actor_prompt(src, ts.src_lang, ts.tgt_lang, args.template, args.think_prefill)
 
 
 def respond(model, tok, prompts: dict[int, list[int]], max_new_tokens: int, temperature: float, done: int,
@@ -197,15 +200,19 @@ def respond(model, tok, prompts: dict[int, list[int]], max_new_tokens: int, temp
 
 
 def translate(model, tok, ts: TestSet, path: Path, rows: list[dict], label: str, args):
-    """Translate the segments `rows` (read from `path`) lacks, appending each batch to both."""
-    prompts = {i: tok.encode(translation_prompt(ts.srcs[i], ts, args)) for i in range(len(rows), len(ts.srcs))}
+    """Translate the segments `rows` (read from `path`) lacks, appending each batch to both. The translation is
+    the <answer> of the training prompt's response, or a --plain-model's whole (stripped) response."""
+    plain = label in args.plain_labels
+    prefill = judge.think_prefill(args.template) if args.think_prefill and not plain else ""
+    prompts = {i: tok.encode(translation_prompt(ts.srcs[i], ts, args, plain)) for i in range(len(rows), len(ts.srcs))}
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         for batch, raws, reasons in respond(model, tok, prompts, args.max_new_tokens, args.temperature, len(rows),
                                             f"{label} {ts.name}", args):
             new = []
             for i, raw, reason in zip(batch, raws, reasons):
-                answer = judge.extract_answer(raw)
+                raw = prefill + raw  # the prefilled <think> is part of the response, as in training
+                answer = (raw.strip() or None) if plain else judge.extract_answer(raw)
                 new.append({"i": i, "src": ts.srcs[i], "ref": ts.refs[i], "hyp": answer or "", "raw": raw,
                             "extracted": answer is not None, "finish_reason": reason, "scores": {}})
             f.write(jsonl(new))  # appending is safe: load_rows drops a last line cut short by a kill
@@ -309,7 +316,13 @@ PAPER_CORPORA = {"wmt23": "WMT23", "wmt24": "WMT24", "flores": "Flores"}
 PAPER_METRICS = {"cometkiwi-xxl": "CometKiwi", "xcomet-xxl": "XCOMET"}
 
 
-def paper_table(results: dict) -> str:
+def prompt_names(args) -> dict[str, str]:
+    """label -> the prompt its translations were made with, as the tables show it."""
+    think = "think+prefill" if args.think_prefill else "think"
+    return {label: "plain" if label in args.plain_labels else think for label in args.labels}
+
+
+def paper_table(results: dict, prompts: dict[str, str]) -> str:
     """The paper's table: a row per model; per direction, CometKiwi-XXL and XCOMET-XXL on WMT23, WMT24 and
     Flores, then their average. A direction with no number at all is left out; the average needs all six
     numbers (an average over fewer would not be comparable to the paper's), else it shows –."""
@@ -327,23 +340,25 @@ def paper_table(results: dict) -> str:
     rows = []
     for model in results:
         values = [[value(model, *cell) for cell in cells] for _, cells in columns]
-        rows.append([model, *(statistics.fmean(v) if None not in v else None for v in values)])
-    return markdown(["Model", *(title for title, _ in columns)], rows)
+        rows.append([model, prompts[model], *(statistics.fmean(v) if None not in v else None for v in values)])
+    return markdown(["Model", "Prompt", *(title for title, _ in columns)], rows)
 
 
-def metrics_table(results: dict, sets: list[TestSet], metrics: list[Metric]) -> str:
+def metrics_table(results: dict, sets: list[TestSet], metrics: list[Metric], prompts: dict[str, str]) -> str:
     """Every metric of every set, a row per model x set, with the failures a reader must see next to them."""
     counts = ["failed_extractions"] + (["judge_parse_failures"] if any(m.label == SELF_JUDGE for m in metrics) else [])
-    rows = [[model, ts.name, *(per_set[ts.name]["scores"][m.label] for m in metrics),
+    rows = [[model, prompts[model], ts.name, *(per_set[ts.name]["scores"][m.label] for m in metrics),
              *(f"{per_set[ts.name][c]}/{per_set[ts.name]['segments']}" for c in counts)]
             for model, per_set in results.items() for ts in sets]
-    return markdown(["Model", "Set", *(m.label for m in metrics), *(c.replace("_", " ") for c in counts)], rows)
+    return markdown(["Model", "Prompt", "Set", *(m.label for m in metrics), *(c.replace("_", " ") for c in counts)], rows)
 
 
 def report(models: dict[str, str], sets: list[TestSet], metrics: list[Metric], outputs: dict, out: Path, args):
     results = {label: {ts.name: summarize(outputs[label, ts.name][1], ts, metrics) for ts in sets} for label in models}
+    prompts = prompt_names(args)
     replace_file(out / "results.json", json.dumps({
         "models": models,
+        "prompts": prompts,
         "sets": {ts.name: {"src_lang": ts.src_lang, "tgt_lang": ts.tgt_lang, "segments": len(ts.srcs),
                            "origin": ts.origin, "note": ts.note} for ts in sets},
         "metrics": {m.label: m.comet or m.label for m in metrics},
@@ -351,13 +366,18 @@ def report(models: dict[str, str], sets: list[TestSet], metrics: list[Metric], o
         "results": results,
     }, indent=2, ensure_ascii=False) + "\n")
     notes = [f"- {ts.name}: {ts.note}" for ts in sets if ts.note]
-    notes.append("- failed extractions (no valid <think>..</think> <answer>..</answer>) are scored as empty "
-                 "translations by every metric")
+    notes.append("- prompt think: the training prompt, the translation extracted from <answer>; failed extractions (no "
+                 "valid <think>..</think> <answer>..</answer>) are scored as empty translations by every metric"
+                 + ("; +prefill: the response starts with <think> (--think-prefill)" if args.think_prefill else ""))
+    if args.plain_labels:
+        notes.append("- prompt plain: a bare translation request, the whole response is the translation (empty: a "
+                     "failed extraction)")
     if any(m.label == SELF_JUDGE for m in metrics):
         notes.append("- self-judge: the model's own greedy judge score (0-100); a judgement that does not parse "
                      "scores 0")
-    text = f"## The paper's table (COMET x100)\n\n{table}\n" if (table := paper_table(results)) else ""
-    text += "## All metrics (COMET x100)\n\n" + metrics_table(results, sets, metrics) + "\n" + "\n".join(notes) + "\n"
+    text = f"## The paper's table (COMET x100)\n\n{table}\n" if (table := paper_table(results, prompts)) else ""
+    text += ("## All metrics (COMET x100)\n\n" + metrics_table(results, sets, metrics, prompts) + "\n"
+             + "\n".join(notes) + "\n")
     replace_file(out / "table.md", text)
     print(text)
     print(f"wrote {out / 'results.json'}, {out / 'table.md'} and segments.jsonl per model x set under {out}")
@@ -376,7 +396,8 @@ NUMBER_FLAGS = {"--batch-size": COUNT, "--max-new-tokens": COUNT, "--judge-max-n
 
 def translation_settings(args) -> dict:
     """What shapes the translations on disk; a rerun with other values would mix two runs in one file."""
-    return {"template": args.template, "temperature": args.temperature, "seed": args.seed,
+    return {"template": args.template, "think_prefill": args.think_prefill, "temperature": args.temperature,
+            "seed": args.seed,
             "max_new_tokens": args.max_new_tokens, "judge_max_new_tokens": args.judge_max_new_tokens}
 
 
@@ -479,7 +500,13 @@ def check_args(args) -> tuple[dict[str, str], list[Metric], dict[str, dict]]:
     check_device(args.device)
     metrics = parse_metrics(args.metrics)
     check_set_flags(args)
-    models = model_labels(args.model)
+    if not args.model and not args.plain_model:
+        raise EvalError("no model: give --model DIR (the training prompt) or --plain-model DIR (the plain prompt)")
+    # a --plain-model's label gets "+plain": the same checkpoint may be a row with each prompt
+    plain = ({f"{label}+plain": path for label, path in model_labels(args.plain_model).items()}
+             if args.plain_model else {})
+    models = (model_labels(args.model) if args.model else {}) | plain
+    args.labels, args.plain_labels = list(models), set(plain)
     fingerprints = {label: fingerprint(path) for label, path in models.items()}
     check_out(Path(args.out), translation_settings(args), models, fingerprints)
     return models, metrics, fingerprints
@@ -498,10 +525,14 @@ def parse_args(argv=None):
         "Translate test sets with one or more checkpoints and score them (COMET, BLEU, chrF, the model's own "
         "judge); prints the paper's table. Rerun the same command to resume. Every flag is checked before any "
         "model loads; a problem is one line `eval: error: ...` and exit status 2."))
-    p.add_argument("--model", action="append", required=True, metavar="DIR",
+    p.add_argument("--model", action="append", default=[], metavar="DIR",
                    help="HF checkpoint directory (config.json, tokenizer.json, *.safetensors); repeat to compare "
                         "models side by side. OUT/<label>/model.json records which checkpoint made a label's "
                         "translations: another checkpoint under the same label is refused, never credited with them")
+    p.add_argument("--plain-model", action="append", default=[], metavar="DIR",
+                   help="HF checkpoint directory translated with the plain prompt (a bare request; the whole "
+                        "response is the translation, no <think>/<answer>): a fair baseline row for a model never "
+                        "trained on the format, e.g. an instruct model; its label gets '+plain'; repeatable")
     p.add_argument("--sets", metavar="LIST",
                    help=f"comma-separated test sets (default: {', '.join(PAPER_SETS)}; none when --src is given): "
                         f"wmtNN:SRC-TGT through sacrebleu (any of its sets), flores:en-zh/zh-en from --flores-dir; "
@@ -522,6 +553,8 @@ def parse_args(argv=None):
                         "other settings or another checkpoint under a known label (default: %(default)s)")
     p.add_argument("--template", default="r1", choices=judge.TEMPLATES,
                    help="prompt template, as in training (default: %(default)s)")
+    p.add_argument("--think-prefill", action="store_true",
+                   help="start each --model response with <think> (as training with --think-prefill does)")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T",
                    help="sampling temperature, >= 0; 0 = greedy (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, metavar="N",

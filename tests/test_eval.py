@@ -96,23 +96,25 @@ def test_paper_table_two_models():
                 for i, (c, d) in enumerate((c, d) for d in ("zh-en", "en-zh") for c in ("wmt23", "wmt24", "flores"))}
     results = {"base": scores(70.0), "ssr": scores(80.0)}
     del results["ssr"]["flores:en-zh"]  # one cell missing: EN->ZH Avg. must not average the other five
-    lines = ev.paper_table(results).splitlines()
+    prompts = {"base": "plain", "ssr": "think"}  # each row says which prompt made its translations
+    lines = ev.paper_table(results, prompts).splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    assert header == ["Model", "ZH→EN WMT23 CometKiwi", "ZH→EN WMT23 XCOMET", "ZH→EN WMT24 CometKiwi",
+    assert header == ["Model", "Prompt", "ZH→EN WMT23 CometKiwi", "ZH→EN WMT23 XCOMET", "ZH→EN WMT24 CometKiwi",
                       "ZH→EN WMT24 XCOMET", "ZH→EN Flores CometKiwi", "ZH→EN Flores XCOMET", "ZH→EN Avg.",
                       "EN→ZH WMT23 CometKiwi", "EN→ZH WMT23 XCOMET", "EN→ZH WMT24 CometKiwi", "EN→ZH WMT24 XCOMET",
                       "EN→ZH Flores CometKiwi", "EN→ZH Flores XCOMET", "EN→ZH Avg."]
     base = [c.strip() for c in lines[2].strip("|").split("|")]
     ssr = [c.strip() for c in lines[3].strip("|").split("|")]
     # ZH->EN: 70,70.5,71,71.5,72,72.5 -> avg 71.25; EN->ZH: 73..75.5 -> avg 74.25
-    assert base == ["base", "70.00", "70.50", "71.00", "71.50", "72.00", "72.50", "71.25",
+    assert base == ["base", "plain", "70.00", "70.50", "71.00", "71.50", "72.00", "72.50", "71.25",
                     "73.00", "73.50", "74.00", "74.50", "75.00", "75.50", "74.25"]
-    assert ssr == ["ssr", "80.00", "80.50", "81.00", "81.50", "82.00", "82.50", "81.25",
+    assert ssr == ["ssr", "think", "80.00", "80.50", "81.00", "81.50", "82.00", "82.50", "81.25",
                    "83.00", "83.50", "84.00", "84.50", "–", "–", "–"]
     # a direction nobody evaluated is left out; no paper metric at all: no paper table
     only_en_zh = {"m": {"wmt23:en-zh": {"scores": {"xcomet-xxl": 90.0}}}}
-    assert "ZH→EN" not in ev.paper_table(only_en_zh) and "| m | – | 90.00 |" in ev.paper_table(only_en_zh)
-    assert ev.paper_table({"m": {"test": {"scores": {"bleu": 30.0}}}}) == ""
+    table = ev.paper_table(only_en_zh, {"m": "think"})
+    assert "ZH→EN" not in table and "| m | think | – | 90.00 |" in table
+    assert ev.paper_table({"m": {"test": {"scores": {"bleu": 30.0}}}}, {"m": "think"}) == ""
 
 
 # ----------------------------------------------------------------------------------------------------
