@@ -180,6 +180,7 @@ CHECKS = [
     ("w_self", lambda c: c.w_self >= 0 and c.w_comet >= 0 and (c.w_self + c.w_comet > 0 or c.reward),
      ">= 0, like --w-comet, and not both 0 (nothing would reward a translation) unless --reward is given"),
     ("format_penalty", lambda c: math.isfinite(c.format_penalty), "a finite number"),
+    ("format_credit", lambda c: 0 <= c.format_credit < math.inf, ">= 0 (0: off)"),
     ("lr", lambda c: 0 < c.lr < math.inf, "> 0"),
     ("warmup_steps", lambda c: c.warmup_steps >= 0, ">= 0"),
     ("weight_decay", lambda c: 0 <= c.weight_decay < math.inf, ">= 0"),
