@@ -201,7 +201,7 @@ def test_failed_extractions_self_judge_comet_and_two_models(tiny_model_dir, tiny
                                        "origin": f"{tmp_path / 'test.en'} / {tmp_path / 'test.zh'}", "note": ""}
     table = (out / "table.md").read_text()
     assert table in capsys.readouterr().out
-    assert f"| {labels[1]} | test | {results['results'][labels[1]]['test']['scores']['bleu']:.2f} |" in table
+    assert f"| {labels[1]} | think | test | {results['results'][labels[1]]['test']['scores']['bleu']:.2f} |" in table
     assert "| 2/5 | 1/5 |" in table and "empty translations" in table
     # a rerun finds everything on disk: no generation at all, same results
     ScriptedSampler.calls.clear()
@@ -344,7 +344,7 @@ def bad_flag_cases(tmp_path, model):
         ("no weights", run(models=[lacking["model.safetensors"]]), "no *.safetensors weights"),
         ("no model directory", run(models=[tmp_path / "nope"]), "nope: no such checkpoint directory"),
         ("a model twice", run(models=[model, model]), "given twice"),
-        ("no --model", run(models=[]), "required: --model"),
+        ("no --model", run(models=[]), "no model: give --model DIR (the training prompt) or --plain-model DIR"),
         ("--batch-size 0", run("--batch-size", "0"), "--batch-size 0: must be an integer >= 1"),
         ("--max-new-tokens -1", run("--max-new-tokens", "-1"), "--max-new-tokens -1: must be an integer >= 1"),
         ("--comet-batch-size 0", run("--comet-batch-size", "0"), "--comet-batch-size 0: must be"),
