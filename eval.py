@@ -350,7 +350,8 @@ def metrics_table(results: dict, sets: list[TestSet], metrics: list[Metric], pro
     rows = [[model, prompts[model], ts.name, *(per_set[ts.name]["scores"][m.label] for m in metrics),
              *(f"{per_set[ts.name][c]}/{per_set[ts.name]['segments']}" for c in counts)]
             for model, per_set in results.items() for ts in sets]
-    return markdown(["Model", "Prompt", "Set", *(m.label for m in metrics), *(c.replace("_", " ") for c in counts)], rows)
+    return markdown(["Model", "Prompt", "Set", *(m.label for m in metrics), *(c.replace("_", " ") for c in counts)],
+                    rows)
 
 
 def report(models: dict[str, str], sets: list[TestSet], metrics: list[Metric], outputs: dict, out: Path, args):
