@@ -1,12 +1,15 @@
 """sampler.py against transformers' generate and against full forwards of our own model (no cache).
 
 Every test runs on CPU, and on CUDA too when there is one (there the decode steps are CUDA graphs)."""
+import math
+
+import numpy as np
 import pytest
 import torch
 
 from checkpoint import load_tokenizer, make_tiny_model
 from model import Transformer
-from sampler import Sampler, sample
+from sampler import Sampler, blocked_sums, draw_blocked, sample
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -116,6 +119,79 @@ def test_sampling_follows_the_truncated_distribution(tiny_model_dir, device, tem
     dof = len(exp) - 1
     p_value = float(torch.special.gammaincc(torch.tensor(dof / 2), torch.tensor(chi2 / 2)))
     assert dof >= 5 and p_value > 1e-3, (chi2, dof, p_value)
+
+
+# ----------------------------------------------------------------------------------------------------
+# exact draws at the Qwen2.5 vocabulary, however prefix sums would round
+
+QWEN_VOCAB = 151_936
+DOMINANT = 1000  # one token near the front; every other token gets TAIL of its probability
+# just under half an fp32 step of any running sum past the dominant token (2^-24 ~ 5.96e-8): a prefix sum that
+# adds one token at a time in fp32 adds nothing for any of them. Together the tail after it holds ~0.8%.
+TAIL = 5.5e-8
+
+
+def sequential_fp32_cumsum(x, dim=-1, **kwargs):
+    """A prefix sum the way a device that scans one element at a time in fp32 computes it (numpy's accumulate
+    is sequential in the dtype it is given)."""
+    out = np.cumsum(x.detach().cpu().numpy().astype(np.float32), axis=dim, dtype=np.float32)
+    return torch.from_numpy(out).to(x.device)
+
+
+@pytest.fixture
+def fp32_scans(monkeypatch):
+    """Every torch prefix sum accumulates sequentially in fp32 while the test runs."""
+    monkeypatch.setattr(torch, "cumsum", sequential_fp32_cumsum)
+    monkeypatch.setattr(torch.Tensor, "cumsum", sequential_fp32_cumsum)
+    monkeypatch.setattr(torch.Tensor, "cumsum_", lambda self, dim: self.copy_(sequential_fp32_cumsum(self, dim)))
+
+
+def tail_logits():
+    logits = torch.full((QWEN_VOCAB,), math.log(TAIL))
+    logits[DOMINANT] = 0.0
+    return logits
+
+
+def test_patched_scan_loses_the_tail(fp32_scans):
+    """The condition the next tests run under does break an inverse-CDF sampler: past the dominant token its
+    cumulative sum never moves again, so no tail token there could ever be drawn (what sample() did before)."""
+    cdf = tail_logits().exp()[None].cumsum_(-1)
+    assert cdf[0, -1] == cdf[0, DOMINANT] and cdf[0, DOMINANT] > cdf[0, DOMINANT - 1]
+
+
+def test_tail_after_a_dominant_token_drawn_at_its_rate(fp32_scans):
+    """draw_blocked, the sampler's draw, at V = 151,936 with 40k draws: the tail after the dominant token is
+    drawn at its probability (~330 draws), evenly over its ids (the short last block included)."""
+    probs = tail_logits().exp()  # (V,) what sample() hands over: exp(logits - max)
+    sums = blocked_sums(probs[None])
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.cat([draw_blocked(probs.expand(20_000, -1), sums.expand(20_000, -1), gen) for _ in range(2)])
+    total = float(probs.double().sum())
+    after = (draws > DOMINANT).double()
+    p_after = TAIL * (QWEN_VOCAB - DOMINANT - 1) / total
+    n = len(draws)
+    assert abs(after.sum() - n * p_after) < 5 * math.sqrt(n * p_after * (1 - p_after)), (after.sum(), n * p_after)
+    # the tail ids in 8 equal ranges: each drawn as often (chi-square)
+    bins = torch.bincount((draws[draws > DOMINANT] - DOMINANT - 1) * 8 // (QWEN_VOCAB - DOMINANT - 1), minlength=8)
+    expected = bins.sum() / 8
+    chi2 = float(((bins - expected) ** 2 / expected).sum())
+    assert float(torch.special.gammaincc(torch.tensor(3.5), torch.tensor(chi2 / 2))) > 1e-3, bins
+
+
+def test_sample_draws_the_tail_at_qwen_vocab(fp32_scans):
+    """The same through sample() itself (exps, temperature, log-probs) on 2,048 rows: ~17 tail draws expected
+    where inverse CDF over a sequential fp32 scan draws none."""
+    logits = tail_logits() * 0.5  # at temperature 0.5: the same distribution as above
+    gen = torch.Generator().manual_seed(1)
+    toks, lps = zip(*(sample(logits.expand(256, -1), temperature=0.5, top_p=1.0, top_k=0, generator=gen)
+                      for _ in range(8)))
+    toks, lps = torch.cat(toks), torch.cat(lps)
+    tail = int((toks > DOMINANT).sum())
+    assert 3 < tail < 40, tail
+    # in fp64: torch's fp32 log_softmax drops part of this tail from its sum (-0.0073 for the dominant token
+    # instead of -0.0084); the sampler's block sums do not
+    ref = (logits.double() / 0.5).log_softmax(-1).float()
+    torch.testing.assert_close(lps, ref[toks])
 
 
 def test_sample_greedy_and_logprob_definition():
