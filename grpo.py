@@ -12,8 +12,8 @@ Conventions. A batch of N rollouts is a `Rollouts`; every (N, T) tensor in it is
   column 0 (see `next_tokens`) and is always masked out.
 - response_mask (N, T) bool: True at t when input_ids[:, t+1] is a response token. For a prompt of P tokens
   and a response of R tokens that is columns P-1 .. P+R-2.
-- old_logprobs, ref_logprobs (N, T) fp32 with the same alignment; values where the mask is False are
-  meaningless and never used.
+- old_logprobs, ref_logprobs, sampler_logprobs (N, T) fp32 with the same alignment; values where the mask is
+  False are meaningless and never used.
 
 Distributed: each rank holds its own equal share of the global batch (the same N on every rank, since
 DDP/FSDP2 collectives need every rank to run the same number of forwards and backwards). The model is
@@ -62,6 +62,8 @@ class Rollouts:
     advantages: torch.Tensor  # (N,) fp32, one per rollout, shared by all its tokens
     old_logprobs: torch.Tensor | None = None  # (N, T) fp32, the sampling policy's log-probs (see grpo_update)
     ref_logprobs: torch.Tensor | None = None  # (N, T) fp32, a frozen reference's, needed when kl_beta > 0
+    # (N, T) fp32, what the sampler itself reported (its bf16 copy, its kernels): for kl_sampler and tis_cap
+    sampler_logprobs: torch.Tensor | None = None
 
     def __len__(self):
         return self.input_ids.shape[0]
@@ -84,22 +86,32 @@ class Rollouts:
         return Rollouts(**{f.name: cut(getattr(self, f.name)) for f in fields(self)})
 
 
-def build_rollouts(prompts: list[list[int]], responses: list[list[int]], advantages, pad_id: int) -> Rollouts:
+def build_rollouts(prompts: list[list[int]], responses: list[list[int]], advantages, pad_id: int,
+                   sampler_logprobs: list[list[float]] | None = None, in_loss: list[bool] | None = None) -> Rollouts:
     """Token-id lists (N of each) and advantages (N,) -> Rollouts with right-padded input_ids (N, T),
-    T = the longest prompt + response, and its response_mask. Log-probs are filled in later
-    (`sequence_logprobs`)."""
-    if len(prompts) != len(responses):
-        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    T = the longest prompt + response, and its response_mask. sampler_logprobs: the sampler's log-prob of each
+    response token (Completion.logprobs), placed in the same columns. in_loss[i] False leaves rollout i's tokens
+    out of the mask, hence out of the loss and its normalisers (--mask-truncated). Old and reference log-probs
+    are filled in later (`sequence_logprobs`)."""
+    if len(prompts) != len(responses) or any(x is not None and len(x) != len(prompts)
+                                             for x in (sampler_logprobs, in_loss)):
+        raise ValueError(f"{len(prompts)} prompts but responses, sampler_logprobs or in_loss of another length")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("empty prompt: the first response token needs at least one token to condition on")
     T = max(len(p) + len(r) for p, r in zip(prompts, responses))
     input_ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
     response_mask = torch.zeros((len(prompts), T), dtype=torch.bool)
+    sampler = torch.zeros((len(prompts), T)) if sampler_logprobs is not None else None
     for i, (p, r) in enumerate(zip(prompts, responses)):
         input_ids[i, :len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
         # response tokens sit at columns P .. P+R-1; each is the target of the column before it
-        response_mask[i, len(p) - 1:len(p) + len(r) - 1] = True
-    return Rollouts(input_ids, response_mask, torch.as_tensor(advantages, dtype=torch.float32))
+        response_mask[i, len(p) - 1:len(p) + len(r) - 1] = in_loss is None or in_loss[i]
+        if sampler is not None:
+            if len(sampler_logprobs[i]) != len(r):
+                raise ValueError(f"rollout {i}: {len(r)} response tokens but {len(sampler_logprobs[i])} log-probs")
+            sampler[i, len(p) - 1:len(p) + len(r) - 1] = torch.tensor(sampler_logprobs[i])
+    return Rollouts(input_ids, response_mask, torch.as_tensor(advantages, dtype=torch.float32),
+                    sampler_logprobs=sampler)
 
 
 def next_tokens(input_ids: torch.Tensor) -> torch.Tensor:
@@ -135,14 +147,19 @@ def sequence_logprobs(model, rollouts: Rollouts, micro_batch_size: int, temperat
 
 
 def token_losses(logp, old_logp, advantages, response_mask, clip_low=0.2, clip_high=0.2, kl_beta=0.0,
-                 ref_logp=None):
+                 ref_logp=None, sampler_logp=None, tis_cap=0.0):
     """Per-token clipped policy loss (B, T), 0 outside the mask, plus per-token diagnostics (B, T).
 
-    logp (B, T) current log-probs (with grad), old_logp / ref_logp (B, T), advantages (B,),
+    logp (B, T) current log-probs (with grad), old_logp / ref_logp / sampler_logp (B, T), advantages (B,),
     response_mask (B, T) bool.
       ratio = exp(logp - old_logp)
-      loss  = -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A)  [+ kl_beta * k3_ref]
+      loss  = -w * min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A)  [+ kl_beta * k3_ref]
+      w     = min(exp(old_logp - sampler_logp), tis_cap) with tis_cap > 0 (else 1): truncated importance
+              sampling. The tokens were drawn by the sampler, whose bf16 weights and kernels give a slightly
+              different policy than the trainer's "old" one that the ratio assumes; w reweights each token to
+              the old policy, capped so a token the sampler found far likelier cannot dominate the batch.
       k3_ref = exp(ref - logp) - (ref - logp) - 1, an unbiased, non-negative estimate of KL(policy || ref)
+    With sampler_logp, stats also hold kl_sampler: k3 of KL(sampler || old) on the sampled tokens.
     """
     # log-ratios are zeroed outside the mask before exp: padding positions hold arbitrary log-probs, and
     # an overflow there (exp(...) = inf, times a zero weight) would turn the loss and gradients into NaN
@@ -152,12 +169,18 @@ def token_losses(logp, old_logp, advantages, response_mask, clip_low=0.2, clip_h
     unclipped = ratio * adv
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * adv
     loss = -torch.minimum(unclipped, clipped)
+    if sampler_logp is not None:
+        log_is = torch.where(response_mask, old_logp - sampler_logp, 0.0)  # log pi_old / pi_sampler
+        if tis_cap > 0:
+            loss = loss * torch.exp(log_is).clamp(max=tis_cap).detach()
     stats = {
         # the clipped branch is the one min() picks: the token's gradient is zero
         "clipped": (clipped < unclipped) & response_mask,
         # k3 estimate of KL(old || current), from samples of the old policy: (ratio - 1) - log ratio
         "kl_old": (ratio - 1 - log_ratio).detach(),
     }
+    if sampler_logp is not None:
+        stats["kl_sampler"] = (torch.exp(log_is) - 1 - log_is).detach()
     if kl_beta > 0:
         log_ref_ratio = torch.where(response_mask, ref_logp - logp, 0.0)
         kl_ref = torch.exp(log_ref_ratio) - log_ref_ratio - 1
@@ -190,17 +213,19 @@ def loss_weights(response_mask, loss_agg: str, n_tokens: float, n_seqs: float,
 
 def micro_batch_backward(model, mb: Rollouts, n_tokens: float, n_seqs: float, world: int, *, clip_low: float,
                          clip_high: float, kl_beta: float, loss_agg: str, max_response_len: int | None,
-                         temperature: float) -> torch.Tensor:
+                         temperature: float, tis_cap: float) -> torch.Tensor:
     """Forward and backward of one micro-batch's share of the global objective (n_tokens / n_seqs: the
-    global mini-batch's normalisers). Returns this micro-batch's sums (5,) fp64: loss, clipped tokens,
-    kl_old, kl_ref, entropy."""
+    global mini-batch's normalisers). Returns this micro-batch's sums (6,) fp64: loss, clipped tokens,
+    kl_old, kl_ref, entropy, kl_sampler."""
     device = model_device(model)
     ids = mb.input_ids.to(device)  # (b, w)
     mask = mb.response_mask.to(device)  # (b, w)
     logp, entropy = model(ids, targets=next_tokens(ids), temperature=temperature, return_entropy=True)  # (b, w)
     old = mb.old_logprobs.to(device) if mb.old_logprobs is not None else logp.detach()
     ref = mb.ref_logprobs.to(device) if kl_beta > 0 else None
-    tok_loss, tok_stats = token_losses(logp, old, mb.advantages.to(device), mask, clip_low, clip_high, kl_beta, ref)
+    sampler = mb.sampler_logprobs.to(device) if mb.sampler_logprobs is not None else None
+    tok_loss, tok_stats = token_losses(logp, old, mb.advantages.to(device), mask, clip_low, clip_high, kl_beta, ref,
+                                       sampler, tis_cap)
     loss = (tok_loss * loss_weights(mask, loss_agg, n_tokens, n_seqs, max_response_len)).sum()
     # `loss` is this rank's share of a global *sum*; DDP and FSDP2 divide the summed gradients by the world
     # size, so scale it back up to make N ranks equal one process on the batch
@@ -208,12 +233,14 @@ def micro_batch_backward(model, mb: Rollouts, n_tokens: float, n_seqs: float, wo
     with torch.no_grad():
         return torch.stack([loss.detach(), tok_stats["clipped"].sum().float(), (tok_stats["kl_old"] * mask).sum(),
                             (tok_stats["kl_ref"] * mask).sum() if kl_beta > 0 else loss.new_zeros(()),
-                            (entropy * mask).sum()]).double()
+                            (entropy * mask).sum(),
+                            (tok_stats["kl_sampler"] * mask).sum() if sampler is not None else loss.new_zeros(())
+                            ]).double()
 
 
 def grpo_update(model, optimizer, rollouts: Rollouts, *, micro_batch_size: int, mini_batches: int = 1,
                 clip_low: float = 0.2, clip_high: float = 0.2, kl_beta: float = 0.0, loss_agg: str = "token-mean",
-                max_response_len: int | None = None, temperature: float = 1.0,
+                max_response_len: int | None = None, temperature: float = 1.0, tis_cap: float = 0.0,
                 max_grad_norm: float = 1.0, progress=None) -> dict:
     """Policy update(s) on one rollout batch: `mini_batches` optimizer steps, each on a contiguous 1/M of
     the rows, each accumulated over micro-batches of `micro_batch_size` rows (forward -> loss -> backward),
@@ -227,10 +254,11 @@ def grpo_update(model, optimizer, rollouts: Rollouts, *, micro_batch_size: int, 
     and its clipping are what keep those steps close to the sampling policy.
 
     max_response_len: the constant of seq-mean-token-sum-norm (the generation budget), required by it.
+    tis_cap > 0: truncated importance weights on the token loss (token_losses), needs sampler_logprobs.
     progress: anything with .update(n) (a tqdm bar), told the rows of each finished micro-batch.
     Returns stats (floats, over the global batch): loss (mean over the steps), clip_frac, kl_old,
-    kl_ref (when kl_beta > 0), entropy (token means over response tokens), grad_norm (pre-clip, mean over
-    the steps), tokens (response tokens), steps.
+    kl_ref (when kl_beta > 0), kl_sampler (when rollouts carry sampler_logprobs), entropy (token means over
+    response tokens), grad_norm (pre-clip, mean over the steps), tokens (response tokens), steps.
     """
     N = len(rollouts)
     if N % mini_batches:
@@ -243,21 +271,25 @@ def grpo_update(model, optimizer, rollouts: Rollouts, *, micro_batch_size: int, 
         raise ValueError("several mini-batches need old_logprobs (compute them with sequence_logprobs)")
     if kl_beta > 0 and rollouts.ref_logprobs is None:
         raise ValueError("kl_beta > 0 needs ref_logprobs from the frozen reference (sequence_logprobs)")
+    if tis_cap > 0 and rollouts.sampler_logprobs is None:
+        raise ValueError("tis_cap > 0 needs the sampler's log-probs (build_rollouts(sampler_logprobs=...))")
     device = model_device(model)
     distributed = dist.is_available() and dist.is_initialized()
     world = dist.get_world_size() if distributed else 1
     mini = N // mini_batches
     objective = dict(clip_low=clip_low, clip_high=clip_high, kl_beta=kl_beta, loss_agg=loss_agg,
-                     max_response_len=max_response_len, temperature=temperature)
+                     max_response_len=max_response_len, temperature=temperature, tis_cap=tis_cap)
 
     # Global normalisers, one (tokens, rollouts) pair per mini-batch, summed over ranks in one collective.
-    counts = torch.stack([rollouts.response_mask.reshape(mini_batches, mini, -1).sum((1, 2)).double(),
-                          torch.full((mini_batches,), float(mini), dtype=torch.float64,
-                                     device=rollouts.response_mask.device)], 1).to(device)  # (M, 2)
+    # Rollouts count when they have a token in the loss (--mask-truncated leaves some out entirely).
+    mask = rollouts.response_mask.reshape(mini_batches, mini, -1)
+    counts = torch.stack([mask.sum((1, 2)), mask.any(2).sum(1)], 1).double().to(device)  # (M, 2)
     if distributed:
         dist.all_reduce(counts)
-    # running sums over this rank's tokens: loss, clipped tokens, kl_old, kl_ref, entropy
-    totals = torch.zeros(5, dtype=torch.float64, device=device)
+    tokens = counts[:, 0].sum().item()
+    counts.clamp_(min=1)  # a mini-batch with nothing in the loss: zero weights, not 0/0
+    # running sums over this rank's tokens: loss, clipped tokens, kl_old, kl_ref, entropy, kl_sampler
+    totals = torch.zeros(6, dtype=torch.float64, device=device)
     grad_norms = []
     for m in range(mini_batches):
         batch = rollouts.rows(m * mini, (m + 1) * mini)
@@ -279,11 +311,12 @@ def grpo_update(model, optimizer, rollouts: Rollouts, *, micro_batch_size: int, 
 
     if distributed:
         dist.all_reduce(totals)
-    loss_sum, clipped, kl_old, kl_ref, entropy = totals.tolist()
-    tokens = counts[:, 0].sum().item()
+    loss_sum, clipped, kl_old, kl_ref, entropy, kl_sampler = totals.tolist()
     stats = {"loss": loss_sum / mini_batches, "clip_frac": clipped / max(tokens, 1),
              "kl_old": kl_old / max(tokens, 1), "entropy": entropy / max(tokens, 1),
              "grad_norm": sum(grad_norms) / len(grad_norms), "tokens": int(tokens), "steps": mini_batches}
     if kl_beta > 0:
         stats["kl_ref"] = kl_ref / max(tokens, 1)
+    if rollouts.sampler_logprobs is not None:
+        stats["kl_sampler"] = kl_sampler / max(tokens, 1)
     return stats

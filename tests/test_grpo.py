@@ -59,15 +59,23 @@ def test_build_rollouts_shift_convention():
     assert torch.equal(moved.input_ids, r.input_ids) and moved.old_logprobs is None
     with pytest.raises(ValueError, match="empty prompt"):
         build_rollouts([[]], [[1]], [0.0], pad_id=0)
+    # the sampler's log-probs land in the response's columns; a rollout out of the loss has no mask at all
+    r = build_rollouts(prompts, responses, [0.5, -1.0], pad_id=0, sampler_logprobs=[[-1.0, -2.0], [-3.0, -4.0, -5.0]],
+                       in_loss=[True, False])
+    assert r.sampler_logprobs.tolist() == [[0, 0, -1, -2, 0], [-3, -4, -5, 0, 0]]
+    assert r.response_mask.tolist() == [[False, False, True, True, False], [False] * 5]
+    with pytest.raises(ValueError, match="2 response tokens but 1 log-probs"):
+        build_rollouts(prompts, responses, [0.5, -1.0], pad_id=0, sampler_logprobs=[[-1.0], [-3.0, -4.0, -5.0]])
 
 
 # ----------------------------------------------------------------------------------------------------
 # the objective against a direct per-token formula
 
 
-def direct_loss_and_grad(lp, old, ref, adv, mask, loss_agg, cl, ch, beta, max_len):
+def direct_loss_and_grad(lp, old, ref, adv, mask, loss_agg, cl, ch, beta, max_len, samp=None, cap=0.0):
     """Scalar loops, PPO-paper form: for A >= 0 the objective is min(r, 1+ch) * A, for A < 0 it is
-    max(r, 1-cl) * A; returns (loss, d loss / d lp as nested lists, number of clipped tokens)."""
+    max(r, 1-cl) * A, times the truncated importance weight min(pi_old / pi_sampler, cap) when cap > 0;
+    returns (loss, d loss / d lp as nested lists, number of clipped tokens)."""
     B, T = len(lp), len(lp[0])
     lengths = [sum(mask[i]) for i in range(B)]
     n_tokens = sum(lengths)
@@ -84,6 +92,9 @@ def direct_loss_and_grad(lp, old, ref, adv, mask, loss_agg, cl, ch, beta, max_le
             n_clipped += not active and a != 0
             d_tok = -a * r if active else 0.0  # d(-obj)/d lp, since d r / d lp = r
             tok = -obj
+            if cap > 0:
+                is_weight = min(math.exp(old[i][t] - samp[i][t]), cap)  # a constant: no gradient through it
+                tok, d_tok = tok * is_weight, d_tok * is_weight
             if beta > 0:
                 x = ref[i][t] - lp[i][t]
                 tok += beta * (math.exp(x) - x - 1)
@@ -95,9 +106,9 @@ def direct_loss_and_grad(lp, old, ref, adv, mask, loss_agg, cl, ch, beta, max_le
     return loss, grad, n_clipped
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.1])
+@pytest.mark.parametrize("beta, cap", [(0.0, 0.0), (0.1, 0.0), (0.1, 1.5)])
 @pytest.mark.parametrize("loss_agg", LOSS_AGGS)
-def test_loss_and_grad_match_direct_formula(loss_agg, beta):
+def test_loss_and_grad_match_direct_formula(loss_agg, beta, cap):
     g = torch.Generator().manual_seed(0)
     B, T, cl, ch, max_len = 6, 9, 0.2, 0.28, 12
     lengths = [1, 3, 5, 8, 2, 6]
@@ -106,24 +117,30 @@ def test_loss_and_grad_match_direct_formula(loss_agg, beta):
     old = -torch.rand(B, T, generator=g) * 3
     lp = old + (torch.rand(B, T, generator=g) - 0.5) * 1.2
     ref = old + (torch.rand(B, T, generator=g) - 0.5) * 2
-    # arbitrary values outside the mask must not leak in: here exp(lp - old) and exp(ref - lp) overflow
-    lp[~mask], old[~mask], ref[~mask] = 100.0, -100.0, 300.0
+    # the sampler's log-probs off the old ones by up to +-1: importance weights from 0.6 to 2.7, some capped
+    samp = old + (torch.rand(B, T, generator=g) - 0.5) * 2
+    # arbitrary values outside the mask must not leak in: here exp(lp - old), exp(ref - lp), exp(old - samp) overflow
+    lp[~mask], old[~mask], ref[~mask], samp[~mask] = 100.0, -100.0, 300.0, -300.0
     adv = torch.tensor([1.5, -0.7, 0.9, -2.0, 0.0, 0.3])
 
     lp_g = lp.clone().requires_grad_()
-    tok, stats = token_losses(lp_g, old, adv, mask, cl, ch, beta, ref if beta > 0 else None)
+    tok, stats = token_losses(lp_g, old, adv, mask, cl, ch, beta, ref if beta > 0 else None, samp, cap)
     loss = (tok * loss_weights(mask, loss_agg, mask.sum().item(), B, max_len)).sum()
     loss.backward()
 
     want_loss, want_grad, want_clipped = direct_loss_and_grad(lp.tolist(), old.tolist(), ref.tolist(),
                                                               adv.tolist(), mask.tolist(), loss_agg, cl, ch,
-                                                              beta, max_len)
+                                                              beta, max_len, samp.tolist(), cap)
     assert want_clipped >= 4  # the data really exercises clipping
+    if cap:
+        assert ((old - samp).exp()[mask] > cap).sum() >= 4  # and the cap
     torch.testing.assert_close(loss.item(), want_loss, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(lp_g.grad, torch.tensor(want_grad), rtol=1e-5, atol=1e-7)  # 0 off the mask
     assert int(stats["clipped"].sum()) == want_clipped
     x = (lp - old)[mask]
     torch.testing.assert_close(stats["kl_old"][mask], x.exp() - 1 - x)
+    s = (old - samp)[mask]
+    torch.testing.assert_close(stats["kl_sampler"][mask], s.exp() - 1 - s)
     if beta > 0:
         d = (ref - lp)[mask]
         torch.testing.assert_close(stats["kl_ref"][mask], d.exp() - d - 1)
@@ -166,6 +183,7 @@ def random_rollouts(vocab, n=8, seed=0, ref=True):
     # old / ref log-probs off the model's own, so ratios are far enough from 1 to clip
     r.old_logprobs = -torch.rand(r.input_ids.shape, generator=g) * 6
     r.ref_logprobs = -torch.rand(r.input_ids.shape, generator=g) * 6 if ref else None
+    r.sampler_logprobs = r.old_logprobs + (torch.rand(r.input_ids.shape, generator=g) - 0.5)
     return r
 
 
@@ -200,14 +218,41 @@ def test_one_micro_batch_equals_four(tiny, loss_agg):
     for mbs in (8, 2):
         opt = Capture(model)
         stats.append(grpo_update(model, opt, r, micro_batch_size=mbs, kl_beta=0.05, loss_agg=loss_agg,
-                                 max_response_len=16, max_grad_norm=1e9))
+                                 max_response_len=16, tis_cap=1.2, max_grad_norm=1e9))
         grads.append(opt.grads[0])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * b.abs().max().item())
     assert stats[0]["clip_frac"] > 0.05  # the gradients above include clipped tokens
-    for key in ("loss", "clip_frac", "kl_old", "kl_ref", "entropy", "grad_norm", "tokens"):
+    for key in ("loss", "clip_frac", "kl_old", "kl_ref", "kl_sampler", "entropy", "grad_norm", "tokens"):
         assert stats[0][key] == pytest.approx(stats[1][key], rel=1e-5), key
     assert stats[0]["tokens"] == int(r.response_mask.sum())
+    s = (r.old_logprobs - r.sampler_logprobs)[r.response_mask]
+    assert stats[0]["kl_sampler"] == pytest.approx((s.exp() - 1 - s).mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
+def test_rollouts_out_of_the_loss_are_as_if_absent(tiny, loss_agg):
+    """--mask-truncated: rollouts left out of the loss change neither the gradient nor the normalisers."""
+    model = Transformer.from_pretrained(tiny)
+    r = random_rollouts(model.config.vocab_size)
+    keep = [True, False, True, True, False, True, True, False]
+    masked = Rollouts(**{**vars(r), "response_mask": r.response_mask & torch.tensor(keep)[:, None]})
+    idx = torch.tensor([i for i, k in enumerate(keep) if k])
+    dropped = Rollouts(**{k: None if v is None else v[idx] for k, v in vars(r).items()})
+    grads = []
+    for batch in (masked, dropped):
+        opt = Capture(model)
+        stats = grpo_update(model, opt, batch, micro_batch_size=3, loss_agg=loss_agg, max_response_len=16,
+                            kl_beta=0.05, max_grad_norm=1e9)
+        grads.append(opt.grads[0])
+        assert stats["tokens"] == int(r.response_mask[torch.tensor(keep)].sum())
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * b.abs().max().item())
+    # nothing in the loss at all: a zero gradient, not NaN
+    empty = Rollouts(**{**vars(r), "response_mask": torch.zeros_like(r.response_mask)})
+    opt = Capture(model)
+    assert grpo_update(model, opt, empty, micro_batch_size=4, loss_agg=loss_agg, max_response_len=16)["tokens"] == 0
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in opt.grads[0])
 
 
 def test_first_update_ratio_is_exactly_one(tiny):
@@ -256,6 +301,9 @@ def test_argument_errors(tiny):
         grpo_update(model, opt, r, micro_batch_size=4, mini_batches=3)
     with pytest.raises(ValueError, match="unknown loss_agg"):
         grpo_update(model, opt, r, micro_batch_size=4, loss_agg="mean")
+    r.sampler_logprobs = None
+    with pytest.raises(ValueError, match="tis_cap > 0 needs the sampler's log-probs"):
+        grpo_update(model, opt, r, micro_batch_size=4, tis_cap=2.0)
     assert opt.grads == []
 
 
