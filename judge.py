@@ -2,14 +2,19 @@
 
 One model plays two roles (README.md, "The training loop"):
   actor: actor_prompt(...) -> sampled response -> extract_answer(response) -> the translation, or None
-         when the response breaks the <think>...</think> <answer>...</answer> format;
-  judge: judge_prompt(...) on each valid translation -> the same model's output -> parse_score(...).
-score_rollouts(...) turns those texts (plus optional COMET scores) into one RewardParts per rollout,
-keeping every component apart for logging. CometScorer is SSR-X's CometKiwi reward and eval.py's COMET metric. A custom reward
+         when the response breaks the <think>...</think> <answer>...</answer> format (checked_answer adds
+         --check-script's target-script check);
+  judge: judge_tasks(...) turns a step's valid translations into judge prompts (pointwise, deduplicated under
+         greedy judging, or one per GRPO group with --judge-mode group) -> the same model's outputs ->
+         read_verdict(...) -> one Judgement (a score, or why it failed to parse) per translation.
+score_rollouts(...) turns those (plus optional COMET scores) into one RewardParts per rollout, keeping every
+component apart for logging. CometScorer is SSR-X's CometKiwi reward and eval.py's COMET metric. A custom reward
 (`--reward module:function`) replaces the whole reward.
 
 Everything here is plain Python on strings except CometScorer, which imports COMET only when built.
 """
+from __future__ import annotations
+
 import importlib
 import json
 import math
@@ -17,8 +22,9 @@ import numbers
 import re
 import statistics
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import yaml
@@ -167,6 +173,69 @@ def judge_prompt(src: str, translation: str, src_lang: str, tgt_lang: str, templ
     return wrap_prompt(request, template)
 
 
+def group_judge_prompt(src: str, translations: list[str], src_lang: str, tgt_lang: str, template: str = "r1") -> str:
+    """`--judge-mode group` (beyond the paper): the same assessment over a GRPO group's distinct translations at
+    once, numbered, so the judge compares them before scoring (parse_group_judgement reads the verdict)."""
+    source, target = language_name(src_lang), language_name(tgt_lang)
+    request = (
+        f"Score each of the following {len(translations)} translations from {source} to {target} on a continuous "
+        f"scale from 0 to 100, where 0 means that no meaning is preserved and 100 means perfect meaning and grammar. "
+        f"Give a score of 0 to a translation that contains irrelevant content, is not written in {target}, "
+        f"or offers more than one translation. Compare the translations with each other before scoring them.\n"
+        f'{source} source: "{src}"\n'
+        + "".join(f'{target} translation {i}: "{t}"\n' for i, t in enumerate(translations, 1))
+        + "Give the scores inside <answer> </answer>, one line per translation: its number, a colon and its "
+          "score, as in 1: <score>."
+    )
+    return wrap_prompt(request, template)
+
+
+@dataclass
+class JudgeTask:
+    """One judge prompt and the rollouts its verdict scores."""
+    prompt: str
+    members: list[list[int]]  # members[k]: the rollouts (indices into the caller's list) holding translation k
+    group: bool  # a group verdict ("N: score" per translation) rather than one score
+
+
+def judge_tasks(sources: list[dict], answers: list[str], groups: list[int], mode: str, dedup: bool,
+                template: str = "r1") -> list[JudgeTask]:
+    """The prompts that judge one step's well-formed rollouts: rollout i translated sources[i] as answers[i], in
+    GRPO group groups[i].
+
+    pointwise: one prompt per rollout; with `dedup` (greedy judging, where a prompt always gets the same
+      verdict) one per distinct (source, translation) pair, its verdict shared by every copy.
+    group: one prompt per GRPO group showing its distinct translations, numbered in order of first appearance.
+    """
+    if mode not in ("pointwise", "group"):
+        raise RewardError(f"unknown judge mode {mode!r}; choose pointwise or group")
+    by_key: dict = {}  # task key -> its rollouts, in order of first appearance
+    for i, s in enumerate(sources):
+        key = groups[i] if mode == "group" else (s["src"], s["src_lang"], s["tgt_lang"], answers[i]) if dedup else i
+        by_key.setdefault(key, []).append(i)
+    tasks = []
+    for rollouts in by_key.values():
+        s = sources[rollouts[0]]
+        if mode == "pointwise":
+            prompt = judge_prompt(s["src"], answers[rollouts[0]], s["src_lang"], s["tgt_lang"], template)
+            tasks.append(JudgeTask(prompt, [rollouts], group=False))
+            continue
+        distinct: dict[str, list[int]] = {}
+        for i in rollouts:
+            distinct.setdefault(answers[i], []).append(i)
+        prompt = group_judge_prompt(s["src"], list(distinct), s["src_lang"], s["tgt_lang"], template)
+        tasks.append(JudgeTask(prompt, list(distinct.values()), group=True))
+    return tasks
+
+
+def read_verdict(task: JudgeTask, output: str | None) -> list[Judgement]:
+    """One judge output of `task` -> one Judgement per translation it scored (task.members' order). None: the
+    prompt was too long for the judge's cache, so nothing was generated."""
+    if output is None:
+        return [Judgement(None, "too_long")] * len(task.members)
+    return parse_group_judgement(output, len(task.members)) if task.group else [parse_judgement(output)]
+
+
 # ----------------------------------------------------------------------------------------------------
 # reading the model's outputs
 
@@ -197,34 +266,129 @@ def format_progress(response: str) -> float:
     return sum(response.count(tag) == 1 for tag in TAGS) / len(TAGS)
 
 
-# The score alone: plain decimal digits with an optional fraction ("87", "87.5") and an optional final
-# period ("90." is a sentence end, not a second number). Signs, exponents, "/100", "%", words and units
-# are all failures: the prompt asks for the number alone, and anything looser has to guess (is "8/10"
-# 8 or 80?).
-SCORE_FORMAT = re.compile(r"[0-9]+(?:\.[0-9]+)?\.?")
+# Letters of a target language's script, by the first word of their Unicode name; any other target is Latin
+SCRIPTS = {"zh": {"CJK"}, "ja": {"CJK", "HIRAGANA", "KATAKANA"}, "ko": {"HANGUL"}, "ru": {"CYRILLIC"},
+           "uk": {"CYRILLIC"}, "ar": {"ARABIC"}, "he": {"HEBREW"}, "hi": {"DEVANAGARI"}}
 
 
-def parse_score(judge_response: str) -> float | None:
-    """The judge's score in [0, 100], or None (a parse failure, which the reward counts as score 0).
+def in_target_script(text: str, tgt_lang: str) -> bool:
+    """`--check-script`: is the translation written in the target language's script? A cheap guard against the
+    commonest hack of a self-judge, the untranslated copy. A non-Latin target needs at least one letter of its
+    script (names and terms stay in Latin letters); a Latin target needs at least half of its letters Latin
+    (a Chinese name is fine, a Chinese sentence is not). Text with no letters at all (numbers) passes."""
+    letters = [unicodedata.name(c, "?").split()[0] for c in unicodedata.normalize("NFKC", text) if c.isalpha()]
+    if not letters:
+        return True
+    script = SCRIPTS.get(tgt_lang, {"LATIN"})
+    share = sum(s in script for s in letters) / len(letters)
+    return share > 0 if tgt_lang in SCRIPTS else share >= 0.5
 
-    The output must hold exactly one <answer> and one </answer>, in that order, with nothing but whitespace
-    after the closing tag (generation stops there). What comes before <answer> is the judge's reasoning and is
-    not checked: a judge that skips <think> still gave a usable score, and judge tokens are never trained on,
-    so leniency there cannot be exploited. Inside the answer: the score alone (SCORE_FORMAT), surrounded by
-    any whitespace. Full-width digits ("９０", as a model may write after Chinese text) are read through
-    NFKC normalisation, which maps them to ASCII.
-    """
+
+def checked_answer(response: str, tgt_lang: str | None = None) -> tuple[str | None, bool]:
+    """(translation or None, wrong_script): extract_answer, then with a tgt_lang (--check-script) the script
+    check, whose failure makes the response invalid like a broken format."""
+    answer = extract_answer(response)
+    wrong = answer is not None and tgt_lang is not None and not in_target_script(answer, tgt_lang)
+    return (None if wrong else answer), wrong
+
+
+# Why a judgement did not parse (metrics.jsonl logs the share of each as judge_fail_<kind>):
+#   no_tags      not exactly one <answer>...</answer>, or text after it (e.g. the judge ran out of tokens)
+#   no_number    no number inside the answer ("ninety", empty)
+#   several      two or more different numbers ("85 or 90", "8/10": a denominator other than 100 is a second number)
+#   out_of_range one number, outside [0, 100] ("101", "-5", "150/100")
+#   extra_text   one number in range, with words the grammar has no place for ("90 points")
+#   too_long     no output: the judge prompt did not fit the sampler's cache (a group of long translations)
+FAILURE_KINDS = ("no_tags", "no_number", "several", "out_of_range", "extra_text", "too_long")
+
+
+class Judgement(NamedTuple):
+    """One translation's score read out of one judge output."""
+    score: float | None  # 0-100, None when the output did not parse
+    failure: str | None = None  # why not, one of FAILURE_KINDS (None when it parsed)
+
+
+# The score grammar, applied after NFKC normalisation (full-width digits, colon, slash and percent sign become
+# ASCII) and the removal of markdown emphasis (* and _): an optional label "Score:", one number (integer or
+# decimal), an optional "/100" or "%", an optional sentence-final period, whitespace anywhere between.
+SCORE = re.compile(r"(?:score\s*:\s*)?(?P<number>[0-9]+(?:\.[0-9]+)?)\s*(?:/\s*100|%)?\s*\.?", re.IGNORECASE)
+# every number a person would see, sign included, for saying why an answer is outside the grammar
+NUMBER = re.compile(r"[-+]?[0-9]+(?:\.[0-9]+)?")
+
+
+def normalise(text: str) -> str:
+    return re.sub(r"[*_]", "", unicodedata.normalize("NFKC", text)).strip()
+
+
+def answer_text(judge_response: str) -> str | None:
+    """The text inside the output's one <answer>...</answer>, or None.
+
+    The output must hold exactly one <answer> and one </answer>, in that order, with nothing but whitespace after
+    the closing tag (generation stops there). What comes before <answer> is the judge's reasoning and is not
+    checked: a judge that skips <think> still gave a usable score, and judge tokens are never trained on, so
+    leniency there cannot be exploited."""
     if judge_response.count("<answer>") != 1 or judge_response.count("</answer>") != 1:
         return None
     _, _, rest = judge_response.partition("<answer>")
-    if "</answer>" not in rest:  # the closing tag came before the opening one
-        return None
-    content, _, tail = rest.partition("</answer>")
-    content = unicodedata.normalize("NFKC", content).strip()
-    if tail.strip() or not SCORE_FORMAT.fullmatch(content):
-        return None
-    score = float(content.rstrip("."))
-    return score if 0.0 <= score <= 100.0 else None
+    content, closed, tail = rest.partition("</answer>")
+    return content if closed and not tail.strip() else None  # not closed: the closing tag came first
+
+
+def read_score(text: str) -> Judgement:
+    """One score in the SCORE grammar ("87.5", "Score: 85", "85/100", "85%", "**85**"), or the failure kind."""
+    text = normalise(text)
+    if m := SCORE.fullmatch(text):
+        score = float(m["number"])
+        return Judgement(score) if score <= 100.0 else Judgement(None, "out_of_range")
+    # outside the grammar: say why. A "/100" is a denominator, not a second number.
+    numbers = {float(x) for x in NUMBER.findall(re.sub(r"/\s*100(?![0-9.])", " ", text))}
+    if not numbers:
+        return Judgement(None, "no_number")
+    if len(numbers) > 1:
+        return Judgement(None, "several")
+    return Judgement(None, "extra_text" if 0.0 <= numbers.pop() <= 100.0 else "out_of_range")
+
+
+def parse_judgement(judge_response: str) -> Judgement:
+    """A pointwise judge output -> its score in [0, 100] or why it has none (see FAILURE_KINDS, SCORE)."""
+    content = answer_text(judge_response)
+    return Judgement(None, "no_tags") if content is None else read_score(content)
+
+
+def parse_score(judge_response: str) -> float | None:
+    """The judge's score in [0, 100], or None: a parse failure, which the reward counts as score 0."""
+    return parse_judgement(judge_response).score
+
+
+# One entry of a group verdict: the translation's number, a colon, its score in the SCORE grammar
+GROUP_ENTRY = re.compile(r"(?:translation\s*)?(?P<index>[0-9]+)\s*:\s*(?P<score>.*)", re.IGNORECASE)
+
+
+def parse_group_judgement(judge_response: str, n: int) -> list[Judgement]:
+    """A group verdict over n numbered translations -> n Judgements, in the prompt's order.
+
+    Inside <answer>: one entry per translation, "N: score", separated by newlines, commas or semicolons, in any
+    order (markdown emphasis allowed, as for one score). The verdict is all or nothing: a missing translation
+    (no_number), one scored twice or a number outside 1..n (several), an entry that is not "N: score"
+    (extra_text) or a score that does not parse fails every translation of the group with that kind; the
+    judge's ranking is only meaningful as a whole."""
+    content = answer_text(judge_response)
+    if content is None:
+        return [Judgement(None, "no_tags")] * n
+    scores: dict[int, float] = {}
+    for entry in filter(None, map(normalise, re.split(r"[\n,;]", normalise(content)))):
+        m = GROUP_ENTRY.fullmatch(entry)
+        if m is None:
+            return [Judgement(None, "extra_text")] * n
+        index, judgement = int(m["index"]), read_score(m["score"])
+        if judgement.score is None:
+            return [judgement] * n
+        if not 1 <= index <= n or index in scores:
+            return [Judgement(None, "several")] * n
+        scores[index] = judgement.score
+    if len(scores) < n:
+        return [Judgement(None, "no_number")] * n
+    return [Judgement(scores[i]) for i in range(1, n + 1)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -234,67 +398,74 @@ def parse_score(judge_response: str) -> float | None:
 class RewardParts:
     """One rollout's reward and the components it came from, each logged on its own."""
     reward: float  # what GRPO uses
-    format_valid: bool
+    format_valid: bool  # well formed (and, with --check-script, in the target script)
     answer: str | None  # the extracted translation; None if the format is invalid
     self_score: float | None  # mean parsed judge score 0-100; None if not judged or no judgement parsed
-    parse_failures: int  # judge outputs of this rollout that did not parse
-    judged: int  # judge outputs of this rollout (0 when invalid, or when w_self = 0 and judging was skipped)
+    failures: list[str]  # the failure kind of each of this rollout's judgements that did not parse
+    judged: int  # judgements of this rollout (0 when invalid, or when w_self = 0 and judging was skipped)
     comet: float | None  # COMET score as output (~0-1); None if not scored
+    wrong_script: bool | None = None  # well formed but not in the target script; None when not checked
 
 
 def reward_stats(parts: list[RewardParts]) -> dict:
     """Batch means for metrics.jsonl. Means of self/COMET scores are over rollouts that have one; the
-    parse-failure rate is over judge outputs; Spearman between self and COMET scores is the live check
-    that the self-judge ranks translations like an external metric."""
+    parse-failure rates (all, and judge_fail_<kind> per FAILURE_KINDS) are over judgements; Spearman between
+    self and COMET scores is the live check that the self-judge ranks translations like an external metric."""
     rewards = [p.reward for p in parts]
     selfs = [p.self_score for p in parts if p.self_score is not None]
     comets = [p.comet for p in parts if p.comet is not None]
     pairs = [(p.self_score, p.comet) for p in parts if p.self_score is not None and p.comet is not None]
     judged = sum(p.judged for p in parts)
+    failures = [kind for p in parts for kind in p.failures]
+    checked = [p.wrong_script for p in parts if p.wrong_script is not None]
     return {
         "reward_mean": statistics.fmean(rewards),
         "reward_std": statistics.pstdev(rewards),
         "format_valid_rate": statistics.fmean(p.format_valid for p in parts),
+        "wrong_script_rate": statistics.fmean(checked) if checked else None,
         "self_score_mean": statistics.fmean(selfs) if selfs else None,
-        "judge_parse_failure_rate": sum(p.parse_failures for p in parts) / judged if judged else None,
+        "judge_parse_failure_rate": len(failures) / judged if judged else None,
+        **{f"judge_fail_{kind}": failures.count(kind) / judged if judged else None for kind in FAILURE_KINDS},
         "comet_mean": statistics.fmean(comets) if comets else None,
         "self_comet_spearman": spearman(*zip(*pairs)) if len(pairs) > 1 else None,
     }
 
 
-def score_rollouts(responses: list[str], judge_outputs: list[list[str]] | None = None,
+def score_rollouts(responses: list[str], judgements: list[list[Judgement]] | None = None,
                    comet_scores: list[float | None] | None = None, w_self: float = 1.0, w_comet: float = 0.0,
-                   format_penalty: float = -1.0) -> list[RewardParts]:
+                   format_penalty: float = -1.0, tgt_langs: list[str] | None = None) -> list[RewardParts]:
     """Rewards for one batch of rollouts: format_penalty when the format is invalid, else
     w_self * self/100 + w_comet * comet (SSR: w_self=1, w_comet=0; SSR-X: 0.5, 0.5).
 
-    judge_outputs[i] holds the judge's outputs for rollout i (one when greedy, `judge_samples` when sampled;
-    [] for an invalid rollout, which is never judged). The self score averages the judgements that parsed:
-    a parse failure says nothing about the translation, so with several samples it is left out rather than
-    counted as 0; when none parses the self score is 0 for the reward (and None in the log). Every failure
-    is counted. comet_scores[i] is None for rollouts that were not scored (invalid format); both inputs may
-    be None when their weight is 0 and the trainer skipped that work.
+    judgements[i] holds what the judge said of rollout i (one Judgement when greedy, `judge_samples` when
+    sampled; [] for an invalid rollout, which is never judged). The self score averages the judgements that
+    parsed: a parse failure says nothing about the translation, so with several samples it is left out rather
+    than counted as 0; when none parses the self score is 0 for the reward (and None in the log). Every failure
+    is counted by kind. comet_scores[i] is None for rollouts that were not scored (invalid format); both inputs
+    may be None when their weight is 0 and the trainer skipped that work. tgt_langs (--check-script): each
+    rollout's target language; an answer not in its script is a format failure, counted apart.
     """
     n = len(responses)
-    if any(x is not None and len(x) != n for x in (judge_outputs, comet_scores)):
-        raise RewardError(f"score_rollouts: {n} responses but judge_outputs/comet_scores of another length")
+    if any(x is not None and len(x) != n for x in (judgements, comet_scores, tgt_langs)):
+        raise RewardError(f"score_rollouts: {n} responses but judgements/comet_scores/tgt_langs of another length")
     out = []
     for i, response in enumerate(responses):
-        answer = extract_answer(response)
-        judgements = judge_outputs[i] if judge_outputs is not None and answer is not None else []
+        answer, wrong_script = checked_answer(response, tgt_langs[i] if tgt_langs is not None else None)
+        verdicts = judgements[i] if judgements is not None and answer is not None else []
         comet = comet_scores[i] if comet_scores is not None and answer is not None else None
-        scores = [s for s in map(parse_score, judgements) if s is not None]
+        scores = [j.score for j in verdicts if j.score is not None]
         self_score = statistics.fmean(scores) if scores else None
         if answer is None:
             reward = format_penalty
         else:
-            if w_self != 0 and not judgements:
-                raise RewardError(f"score_rollouts: rollout {i} has a valid answer but no judge output")
+            if w_self != 0 and not verdicts:
+                raise RewardError(f"score_rollouts: rollout {i} has a valid answer but no judgement")
             if w_comet != 0 and comet is None:
                 raise RewardError(f"score_rollouts: rollout {i} has a valid answer but no COMET score")
             reward = w_self * (self_score or 0.0) / 100 + (w_comet * comet if w_comet != 0 else 0.0)
-        out.append(RewardParts(reward, answer is not None, answer, self_score, len(judgements) - len(scores),
-                               len(judgements), comet))
+        out.append(RewardParts(reward, answer is not None, answer, self_score,
+                               [j.failure for j in verdicts if j.score is None], len(verdicts), comet,
+                               wrong_script if tgt_langs is not None else None))
     return out
 
 

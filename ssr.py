@@ -7,7 +7,7 @@ Each step, for a batch of monolingual source sentences:
   4. update   group-relative advantages and a clipped policy-gradient step (grpo.py);
   5. sync     copy the new weights into the sampler's copy; then log, and checkpoint.
 
-    python ssr.py                                           # CPU smoke run on a tiny random model
+    python ssr.py                                           # CPU smoke run on a tiny model (smoke.py)
     torchrun --nproc 8 ssr.py --preset ssr-zero-7b --model /ckpt/Qwen2.5-7B --data train.jsonl
 
 Where the rest lives: the network in model.py, checkpoints on disk in checkpoint.py, torchrun/FSDP2/weight
@@ -35,13 +35,14 @@ from tqdm import tqdm
 import grpo
 import judge
 import rundir
-from checkpoint import CheckpointError, load_tokenizer, make_tiny_model, read_config
+from checkpoint import CheckpointError, load_tokenizer, read_config
 from distributed import (init_distributed, load_frozen_model, load_train_state, load_trainer_model, newest_checkpoint,
                          read_trainer_state, sampler_copy, save_checkpoint, sync_sampler, unwrap)
 from judge import DataError
 from model import Transformer
 from plan import GIB, cache_positions, comet_checkpoint_bytes, device_memory_bytes, memory_plan, sampler_slots
 from sampler import Completion, Sampler
+from smoke import make_smoke_model, warm_up
 
 
 def arg(default, help: str, choices=None):
@@ -52,7 +53,7 @@ def arg(default, help: str, choices=None):
 @dataclass
 class Config:
     # --- model and data
-    model: str = arg("", "HF checkpoint directory of the base model (empty: a tiny random model, smoke run)")
+    model: str = arg("", "HF checkpoint directory of the base model (empty: the smoke run's tiny model)")
     data: str = arg("data/sample.jsonl", "jsonl of monolingual sources: {src, src_lang, tgt_lang} per line")
     out_dir: str = arg("out/ssr", "where checkpoints, metrics.jsonl and samples.jsonl go")
     preset: str = arg("", "start from a named recipe; flags given on the command line override it",
@@ -72,6 +73,9 @@ class Config:
     judge_samples: int = arg(1, "judgements averaged per translation (1 = one greedy judgement)")
     judge_temperature: float = arg(1.0, "sampling temperature of the judge when judge_samples > 1")
     judge_max_new_tokens: int = arg(512, "token budget of one judgement")
+    judge_mode: str = arg("pointwise", "one translation per judgement (the paper), or a GRPO group's distinct "
+                          "translations scored together", choices=["pointwise", "group"])
+    check_script: bool = arg(False, "an answer not in the target language's script is a format failure")
     # --- rollouts
     prompts_per_step: int = arg(64, "source sentences per step, across all ranks")
     group_size: int = arg(8, "translations sampled per source (the GRPO group)")
@@ -92,6 +96,8 @@ class Config:
     loss_agg: str = arg("token-mean", "loss aggregation",
                         choices=["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
     adv_std: str = arg("on", "divide advantages by the group std (off: Dr.GRPO's r - mean)", choices=["on", "off"])
+    tis_cap: float = arg(0.0, "truncated importance weights min(pi_old / pi_sampler, C) on the token loss (0: off)")
+    mask_truncated: bool = arg(False, "leave responses cut by --max-new-tokens out of the loss")
     mini_batches: int = arg(1, "optimizer steps per rollout batch")
     micro_batch_size: int = arg(8, "sequences per forward/backward (gradient accumulation below that)")
     # --- run
@@ -127,10 +133,10 @@ PRESETS = {
                           judge_max_new_tokens=1024, lr=1e-6, warmup_steps=10, steps=400, save_every=50,
                           micro_batch_size=4, sampler_batch_size=256, w_self=0.5, w_comet=0.5,
                           out_dir="out/ssr-x-zero-7b"),
-    # `python ssr.py` with no arguments: tiny model, CPU, a programmatic reward it can visibly learn
-    "smoke": dict(reward="judge:letter_share_reward", prompts_per_step=8, group_size=8,
-                  max_new_tokens=24, judge_max_new_tokens=8, lr=3e-3, steps=20, save_every=10,
-                  micro_batch_size=32, sampler_batch_size=64, grad_checkpointing=False, out_dir="out/smoke"),
+    # `python ssr.py` with no arguments: the warmed-up tiny model (smoke.py), CPU, the self-judge reward
+    "smoke": dict(prompts_per_step=8, group_size=8, max_new_tokens=24, judge_max_new_tokens=16, lr=3e-4,
+                  steps=20, save_every=10, micro_batch_size=32, sampler_batch_size=64, grad_checkpointing=False,
+                  out_dir="out/smoke"),
 }
 
 
@@ -260,16 +266,6 @@ def load_data(path: str, prompt_len=None, max_prompt_tokens: int = 0) -> list[di
     return rows
 
 
-def make_smoke_model(path, data: str, seed: int = 0, **dims):
-    """The smoke run's tiny random Qwen2, its BPE tokenizer trained on the data and the prompt templates
-    (repeated, so they merge into few tokens: short prompts keep a CPU run fast). `dims` override the shape."""
-    templates = [judge.actor_prompt("", a, b, t) for a, b in (("en", "zh"), ("zh", "en")) for t in judge.TEMPLATES]
-    corpus = [r["src"] for r in load_data(data)] + templates * 50
-    dims = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2) | dims
-    return make_tiny_model(path, corpus=corpus, vocab_size=1024, seed=seed, **dims)
-
-
 def step_sources(rows: list[dict], step: int, cfg: Config, rank: int, world: int) -> list[dict]:
     """This rank's sources for `step`. A pure function of (seed, step): resuming needs no data cursor,
     and every rank agrees on the global batch without talking. Each epoch is a fresh permutation."""
@@ -396,16 +392,24 @@ def start_wandb(cfg: Config):
 
 
 def prepare_smoke_model(cfg: Config, out: Path, rank: int, device: torch.device):
-    """No --model: the smoke run trains a tiny random model, built once under the out-dir."""
+    """No --model: the smoke run trains smoke.py's tiny model, built and warmed up once under the out-dir
+    (in a temporary directory first, so an interrupted build is never mistaken for a finished one)."""
     cfg.model = str(out / "tiny_model")
+    if rank == 0:
+        print(f"SMOKE RUN: a tiny 2-layer model, warmed up for a few seconds on toy responses and judgements "
+              f"written in code (smoke.py), then {cfg.steps} RL steps on {cfg.data} on {device.type}, rewarded by "
+              f"{cfg.reward or 'its own judge (SSR-Zero)'}. It shows every phase of the loop; it does not learn "
+              "to translate. For real training pass --model and --data (see README).", flush=True)
     if rank == 0 and not (out / "tiny_model" / "config.json").exists():
-        make_smoke_model(cfg.model, cfg.data, cfg.seed)
+        rows = load_data(cfg.data)  # a bad data line is reported before any building
+        t0, tmp = time.perf_counter(), out / ".tiny_model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        make_smoke_model(tmp, cfg.data, cfg.seed)
+        loss = warm_up(tmp, rows, cfg.template, cfg.seed)
+        tmp.rename(out / "tiny_model")
+        print(f"smoke model built and warmed up in {time.perf_counter() - t0:.1f}s (loss {loss:.2f})", flush=True)
     if dist.is_initialized():
         dist.barrier()
-    if rank == 0:
-        print(f"SMOKE RUN: a tiny random model ({cfg.model}) on {cfg.data}, {cfg.steps} steps on "
-              f"{device.type}, rewarded by {cfg.reward} (a toy reward it can learn; the judge still runs "
-              "on well-formed answers). For real training pass --model and --data (see README).")
 
 
 def claim_out_dir(cfg: Config, out: Path, rank: int) -> Path | None:
@@ -466,6 +470,7 @@ class Rollout:
     response: str  # sample: the decoded response, special tokens skipped
     answer: str | None  # sample: the translation, or None when the format is invalid
     judge_outputs: list[str] = field(default_factory=list)  # judge: the judge's outputs (none if not judged)
+    judgements: list[judge.Judgement] = field(default_factory=list)  # judge: the score read from each output
     comet: float | None = None  # judge: the COMET QE score (SSR-X)
     reward: judge.RewardParts | None = None  # reward: the reward and its parts
 
@@ -497,41 +502,57 @@ def sample_translations(run: Run, sources: list[dict], seed: int) -> list[Rollou
         # special tokens skipped: a trailing EOS is how a response ends, not part of its text
         response = prefill + tok.decode(c.tokens, skip_special_tokens=True)
         source, prompt = sources[i // cfg.group_size], prompts[i // cfg.group_size]
-        rollouts.append(Rollout(source, prompt, c, response, judge.extract_answer(response)))
+        answer, _ = judge.checked_answer(response, source["tgt_lang"] if cfg.check_script else None)
+        rollouts.append(Rollout(source, prompt, c, response, answer))
     return rollouts
 
 
-def judge_translations(run: Run, rollouts: list[Rollout], seed: int):
+def judge_translations(run: Run, rollouts: list[Rollout], seed: int) -> dict:
     """2. judge: each well-formed translation next to its source, scored by the judge (the policy's own
-    current weights unless --judge-model); with SSR-X also by COMET."""
+    current weights unless --judge-model); with SSR-X also by COMET. Greedy pointwise judging asks once per
+    distinct (source, translation) pair and shares the verdict; --judge-mode group asks once per GRPO group.
+    Returns the judge's workload for the log: sequences generated, and judgements the rollouts received."""
     cfg, tok = run.cfg, run.tok
     valid = [r for r in rollouts if r.answer is not None]
+    work = {"judge_sequences": 0, "judgements": 0}
     if cfg.w_self != 0 and valid:
-        prompts = [tok.encode(judge.judge_prompt(r.source["src"], r.answer, r.source["src_lang"],
-                                                 r.source["tgt_lang"], cfg.template)) for r in valid]
-        greedy = cfg.judge_samples == 1
-        with bar("judge", len(prompts) * cfg.judge_samples) as progress:
-            outs = run.judge_sampler.generate(prompts, group_size=cfg.judge_samples,
+        groups = [i // cfg.group_size for i, r in enumerate(rollouts) if r.answer is not None]
+        tasks = judge.judge_tasks([r.source for r in valid], [r.answer for r in valid], groups, cfg.judge_mode,
+                                  dedup=cfg.judge_samples == 1, template=cfg.template)
+        n = cfg.judge_samples
+        prompts = [tok.encode(t.prompt) for t in tasks]
+        # a group prompt holds up to G translations and can outgrow the cache: its judgements fail (too_long)
+        fit = [t for t, p in enumerate(prompts) if len(p) < run.judge_sampler.max_seq_len]
+        with bar("judge", len(fit) * n) as progress:
+            outs = run.judge_sampler.generate([prompts[t] for t in fit], group_size=n,
                                               max_new_tokens=cfg.judge_max_new_tokens,
-                                              temperature=0.0 if greedy else cfg.judge_temperature,
+                                              temperature=0.0 if n == 1 else cfg.judge_temperature,
                                               stop_token_ids=tok.eos_ids, stop_strings=judge.STOP_STRINGS,
                                               tokenizer=tok, seed=seed, progress=progress)
-        for j, r in enumerate(valid):
-            r.judge_outputs = [tok.decode(o.tokens, skip_special_tokens=True)
-                               for o in outs[j * cfg.judge_samples:(j + 1) * cfg.judge_samples]]
+        texts = {t: [tok.decode(o.tokens, skip_special_tokens=True) for o in outs[k * n:(k + 1) * n]]
+                 for k, t in enumerate(fit)}
+        for t, task in enumerate(tasks):
+            for text in texts.get(t, [None] * n):
+                for members, judgement in zip(task.members, judge.read_verdict(task, text)):
+                    for i in members:
+                        valid[i].judge_outputs.append(text or "")
+                        valid[i].judgements.append(judgement)
+        work = {"judge_sequences": len(fit) * n, "judgements": len(valid) * n}
     if run.comet is not None and valid:
         scores = run.comet.score([r.source["src"] for r in valid], [r.answer for r in valid])
         for r, score in zip(valid, scores):
             r.comet = score
+    return work
 
 
 def assign_rewards(run: Run, rollouts: list[Rollout]):
     """3. reward: format penalty, else w_self * self/100 + w_comet * COMET; a custom reward replaces it."""
     cfg = run.cfg
     parts = judge.score_rollouts([r.response for r in rollouts],
-                                 [r.judge_outputs for r in rollouts] if cfg.w_self != 0 else None,
+                                 [r.judgements for r in rollouts] if cfg.w_self != 0 else None,
                                  [r.comet for r in rollouts] if run.comet is not None else None,
-                                 w_self=cfg.w_self, w_comet=cfg.w_comet, format_penalty=cfg.format_penalty)
+                                 w_self=cfg.w_self, w_comet=cfg.w_comet, format_penalty=cfg.format_penalty,
+                                 tgt_langs=[r.source["tgt_lang"] for r in rollouts] if cfg.check_script else None)
     if cfg.format_credit:  # partial credit: a signal among malformed responses, which otherwise all tie
         parts = [p if p.format_valid else dataclasses.replace(p, reward=p.reward + cfg.format_credit
                                                                  * judge.format_progress(r.response))
@@ -549,8 +570,11 @@ def update_policy(run: Run, rollouts: list[Rollout]) -> dict:
     # groups never straddle ranks (each rank holds whole prompts), so advantages are rank-local
     advantages = grpo.group_advantages(torch.tensor([r.reward.reward for r in rollouts]), cfg.group_size,
                                        std_normalize=cfg.adv_std == "on")
+    # the sampler's own log-probs ride along: kl_sampler measures its gap to the trainer, --tis-cap corrects it
     batch = grpo.build_rollouts([r.prompt for r in rollouts], [r.completion.tokens for r in rollouts], advantages,
-                                pad_id=run.tok.pad_id).to(run.device)
+                                pad_id=run.tok.pad_id, sampler_logprobs=[r.completion.logprobs for r in rollouts],
+                                in_loss=[not (cfg.mask_truncated and r.completion.finish_reason == "length")
+                                         for r in rollouts]).to(run.device)
     run.model.train()
     with run.autocast, bar("update", len(batch) * cfg.mini_batches) as progress:
         # "Old" log-probs come from the training model itself, not the sampler (bf16, other kernels), so the
@@ -563,7 +587,8 @@ def update_policy(run: Run, rollouts: list[Rollout]) -> dict:
         stats = grpo.grpo_update(run.model, run.optimizer, batch, micro_batch_size=cfg.micro_batch_size,
                                  mini_batches=cfg.mini_batches, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                                  kl_beta=cfg.kl_beta, loss_agg=cfg.loss_agg, max_response_len=cfg.max_new_tokens,
-                                 temperature=cfg.temperature, max_grad_norm=cfg.max_grad_norm, progress=progress)
+                                 temperature=cfg.temperature, tis_cap=cfg.tis_cap, max_grad_norm=cfg.max_grad_norm,
+                                 progress=progress)
     run.model.eval()
     stats["lr"] = run.optimizer.param_groups[0]["lr"]  # the LR this update used
     run.scheduler.step()
@@ -589,18 +614,18 @@ def train(cfg: Config):
         with timed(times, "sample"):
             rollouts = sample_translations(run, sources, seed)  # 1. the actor translates each source G times
         with timed(times, "judge"):
-            judge_translations(run, rollouts, seed + 1)  # 2. the same weights score each valid translation
+            judged = judge_translations(run, rollouts, seed + 1)  # 2. the same weights score each valid translation
         assign_rewards(run, rollouts)  # 3. format penalty, or the self score (+ COMET)
         with timed(times, "update"):
             stats = update_policy(run, rollouts)  # 4. GRPO on the group-relative advantages
             sync_sampler(run.model, run.sampler.model)  # 5. the new weights into the sampler's copy
-        log_step(run, step, rollouts, stats, times, t_step)
+        log_step(run, step, rollouts, stats, judged, times, t_step)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             save_checkpoint(cfg.out_dir, step + 1, run.model, run.optimizer, run.scheduler, run_config(cfg),
                             cfg.model, cfg.keep_last)
     if run.master:
         print(f"done: checkpoint {run.out / f'step_{cfg.steps}'}, metrics {run.out / 'metrics.jsonl'}"
-              + (" (smoke run: the model is tiny and random; pass --model for real training)"
+              + (" (smoke run: a tiny model on toy data; pass --model for real training)"
                  if cfg.preset == "smoke" else ""))
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -618,23 +643,29 @@ def gather(items: list) -> list:
     return [x for p in parts for x in p]
 
 
-def log_step(run: Run, step: int, rollouts: list[Rollout], stats: dict, times: dict, t_step: float):
+def log_step(run: Run, step: int, rollouts: list[Rollout], stats: dict, judged: dict, times: dict, t_step: float):
     """One line of metrics.jsonl (global batch), a few full rollouts in samples.jsonl, a line on stdout."""
     cfg = run.cfg
     parts = gather([r.reward for r in rollouts])
-    lengths = torch.tensor([float(len(r.completion.tokens)) for r in rollouts], device=run.device)
-    totals = torch.stack([lengths.sum(), torch.tensor(float(len(lengths)), device=run.device)])
+    # summed over ranks: response tokens, rollouts, length-truncated rollouts, judge sequences, judgements
+    totals = torch.tensor([sum(len(r.completion.tokens) for r in rollouts), len(rollouts),
+                           sum(r.completion.finish_reason == "length" for r in rollouts),
+                           judged["judge_sequences"], judged["judgements"]], dtype=torch.float64, device=run.device)
     if dist.is_initialized():
         dist.all_reduce(totals)
+    tokens, n, truncated, judge_sequences, judgements = totals.tolist()
     groups = [[p.reward for p in parts[i:i + cfg.group_size]] for i in range(0, len(parts), cfg.group_size)]
     grpo_stats = {k: v for k, v in stats.items() if k != "lr"}
     record = {"step": step + 1} | judge.reward_stats(parts) | {
         "zero_spread_groups": sum(max(g) == min(g) for g in groups) / len(groups),
-        "response_len_mean": (totals[0] / totals[1]).item(),
+        # judgements the rollouts received that no judge sequence was generated for (dedup, group mode)
+        "judge_saved_share": 1 - judge_sequences / judgements if judgements else None,
+        "truncated_rate": truncated / n,
+        "response_len_mean": tokens / n,
         "lr": stats["lr"], "sec_sample": times["sample"], "sec_judge": times["judge"], "sec_update": times["update"],
         "sec_step": time.perf_counter() - t_step,
         # every rank samples at once: the global rate is all tokens over one rank's sampling time
-        "rollout_tokens_per_s": totals[0].item() / max(times["sample"], 1e-9),
+        "rollout_tokens_per_s": tokens / max(times["sample"], 1e-9),
     } | grpo_stats
     if not run.master:
         return
@@ -645,8 +676,10 @@ def log_step(run: Run, step: int, rollouts: list[Rollout], stats: dict, times: d
             f.write(json.dumps(r.sample_dict() | {"step": step + 1, "judge_outputs": r.judge_outputs,
                                                   "self_score": r.reward.self_score, "comet": r.reward.comet,
                                                   "reward": r.reward.reward}, ensure_ascii=False) + "\n")
+    self_score = record["self_score_mean"]
     print(f"step {step + 1}/{cfg.steps} | reward {record['reward_mean']:.3f} "
-          f"| valid {record['format_valid_rate']:.2f} | len {record['response_len_mean']:.0f} "
+          f"| valid {record['format_valid_rate']:.2f} | self {'-' if self_score is None else f'{self_score:.1f}'} "
+          f"| len {record['response_len_mean']:.0f} "
           f"| loss {stats['loss']:.4f} | gnorm {stats['grad_norm']:.3f} "
           f"| sample {times['sample']:.1f}s judge {times['judge']:.1f}s update {times['update']:.1f}s", flush=True)
     if run.wandb_run is not None:

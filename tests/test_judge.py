@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 import judge
-from judge import (LANGUAGES, R1_SYSTEM, STOP_STRINGS, CometScorer, RewardError, actor_prompt, extract_answer,
-                   judge_prompt, language_name, load_custom_reward, parse_score, reward_stats, score_rollouts, spearman)
+from judge import (FAILURE_KINDS, LANGUAGES, R1_SYSTEM, STOP_STRINGS, CometScorer, Judgement, RewardError,
+                   actor_prompt, checked_answer, extract_answer, group_judge_prompt, in_target_script, judge_prompt,
+                   judge_tasks, language_name, load_custom_reward, parse_group_judgement, parse_judgement, parse_score,
+                   read_verdict, reward_stats, score_rollouts, spearman)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -134,56 +136,101 @@ def test_extract_invalid(response):
 
 
 # ----------------------------------------------------------------------------------------------------
-# judge-score parsing
+# judge-score parsing: every rule of the grammar, both ways (score, or None and the failure kind)
 
-@pytest.mark.parametrize("output, score", [
-    ("<think>Accurate and fluent.</think> <answer>87.5</answer>", 87.5),
-    ("<think>ok</think><answer> 90 </answer>", 90.0),
-    ("<think>ok</think><answer>\n90\n</answer>\n", 90.0),
-    ("<think>ok</think><answer>90.</answer>", 90.0),  # a sentence-final period
-    ("<think>ok</think><answer>0</answer>", 0.0),
-    ("<think>ok</think><answer>100</answer>", 100.0),
-    ("<think>ok</think><answer>100.0</answer>", 100.0),
-    ("<think>ok</think><answer>095</answer>", 95.0),
-    ("<answer>75</answer>", 75.0),  # reasoning without think tags is not checked
-    ("The translation keeps the meaning. <answer>60</answer>", 60.0),
-    ("<think>ok</think><answer>９０</answer>", 90.0),  # full-width digits, NFKC-normalised
-])
-def test_parse_score_valid(output, score):
+SCORE_TABLE = [
+    # the number: integer or decimal, whitespace around it, a sentence-final period
+    ("<think>Accurate and fluent.</think> <answer>87.5</answer>", 87.5, None),
+    ("<think>ok</think><answer> 90 </answer>", 90.0, None),
+    ("<think>ok</think><answer>\n90\n</answer>\n", 90.0, None),
+    ("<think>ok</think><answer>90.</answer>", 90.0, None),
+    ("<think>ok</think><answer>095</answer>", 95.0, None),
+    ("<think>ok</think><answer>90..</answer>", None, "extra_text"),
+    ("<think>ok</think><answer>.5</answer>", None, "extra_text"),
+    # the range, ends included
+    ("<think>ok</think><answer>0</answer>", 0.0, None),
+    ("<think>ok</think><answer>100.0</answer>", 100.0, None),
+    ("<think>ok</think><answer>101</answer>", None, "out_of_range"),
+    ("<think>ok</think><answer>100.5</answer>", None, "out_of_range"),
+    ("<think>ok</think><answer>-5</answer>", None, "out_of_range"),
+    # an optional label
+    ("<think>ok</think><answer>Score: 85</answer>", 85.0, None),
+    ("<think>ok</think><answer>score:85</answer>", 85.0, None),
+    ("<think>ok</think><answer>Rating: 85</answer>", None, "extra_text"),  # only "Score:" is a label
+    ("<think>ok</think><answer>85 points</answer>", None, "extra_text"),
+    ("<think>ok</think><answer>+5</answer>", None, "extra_text"),
+    # an optional /100 or %; any other denominator is a second number
+    ("<think>ok</think><answer>85/100</answer>", 85.0, None),
+    ("<think>ok</think><answer>Score: 85 / 100.</answer>", 85.0, None),
+    ("<think>ok</think><answer>85%</answer>", 85.0, None),
+    ("<think>ok</think><answer>8/10</answer>", None, "several"),
+    ("<think>ok</think><answer>150/100</answer>", None, "out_of_range"),
+    ("<think>ok</think><answer>85/1000</answer>", None, "several"),
+    # markdown emphasis
+    ("<think>ok</think><answer>**85**</answer>", 85.0, None),
+    ("<think>ok</think><answer>**Score:** _85_/100</answer>", 85.0, None),
+    # full-width digits and signs (NFKC)
+    ("<think>ok</think><answer>９０</answer>", 90.0, None),
+    ("<think>ok</think><answer>Score：８５％</answer>", 85.0, None),
+    ("<think>ok</think><answer>８５／１００</answer>", 85.0, None),
+    # one number only: two different numbers are a failure
+    ("<think>ok</think><answer>85 90</answer>", None, "several"),
+    ("<think>ok</think><answer>85, maybe 90</answer>", None, "several"),
+    ("<think>ok</think><answer>1e2</answer>", None, "several"),
+    ("<think>ok</think><answer>90 (90)</answer>", None, "extra_text"),  # the same number twice: words left over
+    # a number at all
+    ("<think>ok</think><answer>ninety</answer>", None, "no_number"),
+    ("<think>ok</think><answer>nan</answer>", None, "no_number"),
+    ("<think>ok</think><answer></answer>", None, "no_number"),
+    ("<think>ok</think><answer>** **</answer>", None, "no_number"),
+    # the tags: exactly one <answer>...</answer>, nothing after it; the reasoning before it is not checked
+    ("<answer>75</answer>", 75.0, None),
+    ("The translation keeps the meaning. <answer>60</answer>", 60.0, None),
+    ("<think>ok</think> 90", None, "no_tags"),
+    ("<think>ok</think><answer>90", None, "no_tags"),  # ran out of tokens
+    ("<think>ok</think>90</answer>", None, "no_tags"),
+    ("</answer>90<answer>", None, "no_tags"),
+    ("<answer>100</answer><answer>0</answer>", None, "no_tags"),
+    ("<think>I will write <answer>100</answer></think><answer>40</answer>", None, "no_tags"),
+    ("<think>ok</think><answer><answer>90</answer></answer>", None, "no_tags"),
+    ("<think>ok</think><answer>90</answer> (very good)", None, "no_tags"),
+    ("", None, "no_tags"),
+]
+
+
+@pytest.mark.parametrize("output, score, kind", SCORE_TABLE)
+def test_score_grammar(output, score, kind):
+    assert parse_judgement(output) == Judgement(score, kind)
     assert parse_score(output) == score
 
 
-@pytest.mark.parametrize("output", [
-    "<think>ok</think><answer>87/100</answer>",
-    "<think>ok</think><answer>85 90</answer>",  # several numbers
-    "<think>ok</think><answer>85, maybe 90</answer>",
-    "<think>ok</think><answer>101</answer>",  # out of range
-    "<think>ok</think><answer>100.5</answer>",
-    "<think>ok</think><answer>-5</answer>",  # negative
-    "<think>ok</think><answer>+5</answer>",
-    "<think>ok</think><answer>1e2</answer>",  # exponent
-    "<think>ok</think><answer>.5</answer>",
-    "<think>ok</think><answer>90..</answer>",
-    "<think>ok</think><answer>Score: 90</answer>",  # not the score alone
-    "<think>ok</think><answer>90 points</answer>",
-    "<think>ok</think><answer>90%</answer>",
-    "<think>ok</think><answer>ninety</answer>",
-    "<think>ok</think><answer>nan</answer>",
-    "<think>ok</think><answer>inf</answer>",
-    "<think>ok</think><answer></answer>",  # empty
-    "<think>ok</think><answer>  </answer>",
-    "<think>ok</think> 90",  # missing tags
-    "<think>ok</think><answer>90",  # unclosed (ran out of tokens)
-    "<think>ok</think>90</answer>",
-    "</answer>90<answer>",  # reversed tags
-    "<answer>100</answer><answer>0</answer>",  # two answers
-    "<think>I will write <answer>100</answer></think><answer>40</answer>",
-    "<think>ok</think><answer><answer>90</answer></answer>",
-    "<think>ok</think><answer>90</answer> (very good)",  # text after the answer
-    "",
-])
-def test_parse_score_failures(output):
-    assert parse_score(output) is None
+def test_score_table_covers_every_failure_kind():
+    # too_long is not about the text: the judge produced none (test_group_tasks)
+    assert {kind for _, _, kind in SCORE_TABLE} == set(FAILURE_KINDS) - {"too_long"} | {None}
+
+
+GROUP_TABLE = [
+    ("<think>2 is better</think><answer>1: 60\n2: 85</answer>", 2, [60.0, 85.0], None),
+    ("<answer>\n2: 85\n1: **60**/100\n</answer>", 2, [60.0, 85.0], None),  # any order, one score's grammar
+    ("<answer>1: 60, 2: 85; 3: 0</answer>", 3, [60.0, 85.0, 0.0], None),  # commas and semicolons separate too
+    ("<answer>Translation 1: 70</answer>", 1, [70.0], None),
+    ("<answer>1: 60</answer>", 2, None, "no_number"),  # translation 2 has no score
+    ("<answer></answer>", 1, None, "no_number"),
+    ("<answer>1: 60\n1: 70</answer>", 2, None, "several"),  # translation 1 scored twice
+    ("<answer>1: 60\n3: 70</answer>", 2, None, "several"),  # there is no translation 3
+    ("<answer>1: 60\n2: 170</answer>", 2, None, "out_of_range"),
+    ("<answer>1: 60\n2: good</answer>", 2, None, "no_number"),
+    ("<answer>60\n85</answer>", 2, None, "extra_text"),  # not numbered
+    ("<answer>1: 60\nboth fine</answer>", 2, None, "extra_text"),
+    ("1: 60\n2: 85", 2, None, "no_tags"),
+]
+
+
+@pytest.mark.parametrize("output, n, scores, kind", GROUP_TABLE)
+def test_group_verdict_grammar(output, n, scores, kind):
+    """A group verdict: "N: score" per translation; any fault fails the whole group with one kind."""
+    want = [Judgement(s) for s in scores] if scores else [Judgement(None, kind)] * n
+    assert parse_group_judgement(output, n) == want
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -198,19 +245,24 @@ def column(parts, name):
     return [getattr(p, name) for p in parts]
 
 
+def verdicts(*outputs):
+    """What the judge phase hands the reward: the judgements read from one rollout's judge outputs."""
+    return [parse_judgement(o) for o in outputs]
+
+
 def test_ssr_reward_and_format_penalty():
-    out = score_rollouts([GOOD, BAD, GOOD], [["<answer>80</answer>"], [], ["<answer>Score: 80</answer>"]])
+    out = score_rollouts([GOOD, BAD, GOOD], [verdicts("<answer>80</answer>"), [], verdicts("<answer>8/10</answer>")])
     assert column(out, "reward") == [0.8, -1.0, 0.0]  # third: judge parse failure -> self score 0
     assert column(out, "format_valid") == [True, False, True]
     assert column(out, "answer") == ["The cat sat on the mat.", None, "The cat sat on the mat."]
     assert column(out, "self_score") == [80.0, None, None]
-    assert column(out, "parse_failures") == [0, 0, 1] and column(out, "judged") == [1, 0, 1]
-    assert column(out, "comet") == [None, None, None]
+    assert column(out, "failures") == [[], [], ["several"]] and column(out, "judged") == [1, 0, 1]
+    assert column(out, "comet") == [None, None, None] and column(out, "wrong_script") == [None] * 3
     assert column(score_rollouts([BAD], [[]], format_penalty=-0.5), "reward") == [-0.5]
 
 
 def test_ssr_x_weights():
-    out = score_rollouts([GOOD, BAD, GOOD], [["<answer>60</answer>"], [], ["<answer>90</answer>"]],
+    out = score_rollouts([GOOD, BAD, GOOD], [verdicts("<answer>60</answer>"), [], verdicts("<answer>90</answer>")],
                          comet_scores=[0.7, None, 0.5], w_self=0.5, w_comet=0.5)
     assert column(out, "reward") == pytest.approx([0.5 * 0.6 + 0.5 * 0.7, -1.0, 0.5 * 0.9 + 0.5 * 0.5])
     assert column(out, "comet") == [0.7, None, 0.5]
@@ -220,40 +272,119 @@ def test_ssr_x_weights():
 
 
 def test_judge_samples_average_parsed_judgements():
-    judgements = [["<answer>70</answer>", "<answer>80</answer>", "<answer>90</answer>"],
-                  ["<answer>60</answer>", "garbage", "<answer>101</answer>"],
-                  ["no", "tags", "here"]]
+    judgements = [verdicts("<answer>70</answer>", "<answer>80</answer>", "<answer>90</answer>"),
+                  verdicts("<answer>60</answer>", "garbage", "<answer>101</answer>"),
+                  verdicts("no", "tags", "here")]
     out = score_rollouts([GOOD, GOOD, GOOD], judgements)
     assert column(out, "self_score") == [80.0, 60.0, None]
     assert column(out, "reward") == pytest.approx([0.8, 0.6, 0.0])
-    assert column(out, "parse_failures") == [0, 2, 3] and column(out, "judged") == [3, 3, 3]
+    assert column(out, "failures") == [[], ["no_tags", "out_of_range"], ["no_tags"] * 3]
+    assert column(out, "judged") == [3, 3, 3]
 
 
 def test_reward_input_errors():
-    with pytest.raises(RewardError, match="rollout 0 has a valid answer but no judge output"):
+    with pytest.raises(RewardError, match="rollout 0 has a valid answer but no judgement"):
         score_rollouts([GOOD], [[]])
     with pytest.raises(RewardError, match="rollout 1 has a valid answer but no COMET score"):
-        score_rollouts([GOOD, GOOD], [["<answer>1</answer>"]] * 2, [0.5, None], w_self=0.5, w_comet=0.5)
+        score_rollouts([GOOD, GOOD], [verdicts("<answer>1</answer>")] * 2, [0.5, None], w_self=0.5, w_comet=0.5)
     with pytest.raises(RewardError, match="2 responses"):
-        score_rollouts([GOOD, BAD], [["<answer>1</answer>"]])
+        score_rollouts([GOOD, BAD], [verdicts("<answer>1</answer>")])
 
 
 def test_stats():
     out = score_rollouts([GOOD, BAD, GOOD, GOOD],
-                         [["<answer>20</answer>", "x"], [], ["<answer>60</answer>", "<answer>80</answer>"],
-                          ["<answer>90</answer>", "<answer>90</answer>"]],
+                         [verdicts("<answer>20</answer>", "x"), [],
+                          verdicts("<answer>60</answer>", "<answer>80</answer>"),
+                          verdicts("<answer>90</answer>", "<answer>90 90</answer>")],
                          comet_scores=[0.1, None, 0.9, 0.5], w_self=0.5, w_comet=0.5)
     s = reward_stats(out)
     assert s["reward_mean"] == pytest.approx(sum(column(out, "reward")) / 4)
     assert s["reward_std"] == pytest.approx(math.sqrt(sum((r - s["reward_mean"]) ** 2 for r in column(out, "reward")) / 4))
-    assert s["format_valid_rate"] == 0.75
+    assert s["format_valid_rate"] == 0.75 and s["wrong_script_rate"] is None
     assert s["self_score_mean"] == pytest.approx((20 + 70 + 90) / 3)
-    assert s["judge_parse_failure_rate"] == pytest.approx(1 / 6)
+    assert s["judge_parse_failure_rate"] == pytest.approx(2 / 6)
+    assert s["judge_fail_no_tags"] == pytest.approx(1 / 6) and s["judge_fail_extra_text"] == pytest.approx(1 / 6)
+    assert s["judge_fail_several"] == s["judge_fail_no_number"] == s["judge_fail_out_of_range"] == 0.0
     assert s["comet_mean"] == pytest.approx(0.5)
     assert s["self_comet_spearman"] == pytest.approx(0.5)  # self ranks 0,1,2 vs comet ranks 0,2,1
     empty = reward_stats(score_rollouts([BAD, BAD], [[], []]))
     assert empty["format_valid_rate"] == 0.0 and empty["self_score_mean"] is None
     assert empty["judge_parse_failure_rate"] is None and empty["self_comet_spearman"] is None
+    assert all(empty[f"judge_fail_{kind}"] is None for kind in FAILURE_KINDS)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the target-script check (--check-script)
+
+@pytest.mark.parametrize("text, lang, ok", [
+    ("今天天气很好。", "zh", True),
+    ("我用Python写代码。", "zh", True),  # a Latin term inside Chinese
+    ("The weather is nice today.", "zh", False),  # no CJK at all: an untranslated or wrong-language answer
+    ("The weather is nice today.", "en", True),
+    ("Zhang San (张三) lives in Beijing.", "en", True),  # a Chinese name inside English
+    ("今天天气很好。", "en", False),  # mostly CJK
+    ("今天 is nice", "en", True),  # 2 CJK of 8 letters
+    ("Ｔｈｅ ｃａｔ", "en", True),  # full-width Latin (NFKC)
+    ("2024", "zh", True),  # no letters: nothing to judge
+    ("Привет, мир", "ru", True),
+    ("Hello world", "ru", False),
+    ("こんにちは", "ja", True),
+    ("東京", "ja", True),
+    ("Guten Tag", "de", True),
+    ("你好", "de", False),
+])
+def test_target_script(text, lang, ok):
+    assert in_target_script(text, lang) is ok
+
+
+def test_wrong_script_is_a_counted_format_failure():
+    zh = "<think>x</think><answer>今天天气很好。</answer>"
+    en = "<think>x</think><answer>The weather is nice.</answer>"
+    assert checked_answer(en, "zh") == (None, True) and checked_answer(en) == ("The weather is nice.", False)
+    out = score_rollouts([zh, en, BAD], [verdicts("<answer>80</answer>"), verdicts("<answer>90</answer>"), []],
+                         tgt_langs=["zh", "zh", "zh"])
+    assert column(out, "reward") == [0.8, -1.0, -1.0] and column(out, "format_valid") == [True, False, False]
+    assert column(out, "wrong_script") == [False, True, False] and column(out, "judged") == [1, 0, 0]
+    assert reward_stats(out)["wrong_script_rate"] == pytest.approx(1 / 3)
+
+
+# ----------------------------------------------------------------------------------------------------
+# what the judge is asked: dedup and group mode
+
+CAT, RAIN = {"src": "猫在睡觉。", "src_lang": "zh", "tgt_lang": "en"}, {"src": "下雨了。", "src_lang": "zh", "tgt_lang": "en"}
+SOURCES = [CAT] * 4 + [RAIN] * 3
+
+
+def test_pointwise_tasks_dedup():
+    answers = ["The cat sleeps.", "A cat is asleep.", "The cat sleeps.", "The cat sleeps.",
+               "It rains.", "It rains.", "The cat sleeps."]  # the last: same text, another source
+    groups = [0, 0, 0, 0, 1, 1, 1]
+    tasks = judge_tasks(SOURCES, answers, groups, "pointwise", dedup=True)
+    assert [t.members for t in tasks] == [[[0, 2, 3]], [[1]], [[4, 5]], [[6]]]
+    assert tasks[0].prompt == judge_prompt("猫在睡觉。", "The cat sleeps.", "zh", "en")
+    assert tasks[3].prompt == judge_prompt("下雨了。", "The cat sleeps.", "zh", "en")
+    every = judge_tasks(SOURCES, answers, groups, "pointwise", dedup=False)  # sampled judging: one per rollout
+    assert [t.members for t in every] == [[[i]] for i in range(7)]
+    assert read_verdict(tasks[0], "<answer>Score: 70</answer>") == [Judgement(70.0)]
+
+
+def test_group_tasks():
+    answers = ["The cat sleeps.", "A cat is asleep.", "The cat sleeps.", "Cat sleeping.", "It rains.", "It rains."]
+    tasks = judge_tasks([CAT] * 4 + [RAIN] * 2, answers, [0, 0, 0, 0, 1, 1], "group", dedup=True)
+    assert [t.members for t in tasks] == [[[0, 2], [1], [3]], [[4, 5]]]
+    prompt = tasks[0].prompt
+    numbered = ["The cat sleeps.", "A cat is asleep.", "Cat sleeping."]
+    assert prompt == group_judge_prompt("猫在睡觉。", numbered, "zh", "en")
+    assert 'English translation 1: "The cat sleeps."\nEnglish translation 2: "A cat is asleep."\n' in prompt
+    assert 'English translation 3: "Cat sleeping."\n' in prompt and "translation 4" not in prompt
+    assert "Score each of the following 3 translations from Chinese to English" in prompt
+    assert "one line per translation: its number, a colon and its score" in prompt
+    assert read_verdict(tasks[0], "<answer>1: 80\n2: 60\n3: 10</answer>") == [Judgement(80.0), Judgement(60.0),
+                                                                             Judgement(10.0)]
+    # a prompt that did not fit the judge's cache: no output, every translation of the task fails
+    assert read_verdict(tasks[0], None) == [Judgement(None, "too_long")] * 3
+    with pytest.raises(RewardError, match="unknown judge mode 'pairwise'"):
+        judge_tasks(SOURCES, answers, [0] * 6, "pairwise", dedup=True)
 
 
 def test_spearman():

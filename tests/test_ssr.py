@@ -3,6 +3,7 @@ torchrun DDP/FSDP on gloo, and one-line errors for bad input."""
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -12,14 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 import judge
+import smoke
 import ssr
 from checkpoint import load_tokenizer
 from model import Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXED_RESPONSE = "<think>ok</think> <answer>90</answer>"
-
-
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return path
@@ -36,40 +35,49 @@ def data_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """The smoke run's tiny model: its BPE tokenizer makes prompts short, so the loop runs fast on CPU."""
-    return ssr.make_smoke_model(tmp_path_factory.mktemp("smoke_model"), str(ROOT / "data" / "sample.jsonl"))
+    return smoke.make_smoke_model(tmp_path_factory.mktemp("smoke_model"), str(ROOT / "data" / "sample.jsonl"))
+
+
+# The verdict model's behaviour, fixed by fine-tuning (on two_rows' sources only). As an actor it answers
+# "90" or "80", about half and half, so groups hold both; as a pointwise judge it scores each translation by
+# its content, in two spellings of the score grammar; as a group judge it scores the first translation of the
+# prompt 90 and the second 60, so a rollout's group reward says where its translation was numbered.
+VERDICTS = {"90": ("Score: 90/100", 90.0), "80": ("**60**", 60.0)}  # translation -> pointwise verdict, its score
+GROUP_SCORES = (90.0, 60.0)
 
 
 @pytest.fixture(scope="module")
-def parrot_model_dir(tmp_path_factory, model_dir, data_file):
-    """The tiny model fine-tuned to answer every prompt with FIXED_RESPONSE then EOS. As an actor its
-    translations are well formed (answer "90"); as a judge its verdict parses as 90: the judge and COMET
-    paths of the loop run for real, with outputs we can predict."""
-    model = Transformer.from_pretrained(model_dir)
-    tok = load_tokenizer(model_dir)
-    rows = ssr.load_data(str(data_file))
-    prompts = [judge.actor_prompt(r["src"], r["src_lang"], r["tgt_lang"]) for r in rows]
-    prompts += [judge.judge_prompt(r["src"], "90", r["src_lang"], r["tgt_lang"]) for r in rows]
-    target = tok.encode(FIXED_RESPONSE) + [tok.eos_ids[0]]
-    seqs = [tok.encode(p) + target for p in prompts]
-    width = max(map(len, seqs))
-    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
-    mask = torch.zeros_like(ids, dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        mask[i, len(s) - len(target) - 1:len(s) - 1] = True  # positions whose next token is the response
-    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
-    targets = ids[:, 1:][mask[:, :-1]]
-    for _ in range(300):
-        hidden = model(ids, return_hidden=True)[:, :-1][mask[:, :-1]]  # only the response positions
-        loss = torch.nn.functional.cross_entropy(model.lm_head(hidden), targets)
-        if loss.item() < 5e-3:  # per-token probability ~0.995: the whole response, every time, at T=0.5
-            break
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 5e-3, loss.item()
-    out = tmp_path_factory.mktemp("parrot")
-    model.save_pretrained(out, tokenizer_dir=model_dir)
+def two_rows(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "two.jsonl",
+                       [{"src": "The cat sleeps.", "src_lang": "en", "tgt_lang": "zh"},
+                        {"src": "今天很冷。", "src_lang": "zh", "tgt_lang": "en"}])
+
+
+@pytest.fixture(scope="module")
+def verdict_model_dir(tmp_path_factory, model_dir, two_rows):
+    """The tiny model fine-tuned (smoke.fine_tune) to VERDICTS and GROUP_SCORES: the judge and group paths of
+    the loop then run for real, with outputs we can predict."""
+    out = tmp_path_factory.mktemp("verdict")
+    shutil.copytree(model_dir, out, dirs_exist_ok=True)
+    response = lambda answer: f" <think></think> <answer>{answer}</answer>"
+    examples = []
+    for r in ssr.load_data(str(two_rows)):
+        langs = r["src_lang"], r["tgt_lang"]
+        for answer, (verdict, _) in VERDICTS.items():
+            examples.append((judge.actor_prompt(r["src"], *langs), response(answer)))
+            examples.append((judge.judge_prompt(r["src"], answer, *langs), response(verdict)))
+        for group in (["90"], ["80"], ["90", "80"], ["80", "90"]):
+            verdict = "\n".join(f"{i}: {score:.0f}" for i, score in enumerate(GROUP_SCORES[:len(group)], 1))
+            examples.append((judge.group_judge_prompt(r["src"], group, *langs), response(verdict)))
+    loss = smoke.fine_tune(out, examples, steps=150, lr=5e-3, batch_size=len(examples))
+    assert loss < 0.05, loss  # the floor is ~0.016: the actor's 50/50 choice of answer
     return out
+
+
+def expected_self_scores(rows):
+    """samples.jsonl rows -> each rollout's pointwise self score under VERDICTS (None: invalid, not judged)."""
+    assert {r["answer"] for r in rows} <= {*VERDICTS, None}, "the verdict model answered something else"
+    return [VERDICTS[r["answer"]][1] if r["answer"] else None for r in rows]
 
 
 def run_ssr(*args, expect_ok=True):
@@ -89,12 +97,18 @@ SMALL = ["--prompts-per-step", 4, "--group-size", 4, "--max-new-tokens", 16, "--
          "--micro-batch-size", 8, "--sampler-batch-size", 32, "--lr", 1e-4]
 
 
+# one step of the verdict model: 2 sources x 4 samples, every rollout in samples.jsonl
+VERDICT_RUN = ["--prompts-per-step", 2, "--group-size", 4, "--max-new-tokens", 16, "--judge-max-new-tokens", 24,
+               "--micro-batch-size", 8, "--sampler-batch-size", 16, "--steps", 1, "--log-samples", 8]
+
+
 def test_help_shows_every_flag_with_defaults():
     proc = run_ssr("--help")
     for flag in ("--model", "--data", "--out-dir", "--steps", "--save-every", "--resume", "--reward",
                  "--judge-model", "--dist", "--preset", "--group-size", "--prompts-per-step", "--micro-batch-size",
                  "--max-new-tokens", "--temperature", "--top-p", "--kl-beta", "--clip-low", "--clip-high",
-                 "--loss-agg", "--adv-std", "--lr", "--w-comet", "--judge-samples"):
+                 "--loss-agg", "--adv-std", "--lr", "--w-comet", "--judge-samples", "--judge-mode", "--check-script",
+                 "--tis-cap", "--mask-truncated"):
         assert flag in proc.stdout, flag
     assert "(default: 8)" in proc.stdout  # group size
 
@@ -106,32 +120,124 @@ def test_presets_and_cli_override():
     assert ssr.parse_args(["--model", "m"]).lr == 1e-6  # a real model gets the documented defaults
 
 
-def test_self_judge_and_comet_rewards_in_the_loop(tmp_path, parrot_model_dir, data_file, tiny_comet_dir):
-    """SSR-X on the parrot: every rollout is well formed, the same weights judge it 90, COMET scores it."""
+def test_self_judge_and_comet_rewards_in_the_loop(tmp_path, verdict_model_dir, two_rows, tiny_comet_dir):
+    """SSR-X: the same weights judge each well-formed translation, COMET scores it, the reward mixes both."""
     out = tmp_path / "run"
-    run_ssr("--model", parrot_model_dir, "--data", data_file, "--out-dir", out, "--steps", 1, *SMALL,
-            "--w-self", 0.5, "--w-comet", 0.5, "--comet-model", tiny_comet_dir, "--temperature", 0.5,
-            "--max-new-tokens", 32, "--judge-max-new-tokens", 32)
+    run_ssr("--model", verdict_model_dir, "--data", two_rows, "--out-dir", out, *VERDICT_RUN,
+            "--w-self", 0.5, "--w-comet", 0.5, "--comet-model", tiny_comet_dir)
     (m,) = metrics(out)
-    assert m["format_valid_rate"] == 1.0 and m["judge_parse_failure_rate"] == 0.0
-    assert m["self_score_mean"] == 90.0
-    assert 0.0 < m["comet_mean"] < 1.0
-    assert m["reward_mean"] == pytest.approx(0.5 * 0.9 + 0.5 * m["comet_mean"], abs=1e-6)
-    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert samples[0]["answer"] == "90" and samples[0]["judge_outputs"] == [FIXED_RESPONSE]
+    rows = samples(out)
+    selfs = expected_self_scores(rows)
+    assert m["format_valid_rate"] == pytest.approx(sum(s is not None for s in selfs) / 8)
+    assert m["format_valid_rate"] > 0.5
+    assert m["judge_parse_failure_rate"] == 0.0 and {*selfs} >= {90.0, 60.0}
+    assert m["self_score_mean"] == pytest.approx(statistics.fmean(s for s in selfs if s is not None))
+    for r, s in zip(rows, selfs):
+        assert r["self_score"] == s
+        if s is None:
+            assert r["reward"] == -1.0 and r["judge_outputs"] == [] and r["comet"] is None
+        else:
+            assert r["judge_outputs"] == [f" <think></think> <answer>{VERDICTS[r['answer']][0]}</answer>"]
+            assert 0.0 < r["comet"] < 1.0 and r["reward"] == pytest.approx(0.5 * s / 100 + 0.5 * r["comet"])
     for key in ("zero_spread_groups", "entropy", "clip_frac", "grad_norm", "lr", "sec_sample", "sec_judge",
-                "sec_update", "rollout_tokens_per_s", "response_len_mean", "kl_old"):
+                "sec_update", "rollout_tokens_per_s", "response_len_mean", "kl_old", "kl_sampler", "truncated_rate",
+                "judge_saved_share", "comet_mean", *(f"judge_fail_{kind}" for kind in judge.FAILURE_KINDS)):
         assert m[key] is not None, key
+    # CPU: the sampler runs the trainer's own fp32 weights, so their log-probs agree up to kernel rounding
+    assert 0 <= m["kl_sampler"] < 1e-6
 
 
-def test_frozen_external_judge(tmp_path, model_dir, parrot_model_dir, data_file):
+def test_frozen_external_judge(tmp_path, verdict_model_dir, two_rows):
     """--judge-model loads a second, frozen model into its own sampler and judges with it: end to end, its
-    verdict (90) comes back as the reward. (The actor is the parrot too: a random actor is never well formed.)"""
+    verdicts come back as the rewards. (The actor is the verdict model too: a random actor is never well formed.)"""
     out = tmp_path / "run"
-    run_ssr("--model", parrot_model_dir, "--judge-model", parrot_model_dir, "--data", data_file, "--out-dir", out,
-            "--steps", 1, *SMALL, "--temperature", 0.5, "--max-new-tokens", 32, "--judge-max-new-tokens", 32)
+    run_ssr("--model", verdict_model_dir, "--judge-model", verdict_model_dir, "--data", two_rows, "--out-dir", out,
+            *VERDICT_RUN)
+    rows = samples(out)
+    assert [r["reward"] for r in rows] == pytest.approx([s / 100 if s else -1.0 for s in expected_self_scores(rows)])
+
+
+def samples(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "samples.jsonl").read_text().splitlines()]
+
+
+def test_group_judging_end_to_end(tmp_path, verdict_model_dir, two_rows):
+    """--judge-mode group: one judgement per GRPO group over its distinct translations, numbered in order of
+    first appearance; each rollout's reward is its own translation's line of the verdict."""
+    out = tmp_path / "run"
+    run_ssr("--model", verdict_model_dir, "--data", two_rows, "--out-dir", out, *VERDICT_RUN, "--judge-mode", "group")
     (m,) = metrics(out)
-    assert m["self_score_mean"] == 90.0 and m["reward_mean"] == pytest.approx(0.9)
+    rows = samples(out)  # prompt-major: rows[4 * i + j] is sample j of group i
+    mixed = 0
+    for i in range(0, 8, 4):
+        group = rows[i:i + 4]
+        numbered = list(dict.fromkeys(r["answer"] for r in group if r["answer"] is not None))  # first appearance
+        mixed += len(numbered) == 2
+        verdicts = {r["judge_outputs"][0] for r in group if r["answer"] is not None}
+        assert len(verdicts) <= 1  # one judgement for the whole group
+        for r in group:
+            want = -1.0 if r["answer"] is None else GROUP_SCORES[numbered.index(r["answer"])] / 100
+            assert r["reward"] == pytest.approx(want), (r, numbered)
+    assert mixed  # a group really had two different translations to number
+    assert m["judge_parse_failure_rate"] == 0.0 and m["kl_sampler"] is not None
+    valid = sum(r["answer"] is not None for r in rows)
+    assert m["judge_saved_share"] == pytest.approx(1 - 2 / valid)  # 2 group verdicts for the valid rollouts
+
+
+def test_greedy_judging_judges_each_distinct_pair_once(tmp_path, verdict_model_dir, two_rows):
+    """Pointwise greedy judging with dedup gives exactly the rewards of judging every copy, with fewer judge
+    prompts (counted by the sampler's prefills)."""
+    cfg = ssr.parse_args([str(x) for x in ["--model", verdict_model_dir, "--data", two_rows, "--out-dir",
+                                           tmp_path / "run", *VERDICT_RUN]])
+    run = ssr.setup(cfg)
+    rollouts = ssr.sample_translations(run, ssr.step_sources(run.rows, 0, cfg, 0, 1), seed=0)
+    before = run.judge_sampler.stats.prefill_prompts
+    work = ssr.judge_translations(run, rollouts, seed=1)
+    ssr.assign_rewards(run, rollouts)
+    deduped = run.judge_sampler.stats.prefill_prompts - before
+    valid = [r for r in rollouts if r.answer is not None]
+    distinct = {(r.source["src"], r.answer) for r in valid}
+    assert deduped == len(distinct) == work["judge_sequences"] < len(valid) == work["judgements"]
+    # every copy judged on its own, greedily, with the same judge prompt
+    tok = run.tok
+    outs = run.judge_sampler.generate([tok.encode(judge.judge_prompt(r.source["src"], r.answer, r.source["src_lang"],
+                                                                     r.source["tgt_lang"])) for r in valid],
+                                      max_new_tokens=cfg.judge_max_new_tokens, temperature=0.0,
+                                      stop_token_ids=tok.eos_ids, stop_strings=judge.STOP_STRINGS, tokenizer=tok)
+    texts = [tok.decode(o.tokens, skip_special_tokens=True) for o in outs]
+    every = judge.score_rollouts([r.response for r in valid], [[judge.parse_judgement(t)] for t in texts])
+    assert [r.reward.reward for r in valid] == [p.reward for p in every]
+    assert {r.reward.reward for r in valid} == {0.9, 0.6}  # both verdicts occur: the comparison means something
+
+
+def test_mask_truncated_leaves_cut_responses_out(tmp_path, verdict_model_dir, two_rows):
+    """Responses cut at 4 tokens (the model's are ~10): --mask-truncated leaves them out of the update."""
+    cfg = ssr.parse_args([str(x) for x in ["--model", verdict_model_dir, "--data", two_rows, "--out-dir",
+                                           tmp_path / "run", *VERDICT_RUN, "--max-new-tokens", 4]])
+    run = ssr.setup(cfg)
+    rollouts = ssr.sample_translations(run, ssr.step_sources(run.rows, 0, cfg, 0, 1), seed=0)
+    ssr.judge_translations(run, rollouts, seed=1)
+    ssr.assign_rewards(run, rollouts)
+    assert {r.completion.finish_reason for r in rollouts} == {"length"}
+    assert ssr.update_policy(run, rollouts)["tokens"] == 8 * 4
+    cfg.mask_truncated = True
+    assert ssr.update_policy(run, rollouts)["tokens"] == 0
+
+
+def test_smoke_warm_up_examples():
+    """What the smoke model is warmed up on: well-formed responses whose answers are openings of sentences in
+    the target language or (wrongly) of the source, and judge verdicts that parse, 90 or 10 by the script rule."""
+    rows = ssr.load_data(str(ROOT / "data" / "sample.jsonl"))
+    examples = smoke.warm_up_examples(rows, "r1")
+    actor = [t for p, t in examples if "Translate the following text" in p]
+    judged = [(p, t) for p, t in examples if "Score the following translation" in p]
+    assert len(actor) == len(rows) and len(judged) == 2 * len(rows)
+    assert all(judge.extract_answer(t) for t in actor)
+    for prompt, target in judged:
+        translation = prompt.split(' translation: "')[1].split('"\n')[0]
+        tgt = "zh" if "to Chinese" in prompt else "en"
+        assert judge.parse_score(target) == (90.0 if judge.in_target_script(translation, tgt) else 10.0)
+    assert {judge.parse_score(t) for _, t in judged} == {10.0, 90.0}
 
 
 def test_custom_reward_rises(tmp_path, model_dir, data_file):
