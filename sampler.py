@@ -181,9 +181,10 @@ def draw_blocked(probs: torch.Tensor, block_sums: torch.Tensor, generator) -> to
     Why not inverse-CDF over a cumulative sum (what this replaced): a prefix sum rounds every token's mass
     against the running total, so a token below half an fp32 step of the total (6e-8 after a dominant token)
     adds nothing and can never be drawn, and how much mass moves where depends on the device's scan order. Why
-    not one race over all V tokens: V fp64 random draws per row is 10x slower on CPU than all the rest. Here the
-    rounding errors are relative (block sums of positive terms, the fp32 exps themselves: ~1e-7 to 1e-5) and
-    2 * sqrt(V) fp64 draws per row cost nothing next to the pass that sums the blocks.
+    not one race over all V tokens: V fp64 random draws per row are slow on CPU. Here the rounding errors are
+    relative (block sums of positive terms, the fp32 exps themselves: ~1e-7 to 1e-5) and 2 * sqrt(V) fp64 draws
+    per row cost little next to the pass that sums the blocks. All of sample() for 64 x 32k on one CPU core:
+    8 ms, against 10 ms for the inverse CDF it replaced and 118 ms with a race over all V.
     """
     V = probs.shape[1]
     b = block_size(V)
