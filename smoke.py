@@ -31,15 +31,15 @@ def make_smoke_model(path, data: str, seed: int = 0, **dims) -> Path:
     templates = [judge.actor_prompt("", a, b, t) for a, b in directions for t in judge.TEMPLATES]
     templates += [judge.judge_prompt("", "", a, b, t) for a, b in directions for t in judge.TEMPLATES]
     # the warm-up's responses too, so that the toy judge's score is a single token
-    corpus = sources + (templates + [warm_up_response("", TOY_SCORE)]) * 50
+    corpus = sources + (templates + [warm_up_response(TOY_SCORE)]) * 50
     dims = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2) | dims
     return make_tiny_model(path, corpus=corpus, vocab_size=1024, seed=seed, **dims)
 
 
-def warm_up_response(think: str, answer: str) -> str:
-    # a leading space: the response continues "Assistant:"
-    return f" <think>{think}</think> <answer>{answer}</answer>"
+def warm_up_response(answer: str) -> str:
+    # a leading space: the response continues "Assistant:"; an empty think is still the format
+    return f" <think></think> <answer>{answer}</answer>"
 
 
 def warm_up_examples(rows: list[dict], template: str, seed: int = 0) -> list[tuple[str, str]]:
@@ -59,8 +59,8 @@ def warm_up_examples(rows: list[dict], template: str, seed: int = 0) -> list[tup
     examples = []
     for row in rows:
         src, a, b = row["src"], row["src_lang"], row["tgt_lang"]
-        examples.append((judge.actor_prompt(src, a, b, template), warm_up_response("", answer(row))))
-        examples.append((judge.judge_prompt(src, answer(row), a, b, template), warm_up_response("", TOY_SCORE)))
+        examples.append((judge.actor_prompt(src, a, b, template), warm_up_response(answer(row))))
+        examples.append((judge.judge_prompt(src, answer(row), a, b, template), warm_up_response(TOY_SCORE)))
     return examples
 
 

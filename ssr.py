@@ -194,6 +194,7 @@ CHECKS = [
     ("clip_low", lambda c: 0 <= c.clip_low < 1, "in [0, 1)"),
     ("clip_high", lambda c: 0 <= c.clip_high < math.inf, ">= 0"),
     ("kl_beta", lambda c: 0 <= c.kl_beta < math.inf, ">= 0"),
+    ("tis_cap", lambda c: 0 <= c.tis_cap < math.inf, ">= 0 (0: off)"),
     ("mini_batches", lambda c: c.mini_batches >= 1, "at least 1"),
     ("micro_batch_size", lambda c: c.micro_batch_size >= 1, "at least 1"),
     ("steps", lambda c: c.steps >= 1, "at least 1"),

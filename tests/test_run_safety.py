@@ -17,7 +17,7 @@ import torch
 import distributed
 import rundir
 import ssr
-from test_ssr import (ROOT, SMALL, data_file, metrics, model_dir, parrot_model_dir, run_ssr,  # noqa: F401
+from test_ssr import (ROOT, SMALL, data_file, metrics, model_dir, run_ssr, two_rows, verdict_model_dir,  # noqa: F401
                       write_jsonl)
 
 # ----------------------------------------------------------------------------------------------------
@@ -205,13 +205,13 @@ def test_failed_save_leaves_newest_checkpoint_intact(tmp_path, model_dir, data_f
 # what a single step cannot show
 
 
-def test_judge_uses_the_current_weights_every_step(tmp_path, parrot_model_dir, data_file, monkeypatch):
+def test_judge_uses_the_current_weights_every_step(tmp_path, verdict_model_dir, two_rows, monkeypatch):
     """Self-judging means the judge *is* the policy of this step: at every judge call its weights equal the
-    trainer's, which moved (a judge synced once, or never, would still pass a one-step test). The parrot's
-    rollouts all score alike, so weight decay is what moves the weights here."""
+    trainer's, which moved (a judge synced once, or never, would still pass a one-step test). Weight decay
+    moves the weights even when a step's rollouts all score alike."""
     out = tmp_path / "run"
-    cfg = ssr.parse_args(list(map(str, ["--model", parrot_model_dir, "--data", data_file, "--out-dir", out, *SMALL,
-                                        "--steps", 3, "--lr", 1e-2, "--temperature", 0.5, "--max-new-tokens", 32,
+    cfg = ssr.parse_args(list(map(str, ["--model", verdict_model_dir, "--data", two_rows, "--out-dir", out, *SMALL,
+                                        "--steps", 3, "--lr", 1e-3, "--temperature", 0.5, "--max-new-tokens", 32,
                                         "--judge-max-new-tokens", 32, "--weight-decay", 0.1])))
     seen = []
     real_judge = ssr.judge_translations

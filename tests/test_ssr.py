@@ -225,19 +225,18 @@ def test_mask_truncated_leaves_cut_responses_out(tmp_path, verdict_model_dir, tw
 
 
 def test_smoke_warm_up_examples():
-    """What the smoke model is warmed up on: well-formed responses whose answers are openings of sentences in
-    the target language or (wrongly) of the source, and judge verdicts that parse, 90 or 10 by the script rule."""
+    """What the smoke model is warmed up on: well-formed responses whose answers open a sentence of the data,
+    and toy verdicts that parse."""
     rows = ssr.load_data(str(ROOT / "data" / "sample.jsonl"))
     examples = smoke.warm_up_examples(rows, "r1")
     actor = [t for p, t in examples if "Translate the following text" in p]
-    judged = [(p, t) for p, t in examples if "Score the following translation" in p]
-    assert len(actor) == len(rows) and len(judged) == 2 * len(rows)
-    assert all(judge.extract_answer(t) for t in actor)
-    for prompt, target in judged:
-        translation = prompt.split(' translation: "')[1].split('"\n')[0]
-        tgt = "zh" if "to Chinese" in prompt else "en"
-        assert judge.parse_score(target) == (90.0 if judge.in_target_script(translation, tgt) else 10.0)
-    assert {judge.parse_score(t) for _, t in judged} == {10.0, 90.0}
+    verdicts = [t for p, t in examples if "Score the following translation" in p]
+    assert len(actor) == len(verdicts) == len(rows)
+    sentences = [r["src"] for r in rows]
+    for target in actor:
+        answer = judge.extract_answer(target)
+        assert answer and any(s.startswith(answer) for s in sentences), target
+    assert {judge.parse_score(t) for t in verdicts} == {float(smoke.TOY_SCORE)}
 
 
 def test_custom_reward_rises(tmp_path, model_dir, data_file):
