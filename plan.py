@@ -64,7 +64,7 @@ def sampler_slots(c, world: int) -> int:
     the judge samples), capped by --sampler-batch-size."""
     prompts = c.prompts_per_step // world
     rollouts = prompts * c.group_size
-    judged = (prompts if getattr(c, "judge_mode", "pointwise") == "group" else rollouts) * c.judge_samples
+    judged = (prompts if c.judge_mode == "group" else rollouts) * c.judge_samples
     return max(c.group_size, min(c.sampler_batch_size, max(rollouts, judged if c.w_self != 0 else 0)))
 
 

@@ -376,7 +376,7 @@ def test_format_credit_grades_malformed_responses():
         run = SimpleNamespace(cfg=ssr.Config(model="m", format_credit=credit), comet=None, custom_reward=None)
         rollouts = [ssr.Rollout({"src": "x", "src_lang": "en", "tgt_lang": "fr"}, [1], Completion([2], [0.0], "stop"),
                                 text, judge.extract_answer(text),
-                                judge_outputs=["<answer>100</answer>"] if judge.extract_answer(text) else [])
+                                judgements=[judge.parse_judgement("<answer>100</answer>")] if judge.extract_answer(text) else [])
                     for text in responses]
         ssr.assign_rewards(run, rollouts)
         assert [r.reward.reward for r in rollouts] == pytest.approx(expected)
