@@ -109,13 +109,17 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-        if kv_cache is not None:
-            # the cache stores this step's k/v and hands back everything attendable: (B, Hkv, S, D)
-            k, v = kv_cache.update(self.layer_idx, k, v)
-        # no cache and no mask: plain causal attention over the sequence (training, full forward)
-        is_causal = attn_mask is None and kv_cache is None
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                             enable_gqa=self.n_kv_heads != self.n_heads)
+        if hasattr(kv_cache, "attend"):
+            # the cache stores this step's k/v and runs attention itself (the sampler's decode kernel)
+            out = kv_cache.attend(self.layer_idx, q, k, v)  # (B, H, T, D)
+        else:
+            if kv_cache is not None:
+                # the cache stores this step's k/v and hands back everything attendable: (B, Hkv, S, D)
+                k, v = kv_cache.update(self.layer_idx, k, v)
+            # no cache and no mask: plain causal attention over the sequence (training, full forward)
+            is_causal = attn_mask is None and kv_cache is None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                                 enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -162,8 +166,9 @@ class Transformer(nn.Module):
         (and the entropy of that distribution, (B, T), with return_entropy).
 
         positions (B, T): absolute position of each token (default 0..T-1 for every row).
-        kv_cache: an object with `update(layer_idx, k, v) -> (k, v)` (see sampler.py).
-        attn_mask (B, 1, T, S) bool, True = may attend; required with a cache, causal otherwise.
+        kv_cache: an object with `update(layer_idx, k, v) -> (k, v)`, or one with `attend(layer_idx, q, k, v)
+        -> out` that stores k/v and does the attention itself (see sampler.py).
+        attn_mask (B, 1, T, S) bool, True = may attend; required with an `update` cache, causal otherwise.
         """
         B, T = input_ids.shape
         if positions is None:

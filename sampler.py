@@ -20,7 +20,11 @@ How one `generate` call runs:
 
 On CUDA a decode step is a CUDA graph captured per (batch-size bucket, attended-length bucket), replayed with
 no host sync until the next stop check. The graphs hold pointers to the model's parameters and the cache, so
-the trainer must update weights in place (`param.copy_(new)`), never by replacing the tensors.
+the trainer must update weights in place (`param.copy_(new)`), never by replacing the tensors. Inside the graph,
+by default on CUDA: attention is the Triton decode kernel (kernels/decode_attention.py), which reads each
+row's own live K/V and nothing past it, and the step is torch.compile'd (as gpt-fast does), which fuses the
+~40 small kernels of each layer's norms, RoPE, residuals and SwiGLU into a few; the graph then replays those.
+On CPU neither pays: attention is SDPA with a mask, and compiling costs ~20 s per graph.
 
 Completions include the token that ended them: the EOS token, or the token that completed a stop string (its
 text may run past the stop string; nothing after that token is returned). The trainer needs the EOS in the
@@ -29,6 +33,7 @@ response so the policy learns to stop.
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -40,7 +45,8 @@ from model import Transformer, empty_model
 PREFILL_TOKENS = 16384  # padded prompt tokens per prefill call: bounds a prefill's activation memory
 GRAPH_LEN_STEP = 256  # CUDA graphs attend over the cache in multiples of this: K/V read per step tracks length
 CUDA_SYNC_EVERY = 16  # decode steps between stop checks on CUDA; a finished row idles for at most 15 of them
-CPU_HEAD_BLOCK = 2048  # vocab rows per block of the CPU head product (see Sampler._head)
+CPU_HEAD_BLOCK = 2048  # vocab rows per block of the CPU head product (see head_logits)
+COMPILE_BACKEND = "inductor"  # torch.compile backend of the decode step; CPU tests swap in a cheap one
 
 
 @dataclass
@@ -61,6 +67,7 @@ class SamplerStats:
     decode_rows: int = 0  # rows computed over all decode steps (CUDA: the graph's batch bucket)
     generated_tokens: int = 0  # tokens returned to callers
     graphs_captured: int = 0
+    capture_seconds: float = 0.0  # spent capturing CUDA graphs, torch.compile's compilation included
 
 
 def batch_buckets(max_batch_size: int) -> list[int]:
@@ -102,14 +109,58 @@ class DecodeView:
     """kv_cache for one decode step of rows 0..b-1: row i writes its new K/V at its own position pos[i] and
     attends over cache positions 0..L-1 (the mask hides what lies beyond each row's position)."""
 
-    def __init__(self, cache: KVCache, rows: torch.Tensor, pos: torch.Tensor, length: int):
-        self.cache, self.rows, self.pos, self.length = cache, rows, pos, length
+    def __init__(self, cache: KVCache, pos: torch.Tensor, length: int):
+        self.cache, self.pos, self.length = cache, pos, length
+        self.rows = torch.arange(len(pos), device=pos.device)
 
     def update(self, layer: int, k, v):  # k, v (b, Hkv, 1, D)
         self.cache.k[layer, self.rows, :, self.pos] = k[:, :, 0]  # index (b,) x (b,) -> (b, Hkv, D)
         self.cache.v[layer, self.rows, :, self.pos] = v[:, :, 0]
         b, L = len(self.rows), self.length
         return self.cache.k[layer, :b, :, :L], self.cache.v[layer, :b, :, :L]  # (b, Hkv, L, D)
+
+
+class KernelDecodeView(DecodeView):
+    """A DecodeView whose attention is the decode kernel: row i reads its own positions 0..pos[i] only, with
+    no mask; `length` (an upper bound on pos + 1) and num_splits only shape the kernel's launch grid."""
+
+    def __init__(self, cache: KVCache, pos: torch.Tensor, length: int, num_splits: int):
+        super().__init__(cache, pos, length)
+        self.num_splits = num_splits
+
+    def attend(self, layer: int, q, k, v):  # q (b, H, 1, D); k, v (b, Hkv, 1, D)
+        from kernels.decode_attention import decode_attention
+
+        self.update(layer, k, v)
+        out = decode_attention(q[:, :, 0], self.cache.k[layer], self.cache.v[layer], self.pos, self.length,
+                               self.num_splits)
+        return out[:, :, None]  # (b, H, 1, D)
+
+
+def decode_step(model: Transformer, cache: KVCache, tok: torch.Tensor, pos: torch.Tensor, length: int,
+                num_splits: int | None) -> torch.Tensor:
+    """One decode step of rows 0..b-1: tok (b,) at positions pos (b,), all < length -> logits (b, V) fp32.
+    num_splits: the decode kernel's sequence splits, or None for SDPA with a mask over positions < length.
+    A free function of tensors and the model, so that torch.compile's code is shared by every Sampler."""
+    if num_splits is None:
+        view = DecodeView(cache, pos, length)
+        mask = (torch.arange(length, device=pos.device) <= pos[:, None])[:, None, None, :]  # (b, 1, 1, length)
+    else:
+        view, mask = KernelDecodeView(cache, pos, length, num_splits), None
+    h = model(tok[:, None], positions=pos[:, None], kv_cache=view, attn_mask=mask, return_hidden=True)
+    return head_logits(model, h[:, 0])
+
+
+def head_logits(model: Transformer, h: torch.Tensor) -> torch.Tensor:
+    """Final hidden states (n, hidden) -> logits (n, V) fp32."""
+    w = model.lm_head.weight
+    if h.device.type == "cpu":
+        # MKL runs this skinny (n x hidden) @ (hidden x vocab) product ~25% faster in blocks of vocab rows,
+        # whose weights and outputs stay in cache (64 x 256 x 32k on our 2-core CI box: 29 -> 23 ms), with
+        # bit-identical results; the head is about half of a small model's decode step on CPU.
+        blocks = [F.linear(h, w[i:i + CPU_HEAD_BLOCK]) for i in range(0, len(w), CPU_HEAD_BLOCK)]
+        return torch.cat(blocks, 1).float()
+    return F.linear(h, w).float()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -253,7 +304,10 @@ class Sampler:
     """Owns the KV cache (max_batch_size slots x max_seq_len positions, allocated once) and, on CUDA, the decode
     graphs; `generate` can be called any number of times, and sees weight updates made in place."""
 
-    def __init__(self, model: Transformer, max_batch_size: int, max_seq_len: int, device, dtype: torch.dtype):
+    def __init__(self, model: Transformer, max_batch_size: int, max_seq_len: int, device, dtype: torch.dtype,
+                 decode_kernel: bool | None = None, compile: bool | None = None):
+        """decode_kernel: attention by the Triton decode kernel (default: on CUDA); compile: torch.compile the
+        decode step (default: on CUDA; on CPU only with a cheap backend in tests, see COMPILE_BACKEND)."""
         self.device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0", to compare with parameters
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         # Use the model itself when it is already where we run, so that in-place weight updates to it are
@@ -267,9 +321,13 @@ class Sampler:
         # per-slot decode inputs: the row's last sampled token and the position it goes in (the graphs' inputs)
         self.tok_in = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
         self.pos_in = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
-        self.slot_ids = torch.arange(max_batch_size, device=self.device)
-        self.key_pos = torch.arange(max_seq_len, device=self.device)
         self.use_graphs = self.device.type == "cuda"
+        self.decode_kernel = self.use_graphs if decode_kernel is None else decode_kernel
+        compile = self.use_graphs if compile is None else compile
+        # dynamic: one compiled step serves every batch and length bucket (b = 1 gets its own); fullgraph: a
+        # graph break would hide a host sync, which CUDA graph capture forbids
+        self.step = (torch.compile(decode_step, dynamic=True, fullgraph=True, backend=COMPILE_BACKEND)
+                     if compile else decode_step)
         self.sync_every = CUDA_SYNC_EVERY if self.use_graphs else 1
         # tokens and log-probs sampled since the last host sync: (sync_every, slots)
         self.hist_tok = torch.zeros(self.sync_every, max_batch_size, dtype=torch.long, device=self.device)
@@ -369,7 +427,7 @@ class Sampler:
         h = self.model(ids.to(self.device), kv_cache=PrefillView(self.cache, slots, src), attn_mask=causal,
                        return_hidden=True)  # (n, P, hidden)
         # the vocab head only at each prompt's last token, not at all n * P positions
-        logits = self._head(h[torch.arange(n, device=self.device), last])
+        logits = head_logits(self.model, h[torch.arange(n, device=self.device), last])
         self.stats.prefill_calls += 1
         self.stats.prefill_prompts += n
         self.stats.prefill_tokens += sum(len(p) for p in prompts)
@@ -395,22 +453,12 @@ class Sampler:
 
     def _forward(self, b: int, length: int) -> torch.Tensor:
         """One decode step of rows 0..b-1 attending over cache positions < length -> logits (b, V) fp32."""
-        pos = self.pos_in[:b, None]  # (b, 1)
-        mask = (self.key_pos[:length] <= pos)[:, None, None, :]  # (b, 1, 1, length)
-        view = DecodeView(self.cache, self.slot_ids[:b], self.pos_in[:b], length)
-        h = self.model(self.tok_in[:b, None], positions=pos, kv_cache=view, attn_mask=mask, return_hidden=True)
-        return self._head(h[:, 0])
+        splits = None
+        if self.decode_kernel:
+            from kernels.decode_attention import plan_splits
 
-    def _head(self, h: torch.Tensor) -> torch.Tensor:
-        """Final hidden states (n, hidden) -> logits (n, V) fp32."""
-        w = self.model.lm_head.weight
-        if self.device.type == "cpu":
-            # MKL runs this skinny (n x hidden) @ (hidden x vocab) product ~25% faster in blocks of vocab rows,
-            # whose weights and outputs stay in cache (64 x 256 x 32k on our 2-core CI box: 29 -> 23 ms), with
-            # bit-identical results; the head is about half of a small model's decode step on CPU.
-            blocks = [F.linear(h, w[i:i + CPU_HEAD_BLOCK]) for i in range(0, len(w), CPU_HEAD_BLOCK)]
-            return torch.cat(blocks, 1).float()
-        return F.linear(h, w).float()
+            splits = plan_splits(b, self.model.config.num_key_value_heads, length, self.device)
+        return self.step(self.model, self.cache, self.tok_in[:b], self.pos_in[:b], length, splits)
 
     def _bucket(self, n: int) -> int:
         return next(b for b in self.batch_buckets if b >= n)
@@ -421,6 +469,7 @@ class Sampler:
         b = self._bucket(n)
         L = min(-(-length // GRAPH_LEN_STEP) * GRAPH_LEN_STEP, self.max_seq_len)
         if (b, L) not in self.graphs:
+            t0 = time.perf_counter()
             # Capture needs a warm-up run on a side stream first. It sees this step's real inputs, so the K/V it
             # writes are exactly what the replay writes again; rows n..b-1 are free slots, scribbling is harmless.
             stream = torch.cuda.Stream(self.device)
@@ -434,6 +483,8 @@ class Sampler:
             self.graph_pool = graph.pool()
             self.graphs[(b, L)] = (graph, logits)
             self.stats.graphs_captured += 1
+            torch.cuda.synchronize(self.device)
+            self.stats.capture_seconds += time.perf_counter() - t0
         graph, logits = self.graphs[(b, L)]
         graph.replay()
         return logits

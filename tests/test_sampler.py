@@ -1,15 +1,24 @@
 """sampler.py against transformers' generate and against full forwards of our own model (no cache).
 
-Every test runs on CPU, and on CUDA too when there is one (there the decode steps are CUDA graphs)."""
+Every test runs on CPU, and on CUDA too when there is one (there the decode steps are CUDA graphs of the
+compiled step with the Triton decode-attention kernel, the CUDA defaults)."""
 import math
+import os
+import sys
 
 import numpy as np
 import pytest
 import torch
 
+import sampler as sampler_module
 from checkpoint import load_tokenizer, make_tiny_model
 from model import Transformer
 from sampler import Sampler, blocked_sums, draw_blocked, sample
+
+if not torch.cuda.is_available():
+    # the decode kernel runs in Triton's interpreter here; it is read when kernels.decode_attention is imported
+    assert "kernels.decode_attention" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1"
+    os.environ["TRITON_INTERPRET"] = "1"
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -79,6 +88,32 @@ def test_cached_logits_equal_full_forward(tiny_model_dir, device):
             ref = full_logits(model, prompts[r // g], fed[r] + [0])[-1]
             torch.testing.assert_close(logits[r], ref, atol=1e-4, rtol=1e-4)
         sampler.pos_in[:6] += 1
+
+
+# the decode step's other paths: on CPU the kernel runs in Triton's interpreter (~10 ms a program), so these
+# decode few rows for few steps; on CUDA they are the defaults and every test above runs them
+@pytest.mark.parametrize("device,options", [("cpu", dict(decode_kernel=True)),
+                                            ("cpu", dict(decode_kernel=True, compile=True))]
+                         + ([("cuda", dict(decode_kernel=False, compile=False))] if torch.cuda.is_available() else []))
+def test_decode_paths_match_hf_generate(tiny_model_dir, hf_model, monkeypatch, device, options):
+    if device == "cpu" and options.get("compile"):
+        # inductor costs ~20 s per graph on CPU. aot_eager gets exactly what inductor would be given (dynamo's
+        # capture of the whole step as one graph, dynamic shapes, the kernel's custom op through its fake) and
+        # runs it with eager kernels: all but inductor's code generation, which CUDA runs by default
+        monkeypatch.setattr(sampler_module, "COMPILE_BACKEND", "aot_eager")
+    model = load(tiny_model_dir, device)
+    prompts = random_prompts([3, 11], model.config.vocab_size)
+    args = dict(group_size=2, max_new_tokens=8, temperature=0)
+    sampler = Sampler(model, max_batch_size=4, max_seq_len=24, device=device, dtype=torch.float32, **options)
+    outs = sampler.generate(prompts, **args)
+    plain = Sampler(model, max_batch_size=4, max_seq_len=24, device="cpu", dtype=torch.float32,
+                    decode_kernel=False, compile=False).generate(prompts, **args)
+    for i, p in enumerate(prompts):
+        ref = hf_model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                do_sample=False, max_new_tokens=8, eos_token_id=None, pad_token_id=0)[0, len(p):]
+        for o, q in zip(outs[2 * i:2 * i + 2], plain[2 * i:2 * i + 2]):
+            assert o.tokens == ref.tolist()
+            torch.testing.assert_close(o.logprobs, q.logprobs, atol=1e-5, rtol=1e-5)
 
 
 def expected_probs(logits, temperature, top_k, top_p):
