@@ -26,6 +26,9 @@ from dataclasses import dataclass, fields
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+
+from kernels import IGNORE
 
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
@@ -120,6 +123,89 @@ def next_tokens(input_ids: torch.Tensor) -> torch.Tensor:
     return input_ids.roll(-1, dims=1)
 
 
+# ----------------------------------------------------------------------------------------------------
+# the policy forward: a group's rollouts share one prompt, so each micro-batch runs each prompt once
+
+class SharedPromptAttention:
+    """Attention for a micro-batch packed by `pack_shared_prompts`, given to the model as its kv_cache (the
+    model hands attention to any kv_cache with an `attend` method). The packed sequence is n prefixes of Pp
+    tokens, then b segments of S tokens: each prefix attends causally over itself; each segment over its
+    group's prefix (its real tokens only) and causally over itself. Nothing else is computed: no (T, T) mask."""
+
+    def __init__(self, n: int, Pp: int, b: int, S: int, group: torch.Tensor, prefix_len: torch.Tensor):
+        self.n, self.Pp, self.b, self.S, self.group = n, Pp, b, S, group  # group (b,): each segment's prefix
+        if bool((prefix_len == Pp).all()):
+            # no padded prefix: "causal, aligned to the last key" says it all, and lets SDPA pick flash on GPU
+            # (imported here: it imports torch._dynamo, a second at start-up, and with it Triton)
+            from torch.nn.attention.bias import causal_lower_right
+
+            self.mask = causal_lower_right(S, Pp + S)
+        else:  # (b, 1, S, Pp + S): the real part of the group's prefix, then causal over the segment
+            real = torch.arange(Pp, device=group.device) < prefix_len[group, None]  # (b, Pp)
+            causal = torch.ones(S, S, dtype=torch.bool, device=group.device).tril()
+            self.mask = torch.cat([real[:, None, :].expand(-1, S, -1), causal.expand(b, -1, -1)], 2)[:, None]
+
+    def attend(self, layer: int, q, k, v):  # q (1, H, T, D), k/v (1, Hkv, T, D), T = n * Pp + b * S
+        def split(t):  # -> prefixes (n, heads, Pp, D), segments (b, heads, S, D)
+            t = t[0]
+            return (t[:, :self.n * self.Pp].unflatten(1, (self.n, self.Pp)).transpose(0, 1),
+                    t[:, self.n * self.Pp:].unflatten(1, (self.b, self.S)).transpose(0, 1))
+
+        (qp, qs), (kp, ks), (vp, vs) = split(q), split(k), split(v)
+        gqa = q.shape[1] != k.shape[1]
+        out_p = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=gqa)
+        # each segment's keys: its group's prefix (the gather's backward sums the group's gradients), then its own
+        keys, values = torch.cat([kp[self.group], ks], 2), torch.cat([vp[self.group], vs], 2)
+        out_s = F.scaled_dot_product_attention(qs, keys, values, attn_mask=self.mask, enable_gqa=gqa)
+        return torch.cat([out_p.transpose(0, 1).flatten(1, 2), out_s.transpose(0, 1).flatten(1, 2)], 1)[None]
+
+
+def pack_shared_prompts(ids: torch.Tensor, response_mask: torch.Tensor):
+    """One micro-batch (b, w) -> the model inputs that compute the same response log-probs with each distinct
+    prompt run once: (packed ids, positions, targets) each (1, T), the SharedPromptAttention, and where each
+    response target sits in the packed sequence, (b, w) (garbage off the mask).
+
+    Consecutive rows with the same prompt form a group (a GRPO group is contiguous). Its prefix is the prompt
+    but its last token, at positions 0..P-2; each row's segment is the prompt's last token then its response,
+    at positions P-1.., so a segment's first output predicts the first response token. Targets are the next
+    token inside each segment and IGNORE elsewhere: the head runs at response tokens only."""
+    b, w = ids.shape
+    cols = torch.arange(w, device=ids.device)
+    R = response_mask.sum(1)  # (b,) response lengths
+    # the first response target sits at column P - 1 (a row without response: its last column)
+    P = torch.where(R > 0, response_mask.int().argmax(1), w - 1) + 1  # (b,) prompt lengths
+    same = (P[1:] == P[:-1]) & ((ids[1:] == ids[:-1]) | (cols >= P[1:, None])).all(1)  # row r has row r-1's prompt
+    starts = torch.cat([torch.ones(1, dtype=torch.bool, device=ids.device), ~same])
+    group = starts.cumsum(0) - 1  # (b,) each row's group
+    first_rows = starts.nonzero().squeeze(1)  # (n,) a row of each group
+    prefix_len = P[first_rows] - 1  # (n,)
+    n, Pp, S = len(first_rows), max(1, int(prefix_len.max())), int(R.max()) + 1
+    # prefixes: each group's prompt columns 0..Pp-1 (past P-2 whatever the row holds: no real token sees it)
+    pre_ids = ids[first_rows, :Pp]  # (n, Pp)
+    pre_pos = cols[:Pp].expand(n, -1)
+    # segments: columns P-1 .. P-1+S-1 of each row (clamped at the row's end: padding either way)
+    seg_cols = ((P - 1)[:, None] + torch.arange(S, device=ids.device)).clamp(max=w - 1)  # (b, S)
+    seg_ids = ids.gather(1, seg_cols)
+    seg_pos = (P - 1)[:, None] + torch.arange(S, device=ids.device)
+    seg_targets = torch.where(torch.arange(S, device=ids.device) < R[:, None], next_tokens(ids).gather(1, seg_cols),
+                              IGNORE)
+    packed = [torch.cat([a.flatten(), c.flatten()])[None] for a, c in
+              ((pre_ids, seg_ids), (pre_pos, seg_pos), (torch.full_like(pre_ids, IGNORE), seg_targets))]
+    where = n * Pp + torch.arange(b, device=ids.device)[:, None] * S + (cols - (P - 1)[:, None]).clamp(0, S - 1)
+    return (*packed, SharedPromptAttention(n, Pp, b, S, group, prefix_len), where)
+
+
+def policy_logprobs(model, ids: torch.Tensor, response_mask: torch.Tensor, temperature: float = 1.0,
+                    return_entropy: bool = False):
+    """log p (b, w) fp32 of each response target under `model` (column-aligned with response_mask; 0 off it),
+    and with return_entropy the entropies (b, w), detached: one forward over the packed micro-batch."""
+    packed_ids, positions, targets, attention, where = pack_shared_prompts(ids, response_mask)
+    out = model(packed_ids, positions=positions, kv_cache=attention, targets=targets, temperature=temperature,
+                return_entropy=return_entropy)
+    unpack = lambda o: torch.where(response_mask, o[0][where], 0.0)  # (1, T) -> (b, w)
+    return tuple(map(unpack, out)) if return_entropy else unpack(out)
+
+
 def model_device(model) -> torch.device:
     # under FSDP2 parameters are DTensors; their .device is the local shard's device
     return next(model.parameters()).device
@@ -139,7 +225,7 @@ def sequence_logprobs(model, rollouts: Rollouts, micro_batch_size: int, temperat
     for start in range(0, len(rollouts), micro_batch_size):
         mb = rollouts.rows(start, start + micro_batch_size)
         ids = mb.input_ids.to(device)  # (b, w)
-        logp = model(ids, targets=next_tokens(ids), temperature=temperature)  # (b, w) fp32
+        logp = policy_logprobs(model, ids, mb.response_mask.to(device), temperature)  # (b, w) fp32
         out[start:start + len(mb), :ids.shape[1]] = logp.to(out.device)
     if hasattr(model, "reshard"):  # FSDP2 keeps the root's parameters gathered after a forward, expecting a
         model.reshard()            # backward; with none coming, free them (embedding + head: 2 GiB at 7B)
@@ -220,7 +306,7 @@ def micro_batch_backward(model, mb: Rollouts, n_tokens: float, n_seqs: float, wo
     device = model_device(model)
     ids = mb.input_ids.to(device)  # (b, w)
     mask = mb.response_mask.to(device)  # (b, w)
-    logp, entropy = model(ids, targets=next_tokens(ids), temperature=temperature, return_entropy=True)  # (b, w)
+    logp, entropy = policy_logprobs(model, ids, mask, temperature, return_entropy=True)  # (b, w)
     old = mb.old_logprobs.to(device) if mb.old_logprobs is not None else logp.detach()
     ref = mb.ref_logprobs.to(device) if kl_beta > 0 else None
     sampler = mb.sampler_logprobs.to(device) if mb.sampler_logprobs is not None else None

@@ -9,7 +9,9 @@ training: 8k tokens hold 2.5 GB of bf16 logits, 5 GB more in fp32, and as much a
 
 Both return fp32 log-probs (N,) of targets under softmax(logits / temperature), and with
 return_entropy=True also the entropy (N,) of that distribution. The entropy is for logging and is
-returned detached: no gradient flows through it. Targets outside [0, V) give -inf log-probs.
+returned detached: no gradient flows through it. Targets outside [0, V) give -inf log-probs, except in
+linear_token_logprobs, where a negative target (IGNORE) asks for nothing: its row's head is never computed,
+and its log-prob and entropy are 0 with no gradient. The trainer needs the head at response tokens only.
 
 backend: "triton" (logprobs_triton.py), "torch" (logprobs_torch.py, the reference and the CPU path), or
 "auto" = Triton on CUDA, torch elsewhere. Both stream the vocabulary in blocks, so neither holds fp32
@@ -24,6 +26,7 @@ from .logprobs_torch import merge_stats
 # bf16, fwd+bwd took 12.4 / 9.0 / 8.5 / 8.2 ms at 2**23 / 2**24 / 2**25 / 2**26 with 39 / 71 / 135 / 263 MiB
 # of extra memory: smaller chunks are bound by launch overhead (the naive path: 12.7 ms, 6.7 GiB).
 CHUNK_ELEMS = 2**25
+IGNORE = -100  # a target of linear_token_logprobs that asks for nothing (PyTorch's ignore_index)
 
 
 def _impl(backend: str, device: torch.device):
@@ -114,7 +117,17 @@ def linear_token_logprobs(hidden, weight, targets, temperature: float = 1.0, ret
     """hidden (N, H), weight (V, H) (the LM head), targets (N,) int64 -> what
     token_logprobs(hidden @ weight.T, targets, ...) returns, without ever holding (N, V) logits.
     Gradients flow to hidden and weight. Call it inside the module whose forward owns the head weight: under
-    FSDP2 the full weight exists only there."""
+    FSDP2 the full weight exists only there. Rows whose target is negative (IGNORE) are skipped: 0 out,
+    no gradient, no head compute (a host sync, to count them)."""
+    skip = targets < 0
+    if skip.all():  # nothing asked: zeros, still in the graph so that a loss built on them can backward()
+        zeros = (hidden[:, 0] * 0).float()
+        return (zeros, zeros.detach()) if return_entropy else zeros
+    if skip.any():
+        keep = (~skip).nonzero().squeeze(1)  # (n,)
+        out = linear_token_logprobs(hidden[keep], weight, targets[keep], temperature, return_entropy, backend)
+        full = lambda o: torch.zeros(len(targets), dtype=o.dtype, device=o.device).index_copy(0, keep, o)
+        return tuple(map(full, out)) if return_entropy else full(out)
     dev = hidden.device.type
     if torch.is_autocast_enabled(dev):
         # autocast would cast per matmul; cast once here instead so forward and the recomputation in

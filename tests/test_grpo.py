@@ -7,7 +7,7 @@ import torch
 
 from conftest import free_port, run_ranks
 from grpo import (LOSS_AGGS, Rollouts, build_rollouts, group_advantages, grpo_update, loss_weights, next_tokens,
-                  sequence_logprobs, token_losses)
+                  policy_logprobs, sequence_logprobs, token_losses)
 from model import Transformer
 
 # ----------------------------------------------------------------------------------------------------
@@ -208,6 +208,45 @@ def test_sequence_logprobs_matches_full_logits(tiny):
     with torch.no_grad():
         logp = (model(r.input_ids) / 0.7).log_softmax(-1).gather(-1, next_tokens(r.input_ids)[..., None])[..., 0]
     torch.testing.assert_close(got[r.response_mask], logp[r.response_mask], rtol=1e-5, atol=1e-5)
+
+
+def grouped_rollouts(vocab, prompt_lens=(4, 7, 7), group=3, seed=3):
+    """GRPO-shaped: each prompt repeated over its group, responses of different lengths (one of 1 token)."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in prompt_lens for _ in range(1)]
+    lengths = torch.randint(1, 12, (len(prompts) * group,), generator=g).tolist()
+    lengths[1] = 1
+    responses = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+    r = build_rollouts([p for p in prompts for _ in range(group)], responses, torch.randn(len(lengths), generator=g),
+                       pad_id=0)
+    r.old_logprobs = -torch.rand(r.input_ids.shape, generator=g) * 6
+    return r
+
+
+@pytest.mark.parametrize("micro_batch_size", [9, 3])  # prompts of mixed lengths in one micro-batch; one prompt
+def test_shared_prompt_forward_matches_unpacked(tiny, micro_batch_size):
+    """Each prompt runs once per micro-batch: the log-probs, entropies and gradients are those of the plain
+    forward over every row (full logits, log_softmax, gather) with the same loss."""
+    model = Transformer.from_pretrained(tiny)
+    r = grouped_rollouts(model.config.vocab_size)
+    mask = r.response_mask
+    logp, entropy = policy_logprobs(model, r.input_ids, mask, 0.8, return_entropy=True)
+    logits = model(r.input_ids) / 0.8
+    ref = logits.log_softmax(-1)
+    ref_logp = ref.gather(-1, next_tokens(r.input_ids)[..., None])[..., 0]
+    torch.testing.assert_close(logp[mask], ref_logp[mask].detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy[mask], torch.special.entr(ref.exp()).sum(-1)[mask].detach(), rtol=1e-5,
+                               atol=1e-5)
+    assert (logp[~mask] == 0).all() and (entropy[~mask] == 0).all()
+
+    tok, _ = token_losses(ref_logp, r.old_logprobs, r.advantages, mask)
+    (tok * loss_weights(mask, "token-mean", mask.sum().item(), len(r))).sum().backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    opt = Capture(model)
+    opt.zero_grad()
+    grpo_update(model, opt, r, micro_batch_size=micro_batch_size, temperature=0.8, max_grad_norm=1e9)
+    for a, b in zip(opt.grads[0], want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * b.abs().max().item())
 
 
 @pytest.mark.parametrize("loss_agg", LOSS_AGGS)
