@@ -8,6 +8,8 @@
 Timings never live in tests; this file is where speed and memory claims come from.
 """
 import argparse
+import contextlib
+import io
 import json
 import os
 import statistics
@@ -346,6 +348,125 @@ def bench_step(args):
           f"seconds per rollout token: {med['sec_step'] / tokens * 1e3:.3f} ms")
 
 
+# ----------------------------------------------------------------------------------------------------
+# peers: bench-only dependencies (requirements-bench.txt), each skipped with a line when missing
+
+def peer_missing(module: str, what: str) -> bool:
+    try:
+        __import__(module)
+        return False
+    except ImportError:
+        print(f"skipped {what}: `{module}` is not installed (pip install -r requirements-bench.txt; without a "
+              f"registry, from wheels: see BENCHMARKS.md)")
+        return True
+
+
+# ----------------------------------------------------------------------------------------------------
+# trl: one full GRPO step of ours against TRL's GRPOTrainer on the same CPU work
+
+def bench_trl(args):
+    """The smoke run's work (8 prompts x 8, 24 new tokens, the smoke model, the letter-share reward, AdamW
+    lr 3e-3, clip 0.2, no KL, token-mean loss, group-std advantages) as a step of ssr.py's own loop and as a
+    step of TRL's GRPOTrainer with its HF `generate` rollouts, from the same HF checkpoint directory. Rounds
+    alternate between the two so that the load of a shared box falls on both; each round's first step is
+    warm-up. A step is timed from its start to the optimizer step's end (TRL: on_step_begin to on_step_end)."""
+    if peer_missing("trl", "bench.py trl"):
+        return
+    import warnings
+
+    import ssr
+
+    warnings.filterwarnings("ignore")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(ssr.make_smoke_model(os.path.join(tmp, "model"), "data/sample.jsonl"))
+        flags = ["--preset", "smoke", "--model", path, "--w-self", 0, "--steps", args.steps + 1,
+                 "--save-every", 10**9]
+        ours, theirs = [], []
+        for r in range(args.rounds):
+            cfg = ssr.parse_args([str(x) for x in flags + ["--out-dir", os.path.join(tmp, f"ours{r}")]])
+            ours += _ours_steps(cfg)
+            theirs += _trl_steps(cfg, path, os.path.join(tmp, f"trl{r}"))
+    med = lambda xs, k: statistics.median(x[k] for x in xs)
+    import trl
+
+    print(f"work: {cfg.prompts_per_step} prompts x {cfg.group_size}, up to {cfg.max_new_tokens} new tokens, smoke "
+          f"model, letter-share reward; {torch.get_num_threads()} threads; median of {len(ours)} steps each "
+          f"({args.rounds} rounds of {args.steps} after a warm-up step, alternating)")
+    print(f"ours: {med(ours, 'step'):.3f} s/step (sample {med(ours, 'sample'):.3f}, update + sync "
+          f"{med(ours, 'update'):.3f}), {med(ours, 'tokens'):.0f} completion tokens")
+    print(f"TRL {trl.__version__} GRPOTrainer: {med(theirs, 'step'):.3f} s/step (generate "
+          f"{med(theirs, 'generate'):.3f}), {med(theirs, 'tokens'):.0f} completion tokens")
+    print(f"ssr/trl step time ratio: {med(theirs, 'step') / med(ours, 'step'):.2f}")
+
+
+def _ours_steps(cfg) -> list[dict]:
+    """ssr.train for cfg.steps steps; each step after the first as {step, sample, update, tokens} seconds."""
+    import ssr
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        ssr.train(cfg)
+    records = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "metrics.jsonl"))][1:]
+    return [{"step": r["sec_step"], "sample": r["sec_sample"], "update": r["sec_update"],
+             "tokens": r["response_len_mean"] * cfg.prompts_per_step * cfg.group_size} for r in records]
+
+
+def _trl_steps(cfg, model_path: str, out_dir: str) -> list[dict]:
+    """TRL's GRPOTrainer on cfg's work for cfg.steps optimizer steps; each step after the first as
+    {step, generate, tokens}."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    import judge
+    import ssr
+
+    rows = ssr.load_data(cfg.data)
+    prompts = [judge.actor_prompt(r["src"], r["src_lang"], r["tgt_lang"], cfg.template) for r in rows]
+
+    def letter_share(completions, **_):  # judge.letter_share_reward on the decoded completions
+        return [c.count("e") / max(1, len(c)) for c in completions]
+
+    class StepTimes(TrainerCallback):
+        def __init__(self):
+            self.steps, self.t0, self.generate = [], 0.0, 0.0
+
+        def on_step_begin(self, *a, **k):
+            self.t0, self.generate = time.perf_counter(), 0.0
+
+        def on_step_end(self, *a, **k):
+            self.steps.append({"step": time.perf_counter() - self.t0, "generate": self.generate})
+
+        def on_log(self, *a, logs=None, **k):  # after on_step_end: the step's mean completion length
+            if "completions/mean_length" in logs:  # (not in the end-of-training summary)
+                self.steps[-1]["tokens"] = logs["completions/mean_length"] * cfg.prompts_per_step * cfg.group_size
+
+    config = GRPOConfig(
+        output_dir=out_dir, max_steps=cfg.steps, per_device_train_batch_size=cfg.prompts_per_step * cfg.group_size,
+        gradient_accumulation_steps=1, num_generations=cfg.group_size, max_completion_length=cfg.max_new_tokens,
+        temperature=cfg.temperature, top_p=cfg.top_p, learning_rate=cfg.lr, lr_scheduler_type="constant",
+        weight_decay=cfg.weight_decay, adam_beta1=0.9, adam_beta2=0.999, max_grad_norm=cfg.max_grad_norm,
+        optim="adamw_torch", epsilon=cfg.clip_low, epsilon_high=cfg.clip_high, beta=cfg.kl_beta, loss_type="dapo",
+        scale_rewards="group", use_cpu=True, bf16=False, gradient_checkpointing=cfg.grad_checkpointing,
+        report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, seed=cfg.seed)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    timer = StepTimes()
+    generate = model.generate
+
+    def timed_generate(*a, **k):  # how much of TRL's step is its rollouts
+        t0 = time.perf_counter()
+        out = generate(*a, **k)
+        timer.generate += time.perf_counter() - t0
+        return out
+
+    model.generate = timed_generate
+    trainer = GRPOTrainer(model=model, reward_funcs=letter_share, args=config,
+                          train_dataset=Dataset.from_dict({"prompt": prompts}),
+                          processing_class=AutoTokenizer.from_pretrained(model_path), callbacks=[timer])
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer.train()
+    return timer.steps[1:]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -371,12 +492,16 @@ def main():
     sp.add_argument("--hbm-gbps", type=float, help="HBM peak for the decode floor (default: by GPU name)")
     st = sub.add_parser("step", help="ssr.py training steps: time by phase, tokens/s")
     st.add_argument("--steps", type=int, default=4, help="steps to run; the first is warm-up")
+    tr = sub.add_parser("trl", help="one GRPO step of ours vs TRL's GRPOTrainer on the same CPU work")
+    tr.add_argument("--steps", type=int, default=4, help="timed steps per round (after one warm-up step)")
+    tr.add_argument("--rounds", type=int, default=3, help="rounds, alternating ours and TRL")
     args = parser.parse_args()
     if args.what == "_load_child":
         return _load_child(args.path)
     if args.what == "_kernels_child":
         return _kernels_child(args.variant, args.device, args.repeats)
-    {"load": bench_load, "kernels": bench_kernels, "sampler": bench_sampler, "step": bench_step}[args.what](args)
+    {"load": bench_load, "kernels": bench_kernels, "sampler": bench_sampler, "step": bench_step,
+     "trl": bench_trl}[args.what](args)
 
 
 if __name__ == "__main__":
