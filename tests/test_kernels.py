@@ -176,3 +176,26 @@ def test_torch_backend_never_holds_full_logits():
             logp, entropy = fn(*inputs, targets, return_entropy=True, backend="torch")
             logp.sum().backward()
         assert mode.numel <= max(kernels.CHUNK_ELEMS, V * H) < N * V // 8  # V * H: weight.grad
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_linear_ignored_targets(backend, device):
+    """Negative targets ask for nothing: 0 log-prob and entropy, no gradient from those rows; the other rows
+    are exactly what they are alone. All ignored: zeros that still backward."""
+    hidden, weight, targets, g = linear_case(9, 2053, 32, device, torch.float32)
+    ignored = torch.tensor([1, 0, 0, 1, 1, 0, 0, 0, 1], dtype=torch.bool, device=device)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logp, entropy = linear_token_logprobs(h, w, torch.where(ignored, kernels.IGNORE, targets), return_entropy=True,
+                                          backend=backend)
+    (logp * g).sum().backward()
+    rh, rw = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref_logp, ref_entropy = reference(rh[~ignored] @ rw.T, targets[~ignored], 1.0)
+    (ref_logp * g[~ignored]).sum().backward()
+    assert (logp[ignored] == 0).all() and (entropy[ignored] == 0).all() and (h.grad[ignored] == 0).all()
+    torch.testing.assert_close(logp[~ignored], ref_logp, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(entropy[~ignored], ref_entropy, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(h.grad, rh.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(w.grad, rw.grad, atol=1e-4, rtol=1e-4)
+    h.grad = None
+    linear_token_logprobs(h, w, torch.full_like(targets, kernels.IGNORE), backend=backend).sum().backward()
+    assert (h.grad == 0).all()
