@@ -136,7 +136,74 @@ def _kernels_child(variant: str, device: str, repeats: int):
     print(json.dumps(r))
 
 
+PEER_SHAPES = [(N, 151_936, H) for H in (896, 3584) for N in (4096, 16384)]  # Qwen2.5 vocab; 0.5B / 7B hidden
+PEERS = {"liger": ("liger_kernel", "Liger-Kernel"), "cce": ("cut_cross_entropy", "Cut Cross-Entropy")}
+
+
+def _peer_forward(variant: str, hidden, weight, targets):
+    """(N,) fp32 log-probs of targets from hidden (N, H) and the head weight (V, H), by `variant`."""
+    import kernels
+
+    if variant == "ours":
+        return kernels.linear_token_logprobs(hidden, weight, targets)
+    if variant == "liger":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        return -LigerFusedLinearCrossEntropyLoss(reduction="none")(weight, hidden, targets).float()
+    if variant.startswith("cce"):
+        from cut_cross_entropy import linear_cross_entropy
+
+        # CCE by default skips gradient entries below bf16 resolution ("high"); cce_exact computes them all
+        eps = None if variant == "cce_exact" else "high"
+        return -linear_cross_entropy(hidden, weight, targets, reduction="none", filter_eps=eps).float()
+    return (hidden @ weight.T).float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)  # naive
+
+
+def bench_kernel_peers(args):
+    """linear_token_logprobs against Liger-Kernel's fused linear cross-entropy and Cut Cross-Entropy, each
+    asked for per-token outputs (reduction="none"), and the naive path; bf16, forward + backward to hidden and
+    weight, on CUDA. One process: CUDA's peak counter resets between cases, unlike a CPU process's RSS."""
+    variants = ["ours"]
+    for name, (module, what) in PEERS.items():
+        if not peer_missing(module, f"{what} in bench.py kernels --peers"):
+            variants += ["cce", "cce_exact"] if name == "cce" else [name]
+    if args.device != "cuda":
+        print("skipped bench.py kernels --peers: it measures CUDA kernels and needs a GPU")
+        return
+    print(f"{torch.cuda.get_device_name()}, bf16; peak = memory beyond inputs and the grads returned; time = "
+          f"forward + backward (median of {args.repeats or 3}); max |logp - ours| on the same inputs")
+    print(f"{'N':>6} {'H':>5} {'variant':10} {'time ms':>8} {'peak MiB':>9} {'max |diff|':>10}")
+    for N, V, H in PEER_SHAPES:
+        gen = torch.Generator("cuda").manual_seed(0)
+        hidden = torch.randn(N, H, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+        weight = (torch.randn(V, H, device="cuda", dtype=torch.bfloat16, generator=gen) * H**-0.5).requires_grad_()
+        targets = torch.randint(V, (N,), device="cuda", generator=gen)
+        ours = None
+        for variant in variants + ["naive"]:
+            def step():
+                hidden.grad = weight.grad = None
+                out = _peer_forward(variant, hidden, weight, targets)
+                out.sum().backward()
+                return out.detach()
+
+            out = step()  # warm-up: Triton compiles, autotuning
+            ours = out if variant == "ours" else ours
+            hidden.grad = weight.grad = None
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated() + hidden.nbytes + weight.nbytes
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            peak = torch.cuda.max_memory_allocated() - base
+            t = median_time(step, args.repeats or 3, warmup=0)
+            print(f"{N:>6} {H:>5} {variant:10} {t * 1e3:8.1f} {peak / 2**20:9.0f} "
+                  f"{(out - ours).abs().max().item():10.2e}", flush=True)
+        del hidden, weight
+        torch.cuda.empty_cache()
+
+
 def bench_kernels(args):
+    if args.peers:
+        return bench_kernel_peers(args)
     N, V, H = KERNEL_SHAPE
     print(f"N={N} tokens, V={V}, H={H}, {'bf16' if args.device == 'cuda' else 'fp32'} on {args.device}; "
           f"peak = memory beyond the inputs and the grads returned; time = forward+backward")
@@ -263,20 +330,8 @@ def bench_sampler(args):
     print(f"HF generate: {t_hf:.3f} s, {tokens / t_hf:.0f} tokens/s")
 
     if device.type == "cuda":
-        # decode step time: the full run minus a prefill-only run, over the decode steps in between
-        t_prefill = median_time(lambda: ours(1), repeats=args.repeats)
-        step = (t_ours - t_prefill) / (new - 1)
-        item = torch.finfo(dtype).bits // 8
-        weights = sum(p.numel() for p in model.parameters()) * item - (
-            0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size * item)  # embedding: rows only
-        kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * item
-        mean_context = sum(map(len, prompts)) / n_prompts + new / 2
-        kv = n_prompts * group * mean_context * kv_per_token
-        hbm = args.hbm_gbps or (3350 if "H100" in torch.cuda.get_device_name(device) else 4800)  # datasheet GB/s
-        floor = (weights + kv) / (hbm * 1e9)
-        print(f"decode step: {step * 1e3:.3f} ms (prefill-only run {t_prefill * 1e3:.1f} ms); floor: weights "
-              f"{weights / 1e9:.2f} GB + KV {kv / 1e9:.3f} GB at {hbm:.0f} GB/s = {floor * 1e3:.3f} ms; "
-              f"step / floor: {step / floor:.2f}")
+        print(f"CUDA graph capture of the decode step (torch.compile included, outside every timing above): "
+              f"{sampler.stats.capture_seconds:.1f} s for {sampler.stats.graphs_captured} graphs")
 
     # continuous batching (freed slots refilled from the queue) vs static batches (one call per slots-full of
     # prompts: finished rows only leave the batch): 4x the work that fits, rows ending at random lengths
@@ -311,7 +366,119 @@ def bench_sampler(args):
     print(f"  static batches:      {tps_stat:.0f} tokens/s, {steps_stat} decode steps, {rows_stat:.2f} rows "
           f"computed per token (without compaction: {rows_nocompact:.2f})")
     print(f"continuous/static tokens_per_s ratio: {tps_cont / tps_stat:.2f}")
+    if device.type == "cuda":
+        del sampler
+        bench_decode_floor(model, args)
     print(f"sampler/hf_generate tokens_per_s ratio: {t_hf / t_ours:.2f}")
+
+
+DECODE_PATHS = {"SDPA + mask": dict(decode_kernel=False, compile=False), "kernel": dict(compile=False),
+                "kernel + compile": {}}  # the last: the CUDA default
+
+
+def bench_decode_floor(model, args, rows: int = 64):
+    """One decode step of `rows` rows, each at its own length around 512 and 2,048 live positions, against the
+    bandwidth floor: (weight bytes + every row's live K/V bytes) / HBM bandwidth, nothing else counted. Per
+    decode path: the CUDA graph alone (the forward) and the whole step (graph + sampling + the host sync every
+    16 steps), each over 16 steps from the same start; graph capture and compilation are done before."""
+    from sampler import CUDA_SYNC_EVERY, Sampler
+
+    cfg, p = model.config, next(model.parameters())
+    item, steps = p.element_size(), CUDA_SYNC_EVERY
+    # the embedding is read a row per token, the rest whole; a tied head reads the embedding as the head
+    weights = sum(q.numel() for q in model.parameters()) * item - (
+        0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size * item)
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * item
+    hbm = args.hbm_gbps or (3350 if "H100" in torch.cuda.get_device_name() else 4800)  # datasheet GB/s
+    gen = torch.Generator().manual_seed(0)
+    for live in (512, 2048):
+        lengths = live + torch.randint(-live // 8, live // 8 + 1, (rows,), generator=gen)  # each row its own
+        kv = (lengths.sum().item() + rows * (steps - 1) / 2) * kv_per_token  # mean over the 16 steps
+        floor = (weights + kv) / (hbm * 1e9)
+        print(f"decode step, {rows} rows of {int(lengths.min())}-{int(lengths.max())} live positions: floor = "
+              f"weights {weights / 1e9:.2f} GB + live KV {kv / 1e9:.2f} GB at {hbm:.0f} GB/s = {floor * 1e3:.3f} ms")
+        for name, options in DECODE_PATHS.items():
+            sampler = Sampler(model, rows, int(lengths.max()) + steps + 1, p.device, p.dtype, **options)
+            settings = dict(temperature=1.0, top_p=1.0, top_k=0, generator=None)
+            length = int(lengths.max())
+
+            def run(graph_only: bool):
+                sampler.pos_in[:rows] = (lengths - 1).to(p.device)  # row i attends over lengths[i] keys
+                if graph_only:
+                    for s in range(steps):
+                        sampler._graph(rows, length + steps - 1)
+                        sampler.pos_in[:rows] += 1
+                else:
+                    sampler._decode(rows, steps, length, settings)
+
+            run(False)  # capture (and compile) the graph these steps use
+            t_graph = median_time(lambda: run(True), args.repeats) / steps
+            t_step = median_time(lambda: run(False), args.repeats) / steps
+            # (torch.compile runs once per process and shape family: the sampler above already paid it)
+            print(f"  {name:17s} graph {t_graph * 1e3:7.3f} ms ({t_graph / floor:5.2f}x floor), whole step "
+                  f"{t_step * 1e3:7.3f} ms ({t_step / floor:5.2f}x floor); capture {sampler.stats.capture_seconds:.1f} s",
+                  flush=True)
+            del sampler
+            torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------------
+# update: the trainer's forward + backward, ours against HF transformers' Qwen2 on the same weights
+
+def bench_update(args):
+    """Tokens/s of forward + backward of the per-token log-probs (the policy-gradient forward), with and without
+    activation checkpointing: our Transformer with its fused head vs transformers' Qwen2ForCausalLM (full
+    logits, then log_softmax + gather) holding the very same weight tensors. On CUDA also as MFU."""
+    from model import ModelConfig
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    preset = args.preset or ("cpu" if device.type == "cpu" else "0.5b")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    B, T = args.batch or (2 if device.type == "cpu" else 8), args.seq or (64 if device.type == "cpu" else 1024)
+    cfg = ModelConfig(arch="qwen2", rope_theta=1e6, torch_dtype=str(dtype).removeprefix("torch."),
+                      **SAMPLER_PRESETS[preset])
+    model = random_model(cfg, device, dtype).train()
+    hf = hf_twin(model).train()
+    ids = torch.randint(cfg.vocab_size, (B, T), device=device, generator=torch.Generator(device).manual_seed(0))
+    targets = ids.roll(-1, 1)
+
+    def ours():
+        model.zero_grad(set_to_none=True)
+        model(ids, targets=targets).sum().backward()
+
+    def theirs():
+        hf.zero_grad(set_to_none=True)
+        logits = hf(input_ids=ids, use_cache=False).logits
+        logits.float().log_softmax(-1).gather(-1, targets[..., None]).sum().backward()
+
+    # model FLOPs per token (PaLM's count): 6 x matmul parameters (the head once, the embedding not: a lookup)
+    # + 12 x layers x attention width x sequence length; recomputation under checkpointing is not counted
+    matmul_params = sum(p.numel() for n, p in model.named_parameters() if n != "embed_tokens.weight")
+    if cfg.tie_word_embeddings:
+        matmul_params += cfg.vocab_size * cfg.hidden_size
+    flops = 6 * matmul_params + 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * T
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = args.peak_tflops or (989.0 if any(g in name for g in ("H100", "H200")) else None)  # dense bf16
+    print(f"{name}, {dtype}, model {preset} ({matmul_params / 1e6:.0f} M matmul params), batch {B} x {T} tokens; "
+          f"median of {args.repeats} after a warm-up" + (f"; MFU against {peak:.0f} TFLOPS" if peak else ""))
+    tps = {}
+    for ckpt in (False, True):
+        model.grad_checkpointing = ckpt
+        (hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}) if ckpt
+         else hf.gradient_checkpointing_disable())
+        for who, fn in (("ours", ours), ("HF", theirs)):
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            t = median_time(fn, args.repeats)
+            tps[who, ckpt] = B * T / t
+            mem = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
+            mfu = f", MFU {tps[who, ckpt] * flops / (peak * 1e12):.1%}" if peak else ""
+            print(f"{who:4s} checkpointing {'on ' if ckpt else 'off'}: {tps[who, ckpt]:9.0f} tokens/s{mfu}{mem}",
+                  flush=True)
+    for ckpt in (False, True):
+        print(f"ours/hf update tokens_per_s ratio, checkpointing {'on' if ckpt else 'off'}: "
+              f"{tps['ours', ckpt] / tps['HF', ckpt]:.2f}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -477,6 +644,7 @@ def main():
     k.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     k.add_argument("--repeats", type=int, help="timed runs per variant (default: 3 on CUDA, 1 on CPU: slow there)")
     k.add_argument("--hbm-gbps", type=float, help="HBM peak for the bandwidth share (default: by GPU name)")
+    k.add_argument("--peers", action="store_true", help="GPU: against Liger-Kernel and Cut Cross-Entropy instead")
     child = sub.add_parser("_kernels_child")  # internal: the measured process of one `kernels` variant
     child.add_argument("variant", choices=KERNEL_VARIANTS)
     child.add_argument("device")
@@ -492,6 +660,13 @@ def main():
     sp.add_argument("--hbm-gbps", type=float, help="HBM peak for the decode floor (default: by GPU name)")
     st = sub.add_parser("step", help="ssr.py training steps: time by phase, tokens/s")
     st.add_argument("--steps", type=int, default=4, help="steps to run; the first is warm-up")
+    up = sub.add_parser("update", help="forward+backward tokens/s, ours vs HF's Qwen2 (GPU: MFU)")
+    up.add_argument("--device", help="default: cuda if available, else cpu")
+    up.add_argument("--preset", choices=SAMPLER_PRESETS, help="model shape (default: cpu on CPU, 0.5b on CUDA)")
+    up.add_argument("--batch", type=int, help="sequences (default: 2 on CPU, 8 on CUDA)")
+    up.add_argument("--seq", type=int, help="tokens per sequence (default: 64 on CPU, 1024 on CUDA)")
+    up.add_argument("--repeats", type=int, default=3)
+    up.add_argument("--peak-tflops", type=float, help="dense bf16 peak for MFU (default: 989 on H100/H200)")
     tr = sub.add_parser("trl", help="one GRPO step of ours vs TRL's GRPOTrainer on the same CPU work")
     tr.add_argument("--steps", type=int, default=4, help="timed steps per round (after one warm-up step)")
     tr.add_argument("--rounds", type=int, default=3, help="rounds, alternating ours and TRL")
@@ -501,7 +676,7 @@ def main():
     if args.what == "_kernels_child":
         return _kernels_child(args.variant, args.device, args.repeats)
     {"load": bench_load, "kernels": bench_kernels, "sampler": bench_sampler, "step": bench_step,
-     "trl": bench_trl}[args.what](args)
+     "trl": bench_trl, "update": bench_update}[args.what](args)
 
 
 if __name__ == "__main__":

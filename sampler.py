@@ -22,9 +22,10 @@ On CUDA a decode step is a CUDA graph captured per (batch-size bucket, attended-
 no host sync until the next stop check. The graphs hold pointers to the model's parameters and the cache, so
 the trainer must update weights in place (`param.copy_(new)`), never by replacing the tensors. Inside the graph,
 by default on CUDA: attention is the Triton decode kernel (kernels/decode_attention.py), which reads each
-row's own live K/V and nothing past it, and the step is torch.compile'd (as gpt-fast does), which fuses the
-~40 small kernels of each layer's norms, RoPE, residuals and SwiGLU into a few; the graph then replays those.
-On CPU neither pays: attention is SDPA with a mask, and compiling costs ~20 s per graph.
+row's own live K/V and nothing past it, and the step is torch.compile'd (as gpt-fast does) so that each layer's
+norms, RoPE, residuals and SwiGLU become a few fused kernels instead of dozens of small ones (a 0.5B step was
+~1,000 launches); the graph then replays those. On CPU: SDPA with a mask (Triton needs a GPU outside its
+interpreter), not compiled (~20 s per graph there, to save microseconds a step).
 
 Completions include the token that ended them: the EOS token, or the token that completed a stop string (its
 text may run past the stop string; nothing after that token is returned). The trainer needs the EOS in the
@@ -114,10 +115,30 @@ class DecodeView:
         self.rows = torch.arange(len(pos), device=pos.device)
 
     def update(self, layer: int, k, v):  # k, v (b, Hkv, 1, D)
-        self.cache.k[layer, self.rows, :, self.pos] = k[:, :, 0]  # index (b,) x (b,) -> (b, Hkv, D)
-        self.cache.v[layer, self.rows, :, self.pos] = v[:, :, 0]
+        if torch.compiler.is_compiling():
+            # an indexed write into one layer's view of the cache makes inductor copy the whole cache every step
+            # (functionalisation turns the view's mutation into a rebuilt base); an op mutating the base in
+            # place is kept in place
+            write_kv(self.cache.k, self.cache.v, layer, self.pos, k[:, :, 0], v[:, :, 0])
+        else:
+            self.cache.k[layer, self.rows, :, self.pos] = k[:, :, 0]  # index (b,) x (b,) -> (b, Hkv, D)
+            self.cache.v[layer, self.rows, :, self.pos] = v[:, :, 0]
         b, L = len(self.rows), self.length
         return self.cache.k[layer, :b, :, :L], self.cache.v[layer, :b, :, :L]  # (b, Hkv, L, D)
+
+
+@torch.library.custom_op("ssr::write_kv", mutates_args=("k_cache", "v_cache"))
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int, pos: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor) -> None:
+    """k_cache[layer, i, :, pos[i]] = k[i] (and v) for rows i = 0..b-1; k, v (b, Hkv, D)."""
+    rows = torch.arange(len(pos), device=pos.device)
+    k_cache[layer, rows, :, pos] = k
+    v_cache[layer, rows, :, pos] = v
+
+
+@write_kv.register_fake
+def _(k_cache, v_cache, layer, pos, k, v):
+    return None
 
 
 class KernelDecodeView(DecodeView):
@@ -326,8 +347,8 @@ class Sampler:
         compile = self.use_graphs if compile is None else compile
         # dynamic: one compiled step serves every batch and length bucket (b = 1 gets its own); fullgraph: a
         # graph break would hide a host sync, which CUDA graph capture forbids
-        self.step = (torch.compile(decode_step, dynamic=True, fullgraph=True, backend=COMPILE_BACKEND)
-                     if compile else decode_step)
+        self.step_fn = (torch.compile(decode_step, dynamic=True, fullgraph=True, backend=COMPILE_BACKEND)
+                        if compile else decode_step)
         self.sync_every = CUDA_SYNC_EVERY if self.use_graphs else 1
         # tokens and log-probs sampled since the last host sync: (sync_every, slots)
         self.hist_tok = torch.zeros(self.sync_every, max_batch_size, dtype=torch.long, device=self.device)
@@ -458,7 +479,7 @@ class Sampler:
             from kernels.decode_attention import plan_splits
 
             splits = plan_splits(b, self.model.config.num_key_value_heads, length, self.device)
-        return self.step(self.model, self.cache, self.tok_in[:b], self.pos_in[:b], length, splits)
+        return self.step_fn(self.model, self.cache, self.tok_in[:b], self.pos_in[:b], length, splits)
 
     def _bucket(self, n: int) -> int:
         return next(b for b in self.batch_buckets if b >= n)
