@@ -541,9 +541,12 @@ def bench_trl(args):
         return
     import warnings
 
+    import transformers
+
     import ssr
 
     warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()  # TRL's config notes, once per round
     with tempfile.TemporaryDirectory() as tmp:
         path = str(ssr.make_smoke_model(os.path.join(tmp, "model"), "data/sample.jsonl"))
         flags = ["--preset", "smoke", "--model", path, "--w-self", 0, "--steps", args.steps + 1,
