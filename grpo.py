@@ -213,8 +213,8 @@ def model_device(model) -> torch.device:
 
 @torch.no_grad()
 def sequence_logprobs(model, rollouts: Rollouts, micro_batch_size: int, temperature: float = 1.0) -> torch.Tensor:
-    """Log-probs (N, T) fp32 of every next token under `model` (old or reference log-probs), aligned with
-    rollouts.response_mask, on rollouts' device; 0 in the columns a micro-batch cut off.
+    """Log-probs (N, T) fp32 of each response token under `model` (old or reference log-probs), aligned with
+    rollouts.response_mask, on rollouts' device; 0 off the mask (the head runs at response tokens only).
 
     Use the same micro_batch_size as grpo_update: identical micro-batches give bit-identical log-probs, so
     the first update's ratio is exactly 1 (different batch shapes may round differently).
