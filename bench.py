@@ -539,6 +539,11 @@ def bench_trl(args):
     warm-up. A step is timed from its start to the optimizer step's end (TRL: on_step_begin to on_step_end)."""
     if peer_missing("trl", "bench.py trl"):
         return
+    if args.threads:
+        # On a shared box two threads per process oversubscribe the cores, and every parallel region then waits
+        # for a descheduled thread: a step of many small ops (ours) slows down far more than one of few big
+        # ones. One thread each measures the work, not the scheduler.
+        torch.set_num_threads(args.threads)
     import warnings
 
     import transformers
@@ -673,6 +678,7 @@ def main():
     tr = sub.add_parser("trl", help="one GRPO step of ours vs TRL's GRPOTrainer on the same CPU work")
     tr.add_argument("--steps", type=int, default=4, help="timed steps per round (after one warm-up step)")
     tr.add_argument("--rounds", type=int, default=3, help="rounds, alternating ours and TRL")
+    tr.add_argument("--threads", type=int, help="torch threads for both (default: torch's, one per core)")
     args = parser.parse_args()
     if args.what == "_load_child":
         return _load_child(args.path)
