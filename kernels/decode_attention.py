@@ -42,7 +42,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, lse_ptr, final_ptr,
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     s = tl.program_id(2)
-    n_live = tl.load(pos_ptr + b) + 1
+    n_live = (tl.load(pos_ptr + b) + 1).to(tl.int32)  # int32 like start: the loop bounds share a type
     start = s * split_len
     end = tl.minimum(start + split_len, n_live)
     g = tl.arange(0, BLOCK_G)
