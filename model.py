@@ -110,7 +110,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if hasattr(kv_cache, "attend"):
-            # the cache stores this step's k/v and runs attention itself (the sampler's decode kernel)
+            # the cache runs attention itself: the sampler's decode kernel, the trainer's shared-prompt packing
             out = kv_cache.attend(self.layer_idx, q, k, v)  # (B, H, T, D)
         else:
             if kv_cache is not None:
@@ -167,7 +167,7 @@ class Transformer(nn.Module):
 
         positions (B, T): absolute position of each token (default 0..T-1 for every row).
         kv_cache: an object with `update(layer_idx, k, v) -> (k, v)`, or one with `attend(layer_idx, q, k, v)
-        -> out` that stores k/v and does the attention itself (see sampler.py).
+        -> out` that does the attention itself (sampler.KernelDecodeView, grpo.SharedPromptAttention).
         attn_mask (B, 1, T, S) bool, True = may attend; required with an `update` cache, causal otherwise.
         """
         B, T = input_ids.shape
