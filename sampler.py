@@ -276,7 +276,10 @@ class StopCheck:
         # every token decodes to at least one byte, so the tokens of one occurrence are among the last this many
         self.window = max((len(s.encode()) for s in self.strings), default=0)
         self.last_chars = {s[-1] for s in self.strings}
-        self.text: dict[int, str] = {}  # token id -> its text, for the cheap pre-check below
+        # a token holding part of a multi-byte character decodes to U+FFFD on its own: it may complete a stop
+        # string ending in a non-ASCII character, never one ending in an ASCII one (that byte decodes as itself)
+        self.partial_may_end = any(not c.isascii() for c in self.last_chars)
+        self.may_end: dict[int, bool] = {}  # token id -> can it complete a stop string (the cheap pre-check)
 
     def __call__(self, tokens: list[int]) -> bool:
         t = tokens[-1]
@@ -285,11 +288,12 @@ class StopCheck:
         if not self.strings:
             return False
         # Only a token holding a stop string's last character can complete it (checked every step, so any
-        # occurrence in the tail ends in this token). A token holding part of a multi-byte character decodes
-        # to U+FFFD on its own, so it gets the full check too. Saves a decode per token on most steps.
-        if t not in self.text:
-            self.text[t] = self.tokenizer.decode([t])
-        if "\ufffd" not in self.text[t] and not any(c in self.text[t] for c in self.last_chars):
+        # occurrence in the tail ends in this token). Saves a decode per token on most steps; byte-level
+        # tokens of Chinese text, which decode to U+FFFD alone, skip it too when "</answer>" is the stop.
+        if t not in self.may_end:
+            text = self.tokenizer.decode([t])
+            self.may_end[t] = any(c in text for c in self.last_chars) or (self.partial_may_end and "\ufffd" in text)
+        if not self.may_end[t]:
             return False
         tail = self.tokenizer.decode(tokens[-self.window:])
         return any(s in tail for s in self.strings)

@@ -306,6 +306,23 @@ def test_stop_string_across_token_boundaries(scripted_dir, device):
     assert tok.decode(o.tokens) == "ok</answer" and o.finish_reason == "stop"
 
 
+def test_stop_string_ending_inside_a_multibyte_character(scripted_dir):
+    """A stop string whose last character is split over byte tokens (each decodes to U+FFFD alone) stops the
+    row at the token that completes it; an ASCII stop string is never looked for in such tokens."""
+    tok = load_tokenizer(scripted_dir)
+    ids = tok.encode("ok猫bye")
+    pieces = [tok.decode([t]) for t in ids]
+    assert pieces.count("\ufffd") >= 2  # the corpus never merged 猫's bytes: it spans several tokens
+    prompt = tok.encode("Q")
+    model = scripted(scripted_dir, "cpu", prompt + ids)
+    sampler = Sampler(model, max_batch_size=2, max_seq_len=32, device="cpu", dtype=torch.float32)
+    o = sampler.generate([prompt], max_new_tokens=len(ids) + 2, temperature=0, stop_strings=("猫",), tokenizer=tok)[0]
+    assert tok.decode(o.tokens) == "ok猫" and o.finish_reason == "stop"
+    o = sampler.generate([prompt], max_new_tokens=len(ids), temperature=0, stop_strings=("</answer>",),
+                         tokenizer=tok)[0]
+    assert tok.decode(o.tokens) == "ok猫bye" and o.finish_reason == "length"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_eos_stop_is_included(scripted_dir, device):
     tok = load_tokenizer(scripted_dir)
