@@ -113,7 +113,7 @@ def test_decode_paths_match_hf_generate(tiny_model_dir, hf_model, monkeypatch, d
                                 do_sample=False, max_new_tokens=8, eos_token_id=None, pad_token_id=0)[0, len(p):]
         for o, q in zip(outs[2 * i:2 * i + 2], plain[2 * i:2 * i + 2]):
             assert o.tokens == ref.tolist()
-            torch.testing.assert_close(o.logprobs, q.logprobs, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(o.logprobs, q.logprobs, atol=1e-4, rtol=1e-4)
 
 
 def expected_probs(logits, temperature, top_k, top_p):
