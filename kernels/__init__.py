@@ -120,8 +120,9 @@ def linear_token_logprobs(hidden, weight, targets, temperature: float = 1.0, ret
     FSDP2 the full weight exists only there. Rows whose target is negative (IGNORE) are skipped: 0 out,
     no gradient, no head compute (a host sync, to count them)."""
     skip = targets < 0
-    if skip.all():  # nothing asked: zeros, still in the graph so that a loss built on them can backward()
-        zeros = (hidden[:, 0] * 0).float()
+    if skip.all():  # nothing asked: zeros, still in the graph of hidden *and* weight, so that a loss built on them
+        # can backward() and every parameter gets a (zero) gradient, as DDP's reducer expects of each rank
+        zeros = (hidden[:, 0] * weight[0, 0] * 0).float()
         return (zeros, zeros.detach()) if return_entropy else zeros
     if skip.any():
         keep = (~skip).nonzero().squeeze(1)  # (n,)

@@ -142,6 +142,7 @@ def test_one_ssr_step_on_the_real_model(smollm2_dir, tmp_path):
     assert all(any(ch.isalpha() for ch in s["response"][len("<think>"):]) for s in samples)  # real text
     valid = [s for s in samples if s["answer"] is not None]
     assert record["format_valid_rate"] == len(valid) / 8
+    assert all(f"judge_fail_{kind}" in record for kind in judge.FAILURE_KINDS)
     # the judge runs on exactly the well-formed answers (its real outputs: test_judge_on_real_translations)
     assert all(bool(s["judge_outputs"]) == (s["answer"] is not None) for s in samples)
     expected = [1.0 * (s["self_score"] or 0) / 100 if s["answer"] else -1 + 0.5 * judge.format_progress(s["response"])
@@ -171,8 +172,11 @@ def test_judge_on_real_translations(smollm2):
     ssr.assign_rewards(run, rollouts)
     outputs = [r.judge_outputs[0] for r in rollouts]
     assert all(len(r.judge_outputs) == 1 and any(ch.isalnum() for ch in r.judge_outputs[0]) for r in rollouts)
-    scores = [judge.parse_score(o) for o in outputs]
-    assert [r.reward.parse_failures for r in rollouts] == [s is None for s in scores]
+    verdicts = [judge.parse_judgement(o) for o in outputs]
+    scores = [v.score for v in verdicts]
+    assert [r.reward.failures for r in rollouts] == [[v.failure] if v.score is None else [] for v in verdicts]
     assert [r.reward.self_score for r in rollouts] == scores
     stats = judge.reward_stats([r.reward for r in rollouts])
     assert stats["judge_parse_failure_rate"] == sum(s is None for s in scores) / 4
+    for kind in judge.FAILURE_KINDS:  # why the judge failed, by kind, as metrics.jsonl logs it
+        assert stats[f"judge_fail_{kind}"] == sum(v.failure == kind for v in verdicts) / 4
