@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
 import json
 import os
 import re
@@ -35,9 +34,10 @@ import torch
 from tqdm import tqdm
 
 import judge
-from checkpoint import CheckpointError, load_tokenizer, read_config
+from checkpoint import CheckpointError, load_tokenizer
 from judge import DataError, RewardError
 from model import Transformer
+from rundir import RunDirError, check_eval_out, fingerprint, jsonl, load_rows, replace_file, segments_path
 from sampler import Sampler
 from testsets import PAPER_SETS, TestSet, check_set_flags, load_sets
 
@@ -125,46 +125,6 @@ def sentence_scores(row: dict, ts: TestSet) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# files under --out: segments.jsonl has one row per segment, appended per batch while translating and rewritten
-# when scores are added; every rewrite goes through replace_file
-
-def replace_file(path: Path, text: str):
-    """Write through a temporary file and os.replace, so an interrupt leaves either the old or the new file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def jsonl(rows: list[dict]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-
-
-def segments_path(out: Path, model_label: str, ts: TestSet) -> Path:
-    return out / model_label / ts.name.replace(":", "_") / "segments.jsonl"
-
-
-def load_rows(path: Path, ts: TestSet) -> list[dict]:
-    """The rows a previous run wrote, checked against the set: row i must hold segment i's source and reference."""
-    if not path.exists():
-        return []
-    text = path.read_text(encoding="utf-8")
-    complete = text[:text.rfind("\n") + 1]
-    if complete != text:  # the run was killed inside a write: drop the broken last line, keep the rest
-        replace_file(path, complete)
-    rows = []
-    for n, line in enumerate(complete.splitlines(), 1):  # JSON escapes every line break: splitlines is safe here
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise EvalError(f"{path}:{n}: not JSON; delete the file to translate this set again") from None
-    if len(rows) > len(ts.srcs) or any(r.get("i") != i or r.get("src") != ts.srcs[i] or r.get("ref") != ts.refs[i]
-                                       for i, r in enumerate(rows)):
-        raise EvalError(f"{path}: holds other segments than {ts.name} ({ts.origin}) has now; use another --out or "
-                        f"delete the file")
-    return rows
-
-
-# ----------------------------------------------------------------------------------------------------
 # phase 1: translate (and self-judge) with each model
 
 def translation_prompt(src: str, ts: TestSet, args, plain: bool) -> str:
@@ -221,17 +181,18 @@ def translate(model, tok, ts: TestSet, path: Path, rows: list[dict], label: str,
 
 
 def self_judge(model, tok, ts: TestSet, path: Path, rows: list[dict], label: str, args):
-    """The model's own judge score of each translation: the training judge prompt, greedy, parse_score.
-    A failed extraction is judged as the empty translation it is scored as everywhere; a judgement that does
-    not parse scores 0 and is counted. Saved after every batch, like the translations."""
+    """The model's own judge score of each translation: the training judge prompt, greedy, the training score
+    grammar. A failed extraction is judged as the empty translation it is scored as everywhere; a judgement that
+    does not parse scores 0 and is counted, its failure kind (judge.FAILURE_KINDS) kept in the segment's row.
+    Saved after every batch, like the translations."""
     prompts = {i: tok.encode(judge.judge_prompt(r["src"], r["hyp"], ts.src_lang, ts.tgt_lang, args.template))
                for i, r in enumerate(rows) if SELF_JUDGE not in r["scores"]}
     for batch, raws, _ in respond(model, tok, prompts, args.judge_max_new_tokens, 0.0, len(rows) - len(prompts),
                                   f"{label} {ts.name} self-judge", args):
         for i, raw in zip(batch, raws):
-            score = judge.parse_score(raw)
-            rows[i].update(judge_raw=raw, judge_parsed=score is not None)
-            rows[i]["scores"][SELF_JUDGE] = score if score is not None else 0.0
+            verdict = judge.parse_judgement(raw)
+            rows[i].update(judge_raw=raw, judge_parsed=verdict.score is not None, judge_failure=verdict.failure)
+            rows[i]["scores"][SELF_JUDGE] = verdict.score if verdict.score is not None else 0.0
         replace_file(path, jsonl(rows))
 
 
@@ -424,73 +385,6 @@ def model_labels(paths: list[str]) -> dict[str, str]:
             return dict(zip(labels, paths))
 
 
-def fingerprint(model_dir: str) -> dict:
-    """What tells this checkpoint from any other, in well under a second: its resolved path, a hash of the files
-    that shape its translations besides the weights, and the name, size and mtime of every weight file. Not the
-    weights index: two fine-tunes of one base have byte-identical indexes (same names, shard plan and sizes).
-    Not a hash of the weights: that reads every byte (15 GB for a 7B model). Rewriting a weight file changes its
-    mtime, and a copy elsewhere has another path: both count as another model, never wrongly as the same one.
-    Checks on the way that the directory is a checkpoint we can load."""
-    path = Path(model_dir).expanduser().resolve()
-    try:  # small files only: a missing file, an architecture or a tokenizer we cannot use fails now, not in hours
-        read_config(path)
-        load_tokenizer(path)
-    except CheckpointError as e:
-        raise EvalError(f"--model {model_dir}: {e}") from None
-    if not (weights := sorted(path.glob("*.safetensors"))):
-        raise EvalError(f"--model {model_dir}: no *.safetensors weights in {path}")
-    shaping = [f for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
-               if (path / f).is_file()]
-    return {"path": str(path),
-            "sha256": {f: hashlib.sha256((path / f).read_bytes()).hexdigest() for f in shaping},
-            "weights": {w.name: [w.stat().st_size, w.stat().st_mtime_ns] for w in weights}}
-
-
-def read_record(path: Path, where: str) -> dict | None:
-    """A JSON object eval.py wrote under --out (settings.json, model.json); None if there is none yet."""
-    if not path.exists():
-        return None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise EvalError(f"{where}: cannot read {path} ({e}); delete it or use another --out") from None
-    if not isinstance(record, dict):
-        raise EvalError(f"{where}: {path} is not a JSON object; delete it or use another --out")
-    return record
-
-
-# what check_out names when a label's folder holds another checkpoint's translations
-FINGERPRINT_PARTS = {"path": "another path", "sha256": "other config/tokenizer files",
-                     "weights": "other weight files (sizes or mtimes)"}
-
-
-def check_out(out: Path, settings: dict, models: dict[str, str], fingerprints: dict[str, dict]):
-    """--out: a directory we can write or create, whose earlier outputs were made with these settings and, per
-    label, by the very checkpoint now under that label (OUT/<label>/model.json). Another checkpoint under a known
-    label is refused, never resumed: the translations on disk would be credited to the wrong model."""
-    where = f"--out {out}"
-    first = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists() or p.is_symlink())
-    if not first.is_dir():
-        raise EvalError(f"{where}: {first} exists and is not a directory; give a directory (created if missing)")
-    if not os.access(first, os.W_OK | os.X_OK):
-        raise EvalError(f"{where}: {first} is not writable; give a directory you can write")
-    before = read_record(out / "settings.json", where)
-    changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in settings.items()
-               if before is not None and before.get(k) != v]
-    if changed:
-        raise EvalError(f"{where}: holds outputs made with other settings ({'; '.join(changed)}); use another --out")
-    for label, fp in fingerprints.items():
-        folder, flag = out / label, f"--model {models[label]}"
-        if (before := read_record(folder / "model.json", where)) is not None:
-            if before != fp:
-                changed = ", ".join(FINGERPRINT_PARTS[k] for k in fp if before.get(k) != fp[k])
-                raise EvalError(f"{flag}: {folder} holds the translations of another checkpoint ({before.get('path')};"
-                                f" {changed}); refusing to mix them: use another --out, or delete {folder}")
-        elif folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-            raise EvalError(f"{flag}: {folder} holds outputs without a model.json to say which checkpoint made them "
-                            f"(an older eval.py?); use another --out, or delete {folder}")
-
-
 def check_args(args) -> tuple[dict[str, str], list[Metric], dict[str, dict]]:
     """Every flag and combination, right after parsing: seconds, no model loaded, nothing written. Each problem
     is one EvalError (or testsets' TestSetError) naming the flag and what would be valid. Returns models by label,
@@ -509,7 +403,7 @@ def check_args(args) -> tuple[dict[str, str], list[Metric], dict[str, dict]]:
     models = (model_labels(args.model) if args.model else {}) | plain
     args.labels, args.plain_labels = list(models), set(plain)
     fingerprints = {label: fingerprint(path) for label, path in models.items()}
-    check_out(Path(args.out), translation_settings(args), models, fingerprints)
+    check_eval_out(Path(args.out), translation_settings(args), models, fingerprints)
     return models, metrics, fingerprints
 
 
@@ -595,7 +489,7 @@ def main(argv=None) -> int:
         except KeyboardInterrupt:
             print(f"\neval: interrupted; rerun the same command to resume from {args.out}", file=sys.stderr)
             return 130
-    except (EvalError, DataError, CheckpointError, RewardError) as e:  # DataError covers testsets' TestSetError
+    except (EvalError, RunDirError, DataError, CheckpointError, RewardError) as e:  # DataError covers testsets' TestSetError
         # one line, always: a message quoting a library (a JSON or tokenizer error) may hold a line break
         print("eval: error: " + " ".join(str(e).splitlines()), file=sys.stderr)
         return 2

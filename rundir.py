@@ -10,6 +10,11 @@ quietly change what the run means.
   run means (data, model, group size, seed, lengths, reward, judge, learning rate, ...) are refused unless
   --resume-override names them; flags about how it runs (steps, logging, batch sizes for memory) may change.
 - `trim_logs(...)`: on resume, drop what was logged after the checkpoint, through a temp file and a rename.
+
+eval.py's --out follows the same rules, in the second half of this file: `check_eval_out` refuses other
+settings, and another checkpoint under a known label (`fingerprint`, OUT/<label>/model.json); `load_rows`
+resumes a test set's segments.jsonl, dropping a last line a kill cut short. Every rewrite of a file either
+program owns goes through `replace_file`: an interrupt leaves the old file or the new one, never half.
 """
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ import shutil
 import socket
 import time
 from pathlib import Path
+
+from checkpoint import CheckpointError, load_tokenizer, read_config
 
 LOGS = ("metrics.jsonl", "samples.jsonl")
 
@@ -33,6 +40,14 @@ FREE_TO_CHANGE = {"steps", "save_every", "keep_last", "log_samples", "wandb", "d
 
 class RunDirError(ValueError):
     """The out-dir cannot be used as asked; the message says why and the ways out."""
+
+
+def replace_file(path: Path, text: str):
+    """Write through a temporary file and os.replace, so an interrupt leaves either the old or the new file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
 
 
 def check_writable(out: Path):
@@ -159,9 +174,7 @@ def trim_logs(out: Path, step: int):
             if not line.endswith("\n") or record.get("step", step + 1) > step:
                 break
             kept.append(line)
-        tmp = path.with_name(name + ".tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        os.replace(tmp, path)
+        replace_file(path, "".join(kept))
 
 
 def interrupted_message(out: Path, newest: Path | None) -> str:
@@ -170,3 +183,103 @@ def interrupted_message(out: Path, newest: Path | None) -> str:
         return f"ssr: interrupted; {newest} is the newest complete checkpoint: continue with --resume"
     return (f"ssr: interrupted before the first checkpoint, so there is nothing to resume: delete {out} (or use "
             f"another --out-dir) to start over")
+
+
+# ----------------------------------------------------------------------------------------------------
+# eval.py's --out: OUT/settings.json, OUT/<label>/model.json, OUT/<label>/<set>/segments.jsonl (one row per
+# segment, appended per batch while translating, rewritten when scores are added)
+
+def jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def segments_path(out: Path, model_label: str, ts: TestSet) -> Path:
+    return out / model_label / ts.name.replace(":", "_") / "segments.jsonl"
+
+
+def load_rows(path: Path, ts: TestSet) -> list[dict]:
+    """The rows a previous run wrote, checked against the set: row i must hold segment i's source and reference."""
+    if not path.exists():
+        return []
+    text = path.read_text(encoding="utf-8")
+    complete = text[:text.rfind("\n") + 1]
+    if complete != text:  # the run was killed inside a write: drop the broken last line, keep the rest
+        replace_file(path, complete)
+    rows = []
+    for n, line in enumerate(complete.splitlines(), 1):  # JSON escapes every line break: splitlines is safe here
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise RunDirError(f"{path}:{n}: not JSON; delete the file to translate this set again") from None
+    if len(rows) > len(ts.srcs) or any(r.get("i") != i or r.get("src") != ts.srcs[i] or r.get("ref") != ts.refs[i]
+                                       for i, r in enumerate(rows)):
+        raise RunDirError(f"{path}: holds other segments than {ts.name} ({ts.origin}) has now; use another --out or "
+                        f"delete the file")
+    return rows
+
+
+def fingerprint(model_dir: str) -> dict:
+    """What tells this checkpoint from any other, in well under a second: its resolved path, a hash of the files
+    that shape its translations besides the weights, and the name, size and mtime of every weight file. Not the
+    weights index: two fine-tunes of one base have byte-identical indexes (same names, shard plan and sizes).
+    Not a hash of the weights: that reads every byte (15 GB for a 7B model). Rewriting a weight file changes its
+    mtime, and a copy elsewhere has another path: both count as another model, never wrongly as the same one.
+    Checks on the way that the directory is a checkpoint we can load."""
+    path = Path(model_dir).expanduser().resolve()
+    try:  # small files only: a missing file, an architecture or a tokenizer we cannot use fails now, not in hours
+        read_config(path)
+        load_tokenizer(path)
+    except CheckpointError as e:
+        raise RunDirError(f"--model {model_dir}: {e}") from None
+    if not (weights := sorted(path.glob("*.safetensors"))):
+        raise RunDirError(f"--model {model_dir}: no *.safetensors weights in {path}")
+    shaping = [f for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
+               if (path / f).is_file()]
+    return {"path": str(path),
+            "sha256": {f: hashlib.sha256((path / f).read_bytes()).hexdigest() for f in shaping},
+            "weights": {w.name: [w.stat().st_size, w.stat().st_mtime_ns] for w in weights}}
+
+
+def read_record(path: Path, where: str) -> dict | None:
+    """A JSON object eval.py wrote under --out (settings.json, model.json); None if there is none yet."""
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise RunDirError(f"{where}: cannot read {path} ({e}); delete it or use another --out") from None
+    if not isinstance(record, dict):
+        raise RunDirError(f"{where}: {path} is not a JSON object; delete it or use another --out")
+    return record
+
+
+# what check_eval_out names when a label's folder holds another checkpoint's translations
+FINGERPRINT_PARTS = {"path": "another path", "sha256": "other config/tokenizer files",
+                     "weights": "other weight files (sizes or mtimes)"}
+
+
+def check_eval_out(out: Path, settings: dict, models: dict[str, str], fingerprints: dict[str, dict]):
+    """--out: a directory we can write or create, whose earlier outputs were made with these settings and, per
+    label, by the very checkpoint now under that label (OUT/<label>/model.json). Another checkpoint under a known
+    label is refused, never resumed: the translations on disk would be credited to the wrong model."""
+    where = f"--out {out}"
+    first = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists() or p.is_symlink())
+    if not first.is_dir():
+        raise RunDirError(f"{where}: {first} exists and is not a directory; give a directory (created if missing)")
+    if not os.access(first, os.W_OK | os.X_OK):
+        raise RunDirError(f"{where}: {first} is not writable; give a directory you can write")
+    before = read_record(out / "settings.json", where)
+    changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in settings.items()
+               if before is not None and before.get(k) != v]
+    if changed:
+        raise RunDirError(f"{where}: holds outputs made with other settings ({'; '.join(changed)}); use another --out")
+    for label, fp in fingerprints.items():
+        folder, flag = out / label, f"--model {models[label]}"
+        if (before := read_record(folder / "model.json", where)) is not None:
+            if before != fp:
+                changed = ", ".join(FINGERPRINT_PARTS[k] for k in fp if before.get(k) != fp[k])
+                raise RunDirError(f"{flag}: {folder} holds the translations of another checkpoint ({before.get('path')};"
+                                f" {changed}); refusing to mix them: use another --out, or delete {folder}")
+        elif folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+            raise RunDirError(f"{flag}: {folder} holds outputs without a model.json to say which checkpoint made them "
+                            f"(an older eval.py?); use another --out, or delete {folder}")

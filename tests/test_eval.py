@@ -190,6 +190,7 @@ def test_failed_extractions_self_judge_comet_and_two_models(tiny_model_dir, tiny
         assert [row["raw"] for row in rows] == [RESPONSES[s] for s in SRCS]  # raw kept, EOS skipped
         assert [row["extracted"] for row in rows] == [True, False, True, False, True]
         assert [row["judge_parsed"] for row in rows] == [True, True, False, True, True]
+        assert [row["judge_failure"] for row in rows] == [None, None, "no_number", None, None]
         # COMET: the tiny checkpoints through the real loading path; the oracle is COMET's own predict, x100
         for metric, ckpt, with_ref in (("kiwi", tiny_comet_dir, False), ("xcomet", tiny_comet_ref_dir, True)):
             model = comet.load_from_checkpoint(str(Path(ckpt) / "checkpoints" / "model.ckpt"), local_files_only=True)
