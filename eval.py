@@ -185,7 +185,8 @@ def self_judge(model, tok, ts: TestSet, path: Path, rows: list[dict], label: str
     grammar. A failed extraction is judged as the empty translation it is scored as everywhere; a judgement that
     does not parse scores 0 and is counted, its failure kind (judge.FAILURE_KINDS) kept in the segment's row.
     Saved after every batch, like the translations."""
-    prompts = {i: tok.encode(judge.judge_prompt(r["src"], r["hyp"], ts.src_lang, ts.tgt_lang, args.template))
+    prompts = {i: tok.encode(judge.judge_prompt(r["src"], r["hyp"], ts.src_lang, ts.tgt_lang, args.template,
+                                                args.think_prefill))
                for i, r in enumerate(rows) if SELF_JUDGE not in r["scores"]}
     for batch, raws, _ in respond(model, tok, prompts, args.judge_max_new_tokens, 0.0, len(rows) - len(prompts),
                                   f"{label} {ts.name} self-judge", args):
@@ -449,7 +450,8 @@ def parse_args(argv=None):
     p.add_argument("--template", default="r1", choices=judge.TEMPLATES,
                    help="prompt template, as in training (default: %(default)s)")
     p.add_argument("--think-prefill", action="store_true",
-                   help="start each --model response with <think> (as training with --think-prefill does)")
+                   help="start each --model response and self-judge judgement with <think> (as training with "
+                        "--think-prefill does)")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T",
                    help="sampling temperature, >= 0; 0 = greedy (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, metavar="N",

@@ -324,6 +324,23 @@ def micro_batch_backward(model, mb: Rollouts, n_tokens: float, n_seqs: float, wo
                             ]).double()
 
 
+def check_update(rollouts: Rollouts, mini_batches: int, loss_agg: str, max_response_len: int | None, kl_beta: float,
+                 tis_cap: float):
+    """grpo_update's preconditions: each a ValueError naming what is missing."""
+    if len(rollouts) % mini_batches:
+        raise ValueError(f"{len(rollouts)} rollouts do not split into {mini_batches} mini-batches")
+    if loss_agg not in LOSS_AGGS:
+        raise ValueError(f"unknown loss_agg '{loss_agg}'; choose from {', '.join(LOSS_AGGS)}")
+    if loss_agg == "seq-mean-token-sum-norm" and not max_response_len:
+        raise ValueError("loss_agg 'seq-mean-token-sum-norm' needs max_response_len")
+    if rollouts.old_logprobs is None and mini_batches > 1:
+        raise ValueError("several mini-batches need old_logprobs (compute them with sequence_logprobs)")
+    if kl_beta > 0 and rollouts.ref_logprobs is None:
+        raise ValueError("kl_beta > 0 needs ref_logprobs from the frozen reference (sequence_logprobs)")
+    if tis_cap > 0 and rollouts.sampler_logprobs is None:
+        raise ValueError("tis_cap > 0 needs the sampler's log-probs (build_rollouts(sampler_logprobs=...))")
+
+
 def grpo_update(model, optimizer, rollouts: Rollouts, *, micro_batch_size: int, mini_batches: int = 1,
                 clip_low: float = 0.2, clip_high: float = 0.2, kl_beta: float = 0.0, loss_agg: str = "token-mean",
                 max_response_len: int | None = None, temperature: float = 1.0, tis_cap: float = 0.0,
@@ -346,19 +363,8 @@ def grpo_update(model, optimizer, rollouts: Rollouts, *, micro_batch_size: int, 
     kl_ref (when kl_beta > 0), kl_sampler (when rollouts carry sampler_logprobs), entropy (token means over
     response tokens), grad_norm (pre-clip, mean over the steps), tokens (response tokens), steps.
     """
+    check_update(rollouts, mini_batches, loss_agg, max_response_len, kl_beta, tis_cap)
     N = len(rollouts)
-    if N % mini_batches:
-        raise ValueError(f"{N} rollouts do not split into {mini_batches} mini-batches")
-    if loss_agg not in LOSS_AGGS:
-        raise ValueError(f"unknown loss_agg '{loss_agg}'; choose from {', '.join(LOSS_AGGS)}")
-    if loss_agg == "seq-mean-token-sum-norm" and not max_response_len:
-        raise ValueError("loss_agg 'seq-mean-token-sum-norm' needs max_response_len")
-    if rollouts.old_logprobs is None and mini_batches > 1:
-        raise ValueError("several mini-batches need old_logprobs (compute them with sequence_logprobs)")
-    if kl_beta > 0 and rollouts.ref_logprobs is None:
-        raise ValueError("kl_beta > 0 needs ref_logprobs from the frozen reference (sequence_logprobs)")
-    if tis_cap > 0 and rollouts.sampler_logprobs is None:
-        raise ValueError("tis_cap > 0 needs the sampler's log-probs (build_rollouts(sampler_logprobs=...))")
     device = model_device(model)
     distributed = dist.is_available() and dist.is_initialized()
     world = dist.get_world_size() if distributed else 1

@@ -131,9 +131,10 @@ def wrap_prompt(user_text: str, template: str) -> str:
 
 
 def think_prefill(template: str) -> str:
-    """The start of the response that --think-prefill writes into the actor prompt (many R1-Zero reproductions
-    do this): the model continues inside an open <think>, so it only has to close the tags. The trainer puts
-    this text back in front of the sampled response before extracting the answer."""
+    """The start of the response that --think-prefill writes into the actor and judge prompts (many R1-Zero
+    reproductions do this for the actor): the model continues inside an open <think>, so it only has to close
+    the tags. The trainer puts this text back in front of the actor's sampled response before extracting the
+    answer; a judge's score is read from its <answer> alone, so its prefill needs no putting back."""
     return " <think>" if template == "r1" else "<think>"  # r1: "Assistant: <think>"; chat: right after the header
 
 
@@ -156,10 +157,12 @@ def plain_prompt(src: str, src_lang: str, tgt_lang: str, template: str = "chat")
     raise RewardError(f"unknown prompt template {template!r}; choose one of {', '.join(TEMPLATES)}")
 
 
-def judge_prompt(src: str, translation: str, src_lang: str, tgt_lang: str, template: str = "r1") -> str:
+def judge_prompt(src: str, translation: str, src_lang: str, tgt_lang: str, template: str = "r1",
+                 prefill: bool = False) -> str:
     """GEMBA-DA-style direct assessment with no reference, in the same R1 wrapper as the actor, so the judge
     reasons in <think> and gives the bare score in <answer>. The zero-score rules close the obvious hacks:
-    copying the source (wrong language), padding with extra text, or offering several candidates."""
+    copying the source (wrong language), padding with extra text, or offering several candidates. prefill: the
+    judge's response starts inside <think>, as the actor's does with --think-prefill."""
     source, target = language_name(src_lang), language_name(tgt_lang)
     request = (
         f"Score the following translation from {source} to {target} on a continuous scale from 0 to 100, "
@@ -170,10 +173,11 @@ def judge_prompt(src: str, translation: str, src_lang: str, tgt_lang: str, templ
         f'{target} translation: "{translation}"\n'
         f"Give the score alone, as one number, inside <answer> </answer>."
     )
-    return wrap_prompt(request, template)
+    return wrap_prompt(request, template) + (think_prefill(template) if prefill else "")
 
 
-def group_judge_prompt(src: str, translations: list[str], src_lang: str, tgt_lang: str, template: str = "r1") -> str:
+def group_judge_prompt(src: str, translations: list[str], src_lang: str, tgt_lang: str, template: str = "r1",
+                       prefill: bool = False) -> str:
     """`--judge-mode group` (beyond the paper): the same assessment over a GRPO group's distinct translations at
     once, numbered, so the judge compares them before scoring (parse_group_judgement reads the verdict)."""
     source, target = language_name(src_lang), language_name(tgt_lang)
@@ -187,7 +191,7 @@ def group_judge_prompt(src: str, translations: list[str], src_lang: str, tgt_lan
         + "Give the scores inside <answer> </answer>, one line per translation: its number, a colon and its "
           "score, as in 1: <score>."
     )
-    return wrap_prompt(request, template)
+    return wrap_prompt(request, template) + (think_prefill(template) if prefill else "")
 
 
 @dataclass
@@ -199,7 +203,7 @@ class JudgeTask:
 
 
 def judge_tasks(sources: list[dict], answers: list[str], groups: list[int], mode: str, dedup: bool,
-                template: str = "r1") -> list[JudgeTask]:
+                template: str = "r1", prefill: bool = False) -> list[JudgeTask]:
     """The prompts that judge one step's well-formed rollouts: rollout i translated sources[i] as answers[i], in
     GRPO group groups[i].
 
@@ -217,13 +221,13 @@ def judge_tasks(sources: list[dict], answers: list[str], groups: list[int], mode
     for rollouts in by_key.values():
         s = sources[rollouts[0]]
         if mode == "pointwise":
-            prompt = judge_prompt(s["src"], answers[rollouts[0]], s["src_lang"], s["tgt_lang"], template)
+            prompt = judge_prompt(s["src"], answers[rollouts[0]], s["src_lang"], s["tgt_lang"], template, prefill)
             tasks.append(JudgeTask(prompt, [rollouts], group=False))
             continue
         distinct: dict[str, list[int]] = {}
         for i in rollouts:
             distinct.setdefault(answers[i], []).append(i)
-        prompt = group_judge_prompt(s["src"], list(distinct), s["src_lang"], s["tgt_lang"], template)
+        prompt = group_judge_prompt(s["src"], list(distinct), s["src_lang"], s["tgt_lang"], template, prefill)
         tasks.append(JudgeTask(prompt, list(distinct.values()), group=True))
     return tasks
 

@@ -59,8 +59,8 @@ class Config:
     preset: str = arg("", "start from a named recipe; flags given on the command line override it",
                       choices=["", "ssr-zero-7b", "ssr-x-zero-7b", "smoke"])
     template: str = arg("r1", "actor/judge prompt template", choices=["r1", "chat"])
-    think_prefill: bool = arg(False, "end the actor prompt with '<think>' so every response starts inside the "
-                                     "thinking block (R1-Zero reproductions do this; see RESULTS.md)")
+    think_prefill: bool = arg(False, "end the actor and judge prompts with '<think>' so every response starts "
+                                     "inside the thinking block (R1-Zero reproductions do this; see RESULTS.md)")
     # --- reward
     reward: str = arg("", "custom reward 'module:function' replacing the whole reward (judge still logged)")
     judge_model: str = arg("", "judge with this frozen model instead of the current policy (ablation)")
@@ -519,7 +519,7 @@ def judge_translations(run: Run, rollouts: list[Rollout], seed: int) -> dict:
     if cfg.w_self != 0 and valid:
         groups = [i // cfg.group_size for i, r in enumerate(rollouts) if r.answer is not None]
         tasks = judge.judge_tasks([r.source for r in valid], [r.answer for r in valid], groups, cfg.judge_mode,
-                                  dedup=cfg.judge_samples == 1, template=cfg.template)
+                                  dedup=cfg.judge_samples == 1, template=cfg.template, prefill=cfg.think_prefill)
         n = cfg.judge_samples
         prompts = [tok.encode(t.prompt) for t in tasks]
         # a group prompt holds up to G translations and can outgrow the cache: its judgements fail (too_long)

@@ -88,6 +88,12 @@ def test_judge_prompt():
     chat = judge_prompt(src, mt, "zh", "en", template="chat")
     assert chat.startswith(f"<|im_start|>system\n{R1_SYSTEM}<|im_end|>\n<|im_start|>user\nScore the following")
     assert f'English translation: "{mt}"' in chat and chat.endswith("<|im_start|>assistant\n")
+    # --think-prefill opens the judge's thinking block too, after each template's assistant start
+    assert judge_prompt(src, mt, "zh", "en", prefill=True) == prompt + " <think>"
+    assert judge_prompt(src, mt, "zh", "en", template="chat", prefill=True) == chat + "<think>"
+    tasks = judge_tasks([{"src": src, "src_lang": "zh", "tgt_lang": "en"}] * 2, [mt, mt + "!"], [0, 0], "group",
+                        dedup=True, template="chat", prefill=True)
+    assert tasks[0].prompt == group_judge_prompt(src, [mt, mt + "!"], "zh", "en", "chat") + "<think>"
 
 
 def test_stop_strings():
