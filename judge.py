@@ -104,7 +104,7 @@ R1_SYSTEM = (
 TEMPLATES = ("r1", "chat")
 
 # Generation ends at EOS or right after this text; the sampler keeps it in the response, so
-# extract_answer and parse_score see the closing tag.
+# extract_answer and parse_judgement see the closing tag.
 STOP_STRINGS = ("</answer>",)
 
 
@@ -114,7 +114,7 @@ def chat_prompt(messages: list[dict], add_generation_prompt: bool = True) -> str
     return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 
-def wrap_prompt(user_text: str, template: str) -> str:
+def wrap_prompt(user_text: str, template: str, prefill: bool = False) -> str:
     """Put one user request into the R1 conversation, as plain text (`r1`) or as a ChatML turn (`chat`).
 
     `r1` is what a *base* model continues: the system text, then `User:`, the request and `Assistant:`
@@ -122,11 +122,13 @@ def wrap_prompt(user_text: str, template: str) -> str:
     `chat` is for instruction-tuned checkpoints: the R1 text goes in the system message, because it is
     standing instruction about the output format, and the request is the user turn; the response starts
     after `<|im_start|>assistant\\n` and the turn ends at `<|im_end|>` (an EOS for the chat template).
+    prefill (--think-prefill): the response starts inside an open <think> (think_prefill).
     """
+    start = think_prefill(template) if prefill else ""
     if template == "r1":
-        return f"{R1_SYSTEM}\nUser:\n{user_text}\nAssistant:"
+        return f"{R1_SYSTEM}\nUser:\n{user_text}\nAssistant:{start}"
     if template == "chat":
-        return chat_prompt([{"role": "system", "content": R1_SYSTEM}, {"role": "user", "content": user_text}])
+        return chat_prompt([{"role": "system", "content": R1_SYSTEM}, {"role": "user", "content": user_text}]) + start
     raise RewardError(f"unknown prompt template {template!r}; choose one of {', '.join(TEMPLATES)}")
 
 
@@ -140,8 +142,7 @@ def think_prefill(template: str) -> str:
 
 def actor_prompt(src: str, src_lang: str, tgt_lang: str, template: str = "r1", prefill: bool = False) -> str:
     language_name(src_lang)  # the request names only the target, but a bad source code is still a data error
-    prompt = wrap_prompt(f"Translate the following text to {language_name(tgt_lang)}:\n{src}", template)
-    return prompt + (think_prefill(template) if prefill else "")
+    return wrap_prompt(f"Translate the following text to {language_name(tgt_lang)}:\n{src}", template, prefill)
 
 
 def plain_prompt(src: str, src_lang: str, tgt_lang: str, template: str = "chat") -> str:
@@ -173,7 +174,7 @@ def judge_prompt(src: str, translation: str, src_lang: str, tgt_lang: str, templ
         f'{target} translation: "{translation}"\n'
         f"Give the score alone, as one number, inside <answer> </answer>."
     )
-    return wrap_prompt(request, template) + (think_prefill(template) if prefill else "")
+    return wrap_prompt(request, template, prefill)
 
 
 def group_judge_prompt(src: str, translations: list[str], src_lang: str, tgt_lang: str, template: str = "r1",
@@ -191,7 +192,7 @@ def group_judge_prompt(src: str, translations: list[str], src_lang: str, tgt_lan
         + "Give the scores inside <answer> </answer>, one line per translation: its number, a colon and its "
           "score, as in 1: <score>."
     )
-    return wrap_prompt(request, template) + (think_prefill(template) if prefill else "")
+    return wrap_prompt(request, template, prefill)
 
 
 @dataclass
@@ -357,11 +358,6 @@ def parse_judgement(judge_response: str) -> Judgement:
     """A pointwise judge output -> its score in [0, 100] or why it has none (see FAILURE_KINDS, SCORE)."""
     content = answer_text(judge_response)
     return Judgement(None, "no_tags") if content is None else read_score(content)
-
-
-def parse_score(judge_response: str) -> float | None:
-    """The judge's score in [0, 100], or None: a parse failure, which the reward counts as score 0."""
-    return parse_judgement(judge_response).score
 
 
 # One entry of a group verdict: the translation's number, a colon, its score in the SCORE grammar

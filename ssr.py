@@ -212,6 +212,8 @@ def validate(cfg: Config, world: int):
     for name, ok, valid in CHECKS:
         if not ok(cfg):
             raise ConfigError(f"{flag(name)} {getattr(cfg, name)!r}: must be {valid}")
+    if world > 1 and cfg.dist == "none":
+        raise ConfigError("--dist none: several ranks need --dist ddp or --dist fsdp")
     per_rank = cfg.prompts_per_step // world * cfg.group_size
     if cfg.prompts_per_step % world or per_rank % cfg.mini_batches:
         raise ConfigError(f"--prompts-per-step {cfg.prompts_per_step}: must be a multiple of the {world} ranks, and "
@@ -358,20 +360,16 @@ def setup(cfg: Config) -> Run:
 
 
 def dist_mode(cfg: Config, world: int) -> str:
-    """none (one process: nothing to shard or average), ddp (replicas) or fsdp (shards)."""
-    if world > 1 and cfg.dist == "none":
-        raise ConfigError("several ranks need --dist ddp or --dist fsdp")
-    if cfg.prompts_per_step % world:
-        raise ConfigError(f"--prompts-per-step {cfg.prompts_per_step} is not divisible by {world} ranks")
-    return "none" if world == 1 else "ddp" if cfg.dist == "auto" else cfg.dist
+    """none (one process: nothing to shard or average), ddp (replicas) or fsdp (shards). validate() has refused
+    --dist none for several ranks; a plan for several ranks (--plan-world) reads it as the default, ddp."""
+    return "none" if world == 1 else cfg.dist if cfg.dist in ("ddp", "fsdp") else "ddp"
 
 
 def check_memory(cfg: Config, world: int, mode: str, device: torch.device, rank: int):
     """Print the memory plan (rank 0) and refuse a run that will not fit; with --plan, exit after printing."""
     if cfg.plan_world:
         world = cfg.plan_world
-        mode = dist_mode(dataclasses.replace(cfg, dist="auto" if cfg.dist == "none" else cfg.dist,
-                                             prompts_per_step=world), world)
+        mode = dist_mode(cfg, world)
     on_gpu = device.type == "cuda" or cfg.gpu_gib > 0
     plan = memory_plan(cfg, read_config(cfg.model), world, mode, on_gpu,
                        cfg.gpu_gib * GIB or device_memory_bytes(on_gpu),

@@ -12,7 +12,7 @@ import pytest
 import judge
 from judge import (FAILURE_KINDS, LANGUAGES, R1_SYSTEM, STOP_STRINGS, CometScorer, Judgement, RewardError,
                    actor_prompt, checked_answer, extract_answer, group_judge_prompt, in_target_script, judge_prompt,
-                   judge_tasks, language_name, load_custom_reward, parse_group_judgement, parse_judgement, parse_score,
+                   judge_tasks, language_name, load_custom_reward, parse_group_judgement, parse_judgement,
                    read_verdict, reward_stats, score_rollouts, spearman)
 
 
@@ -207,7 +207,7 @@ SCORE_TABLE = [
 @pytest.mark.parametrize("output, score, kind", SCORE_TABLE)
 def test_score_grammar(output, score, kind):
     assert parse_judgement(output) == Judgement(score, kind)
-    assert parse_score(output) == score
+    assert parse_judgement(output).score == score
 
 
 def test_score_table_covers_every_failure_kind():

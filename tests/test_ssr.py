@@ -236,7 +236,7 @@ def test_smoke_warm_up_examples():
     for target in actor:
         answer = judge.extract_answer(target)
         assert answer and any(s.startswith(answer) for s in sentences), target
-    assert {judge.parse_score(t) for t in verdicts} == {float(smoke.TOY_SCORE)}
+    assert {judge.parse_judgement(t).score for t in verdicts} == {float(smoke.TOY_SCORE)}
 
 
 def test_custom_reward_rises(tmp_path, model_dir, data_file):
