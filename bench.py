@@ -48,28 +48,26 @@ def peak_rss_bytes() -> int:
 
 def _load_child(path: str):
     """Runs in a fresh process: load, then report peak RSS and what the process held before loading."""
-    from checkpoint import make_tiny_model
-    from model import Transformer
+    from checkpoint import load_pretrained, make_tiny_model
 
     # warm up the same code path on a tiny model first: the first tensor ops map in torch's kernel
     # libraries (~100+ MB of code pages), which is not memory the loader holds
     with tempfile.TemporaryDirectory() as tmp:
-        Transformer.from_pretrained(make_tiny_model(tmp), dtype=torch.float32)
+        load_pretrained(make_tiny_model(tmp), dtype=torch.float32)
     before = peak_rss_bytes()
-    model = Transformer.from_pretrained(path, dtype=torch.float32)
+    model = load_pretrained(path, dtype=torch.float32)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     print(json.dumps({"rss_before": before, "rss_peak": peak_rss_bytes(), "weights": weights}))
 
 
 def bench_load(args):
-    from checkpoint import make_tiny_model
+    from checkpoint import load_pretrained, make_tiny_model, save_model
 
     with tempfile.TemporaryDirectory() as tmp:
         # ~400 MB of fp32 weights in 4 shards: large next to the interpreter, small enough for CI boxes
         path = make_tiny_model(tmp, hidden_size=1024, intermediate_size=4096, num_hidden_layers=6,
                                num_attention_heads=8, num_key_value_heads=4, vocab_size=512)
-        from model import Transformer
-        Transformer.from_pretrained(path).save_pretrained(path, max_shard_bytes=120 * 1024**2)
+        save_model(load_pretrained(path), path, max_shard_bytes=120 * 1024**2)
         out = subprocess.run([sys.executable, __file__, "_load_child", str(path)], capture_output=True,
                              text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])

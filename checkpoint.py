@@ -255,6 +255,13 @@ def shard_names(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
     return shards + [current]
 
 
+def save_model(model: Transformer, path, tokenizer_dir=None, max_shard_bytes: int = 5 * 1024**3):
+    """Write an HF checkpoint directory of a whole in-memory model (+ the tokenizer files of tokenizer_dir)."""
+    params = dict(model.named_parameters())
+    save_pretrained(path, model.config, {k: (p.shape, p.dtype) for k, p in params.items()}, params.__getitem__,
+                    tokenizer_dir=tokenizer_dir, max_shard_bytes=max_shard_bytes)
+
+
 def save_pretrained(path, cfg: ModelConfig, shapes: dict[str, tuple[torch.Size, torch.dtype]],
                     get_tensor: Callable[[str], torch.Tensor], tokenizer_dir=None,
                     max_shard_bytes: int = 5 * 1024**3, write: bool = True):
@@ -413,7 +420,7 @@ def make_tiny_model(path, arch: str = "qwen2", corpus: Iterable[str] | None = No
                 p.uniform_(0.8, 1.2)  # not all ones, so a wrong norm placement shows up in tests
             else:
                 p.normal_(0.0, 0.02 if p.ndim == 2 else 0.01)
-    model.to(dtype).save_pretrained(path)
+    save_model(model.to(dtype), path)
     return path
 
 

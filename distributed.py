@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from checkpoint import CheckpointError, iter_checkpoint, read_config, save_pretrained
+from checkpoint import CheckpointError, iter_checkpoint, load_pretrained, read_config, save_pretrained
 from model import Transformer, empty_model
 
 
@@ -103,7 +103,7 @@ def load_trainer_model(path, mode: str, device: torch.device, fill: bool = True)
     """The policy being trained, in fp32 (the master weights), wrapped for `mode`: none, ddp or fsdp."""
     if mode == "fsdp":
         return load_sharded(path, device, torch.float32, fill)
-    model = Transformer.from_pretrained(path, device=device, dtype=torch.float32)
+    model = load_pretrained(path, device=device, dtype=torch.float32)
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -112,7 +112,7 @@ def load_trainer_model(path, mode: str, device: torch.device, fill: bool = True)
 
 def load_frozen_model(path, mode: str, device: torch.device, dtype: torch.dtype) -> Transformer:
     """A model that is only run forward (the KL reference): sharded like the policy under FSDP2."""
-    model = load_sharded(path, device, dtype) if mode == "fsdp" else Transformer.from_pretrained(path, device, dtype)
+    model = load_sharded(path, device, dtype) if mode == "fsdp" else load_pretrained(path, device, dtype)
     return model.eval().requires_grad_(False)
 
 

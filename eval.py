@@ -34,9 +34,9 @@ import torch
 from tqdm import tqdm
 
 import judge
-from checkpoint import CheckpointError, load_tokenizer
-from judge import DataError, RewardError
-from model import Transformer
+from checkpoint import CheckpointError, load_pretrained, load_tokenizer
+from data import LANGUAGES, DataError
+from judge import RewardError
 from rundir import RunDirError, check_eval_out, fingerprint, jsonl, load_rows, replace_file, segments_path
 from sampler import Sampler
 from testsets import PAPER_SETS, TestSet, check_set_flags, load_sets
@@ -217,7 +217,7 @@ def run_models(models: dict[str, str], sets: list[TestSet], metrics: list[Metric
         if not pending:  # everything on disk already: don't load a 7B model to do nothing
             continue
         tok = load_tokenizer(model_dir)
-        model = Transformer.from_pretrained(model_dir, device=device, dtype=dtype).eval()
+        model = load_pretrained(model_dir, device=device, dtype=dtype).eval()
         for path, rows, ts in pending:  # each phase does only what the rows lack
             translate(model, tok, ts, path, rows, label, args)
             if judged:
@@ -439,7 +439,7 @@ def parse_args(argv=None):
                                                  "--src-lang/--tgt-lang) or a .jsonl of {src, ref, src_lang, tgt_lang}")
     p.add_argument("--ref", metavar="FILE", help="references for a plain-text --src, one a line")
     p.add_argument("--src-lang", metavar="CODE",
-                   help=f"source language of a plain-text --src: {', '.join(judge.LANGUAGES)}")
+                   help=f"source language of a plain-text --src: {', '.join(LANGUAGES)}")
     p.add_argument("--tgt-lang", metavar="CODE", help="target language of a plain-text --src, another of those")
     p.add_argument("--metrics", default="xcomet-xxl,cometkiwi-xxl,bleu,chrf", metavar="LIST",
                    help=f"comma-separated metrics; {METRIC_NAMES}. Anything else stops before any work "

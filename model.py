@@ -10,8 +10,8 @@ One model class serves everyone:
 - the sampler passes a KV cache object and per-row positions/masks, so prompts of different lengths
   decode in one batch (see sampler.py for the cache).
 
-`Transformer.from_pretrained(path, device, dtype)` / `model.save_pretrained(path)` read and write Hugging
-Face checkpoints; the file format lives in checkpoint.py. Parameter names are HF's minus the leading "model.".
+It knows nothing of files: checkpoint.py's `load_pretrained(path, device, dtype)` / `save_model(model, path)`
+read and write Hugging Face checkpoints. Parameter names are HF's minus the leading "model.".
 """
 from __future__ import annotations
 
@@ -193,21 +193,6 @@ class Transformer(nn.Module):
             out = tuple(o.reshape(B, T).clone() for o in (out if return_entropy else (out,)))
             return out if return_entropy else out[0]
         return x if return_hidden else self.lm_head(x)
-
-    @staticmethod
-    def from_pretrained(path, device="cpu", dtype: torch.dtype | None = None) -> "Transformer":
-        """Load an HF checkpoint directory (dtype None: the dtype it stores), tensor by tensor."""
-        from checkpoint import load_pretrained
-
-        return load_pretrained(path, device, dtype)
-
-    def save_pretrained(self, path, tokenizer_dir=None, max_shard_bytes: int = 5 * 1024**3):
-        """Write an HF checkpoint directory of our own parameters (+ the tokenizer files of tokenizer_dir)."""
-        from checkpoint import save_pretrained
-
-        params = dict(self.named_parameters())
-        save_pretrained(path, self.config, {k: (p.shape, p.dtype) for k, p in params.items()}, params.__getitem__,
-                        tokenizer_dir=tokenizer_dir, max_shard_bytes=max_shard_bytes)
 
 
 def empty_model(cfg: ModelConfig, device, dtype: torch.dtype) -> Transformer:

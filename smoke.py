@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 import judge
-from checkpoint import load_tokenizer, make_tiny_model
-from model import Transformer
+from checkpoint import load_pretrained, load_tokenizer, make_tiny_model, save_model
+from data import read_jsonl
 
 WARM_UP_STEPS, WARM_UP_BATCH, WARM_UP_LR = 60, 16, 3e-3  # leaves ~2/3 of the sampled responses well formed
 TOY_SCORE = "90"  # the toy judge's verdict on every answer
@@ -26,7 +26,7 @@ TOY_SCORE = "90"  # the toy judge's verdict on every answer
 def make_smoke_model(path, data: str, seed: int = 0, **dims) -> Path:
     """The smoke run's tiny random Qwen2, its BPE tokenizer trained on the data and the prompt templates
     (repeated, so they merge into few tokens: short prompts keep a CPU run fast). `dims` override the shape."""
-    sources = [str(row.get("src", "")) for _, row in judge.read_jsonl(data)]  # ssr.load_data checks the rows
+    sources = [str(row.get("src", "")) for _, row in read_jsonl(data)]  # ssr.load_data checks the rows
     directions = (("en", "zh"), ("zh", "en"))
     templates = [judge.actor_prompt("", a, b, t) for a, b in directions for t in judge.TEMPLATES]
     templates += [judge.judge_prompt("", "", a, b, t) for a, b in directions for t in judge.TEMPLATES]
@@ -67,7 +67,7 @@ def warm_up_examples(rows: list[dict], template: str, seed: int = 0) -> list[tup
 def fine_tune(path, examples: list[tuple[str, str]], steps: int, lr: float, batch_size: int, seed: int = 0) -> float:
     """Supervised fine-tuning of the checkpoint at `path`, in place: cross-entropy on each example's target
     tokens, its prompt only conditioning them; `steps` Adam steps on random batches. Returns the last loss."""
-    model = Transformer.from_pretrained(path, dtype=torch.float32)
+    model = load_pretrained(path, dtype=torch.float32)
     tok = load_tokenizer(path)
     seqs = [(tok.encode(prompt), tok.encode(target)) for prompt, target in examples]
     gen = torch.Generator().manual_seed(seed)
@@ -86,7 +86,7 @@ def fine_tune(path, examples: list[tuple[str, str]], steps: int, lr: float, batc
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.save_pretrained(path, tokenizer_dir=path)
+    save_model(model, path, tokenizer_dir=path)
     return loss.item()
 
 

@@ -35,10 +35,10 @@ from tqdm import tqdm
 import grpo
 import judge
 import rundir
-from checkpoint import CheckpointError, load_tokenizer, read_config
+from checkpoint import CheckpointError, load_pretrained, load_tokenizer, read_config
 from distributed import (init_distributed, load_frozen_model, load_train_state, load_trainer_model, newest_checkpoint,
                          read_trainer_state, sampler_copy, save_checkpoint, sync_sampler, unwrap)
-from judge import DataError
+from data import DataError, check_direction, read_jsonl
 from model import Transformer
 from plan import GIB, cache_positions, comet_checkpoint_bytes, device_memory_bytes, memory_plan, sampler_slots
 from sampler import Completion, Sampler
@@ -255,11 +255,11 @@ def load_data(path: str, prompt_len=None, max_prompt_tokens: int = 0) -> list[di
     if not Path(path).is_file():
         raise DataError(f"{path}: no such data file")
     rows = []
-    for where, row in judge.read_jsonl(path):
+    for where, row in read_jsonl(path):
         for key in ("src", "src_lang", "tgt_lang"):
             if not isinstance(row.get(key), str) or not row[key].strip():
                 raise DataError(f"{where}: missing or empty '{key}'")
-        judge.check_direction(where, row["src_lang"], row["tgt_lang"])
+        check_direction(where, row["src_lang"], row["tgt_lang"])
         row = {k: row[k] for k in ("src", "src_lang", "tgt_lang")}
         if prompt_len is not None and (n := prompt_len(row)) > max_prompt_tokens:
             raise DataError(f"{where}: the actor prompt is {n} tokens, over --max-prompt-tokens {max_prompt_tokens}")
@@ -350,7 +350,7 @@ def setup(cfg: Config) -> Run:
     sampler_args = dict(max_batch_size=sampler_slots(cfg, world), max_seq_len=cache_positions(cfg), device=device,
                         dtype=gen_dtype)
     sampler = Sampler(sampler_copy(model, device, gen_dtype), **sampler_args)
-    judge_sampler = (Sampler(Transformer.from_pretrained(cfg.judge_model, device, gen_dtype).eval(), **sampler_args)
+    judge_sampler = (Sampler(load_pretrained(cfg.judge_model, device, gen_dtype).eval(), **sampler_args)
                      if cfg.judge_model else sampler)
     ref_model = load_frozen_model(cfg.model, mode, device, gen_dtype) if cfg.kl_beta > 0 else None
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and mode != "fsdp"

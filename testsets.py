@@ -12,8 +12,7 @@ from pathlib import Path
 
 import sacrebleu
 
-import judge
-from judge import DataError
+from data import DataError, check_direction, read_jsonl
 
 # the paper's table: WMT23, WMT24 and Flores200 devtest, both directions between English and Chinese
 PAPER_SETS = ("wmt23:zh-en", "wmt24:zh-en", "flores:zh-en", "wmt23:en-zh", "wmt24:en-zh", "flores:en-zh")
@@ -41,7 +40,7 @@ class TestSet:
 
 def checked_set(ts: TestSet) -> TestSet:
     """Every set goes through here: a direction the prompts can name, aligned and non-empty sources."""
-    judge.check_direction(f"{ts.name} ({ts.origin})", ts.src_lang, ts.tgt_lang)
+    check_direction(f"{ts.name} ({ts.origin})", ts.src_lang, ts.tgt_lang)
     if len(ts.srcs) != len(ts.refs):
         raise TestSetError(f"{ts.name}: {len(ts.srcs)} sources but {len(ts.refs)} references ({ts.origin})")
     if not ts.srcs:
@@ -74,7 +73,7 @@ def parse_set_name(name: str) -> tuple[str, str, str]:
     src_lang, _, tgt_lang = pair.partition("-")
     if not corpus or not src_lang or not tgt_lang:
         raise TestSetError(f"--sets {name}: expected NAME:SRC-TGT, e.g. wmt23:en-zh")
-    judge.check_direction(f"--sets {name}", src_lang, tgt_lang)
+    check_direction(f"--sets {name}", src_lang, tgt_lang)
     if corpus == "flores":
         if {src_lang, tgt_lang} != set(FLORES_CODES):
             raise TestSetError(f"--sets {name}: Flores sets here are en-zh and zh-en")
@@ -105,7 +104,7 @@ def read_flores(root: Path, lang: str, name: str) -> tuple[list[str], Path]:
                            f"{tried[1]} and {len(tried) - 2} more: FLORES-200 or flores_plus layouts)")
     if path.suffix == ".devtest":
         return read_lines(path), path
-    rows = judge.read_jsonl(path)  # flores_plus: one object per sentence, in id order
+    rows = read_jsonl(path)  # flores_plus: one object per sentence, in id order
     for where, row in rows:
         if not isinstance(row.get("text"), str):
             raise TestSetError(f"{where}: no 'text' string (expected flores_plus jsonl)")
@@ -162,7 +161,7 @@ def check_local_flags(src: str, ref: str | None, src_lang: str | None, tgt_lang:
                            f"of {{src, ref, src_lang, tgt_lang}} lines)")
     if not Path(ref).expanduser().is_file():
         raise TestSetError(f"--ref {ref}: no such file")
-    judge.check_direction("--src-lang/--tgt-lang", src_lang, tgt_lang)
+    check_direction("--src-lang/--tgt-lang", src_lang, tgt_lang)
 
 
 def load_local_set(src: str, ref: str | None, src_lang: str | None, tgt_lang: str | None) -> TestSet:
@@ -173,7 +172,7 @@ def load_local_set(src: str, ref: str | None, src_lang: str | None, tgt_lang: st
     if path.suffix != ".jsonl":
         return checked_set(TestSet(path.stem, src_lang, tgt_lang, read_lines(path),
                                    read_lines(Path(ref).expanduser()), f"{path} / {ref}"))
-    rows = judge.read_jsonl(path)
+    rows = read_jsonl(path)
     for where, row in rows:
         missing = [k for k in ("src", "ref", "src_lang", "tgt_lang") if not isinstance(row.get(k), str)]
         if missing:

@@ -8,8 +8,7 @@ import torch
 import transformers
 
 import judge
-from checkpoint import CheckpointError, load_tokenizer, make_tiny_model
-from model import Transformer
+from checkpoint import CheckpointError, load_pretrained, load_tokenizer, make_tiny_model, save_model
 from test_model import CONFIGS, hf_load, random_ids
 
 
@@ -29,20 +28,20 @@ def test_hf_sharded_checkpoint_loads_in_ours(tmp_path, name):
             p.add_(torch.randn_like(p) * 0.05)
     theirs.save_pretrained(tmp_path, max_shard_size="40KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
-    ours = Transformer.from_pretrained(tmp_path)
+    ours = load_pretrained(tmp_path)
     ids = random_ids(320)
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-4, rtol=0)
 
 
 def test_save_roundtrip_sharded_and_tokenizer_copied(tmp_path, tiny_model_dir):
-    ours = Transformer.from_pretrained(tiny_model_dir)
+    ours = load_pretrained(tiny_model_dir)
     out = tmp_path / "saved"
-    ours.save_pretrained(out, tokenizer_dir=tiny_model_dir, max_shard_bytes=30_000)
+    save_model(ours, out, tokenizer_dir=tiny_model_dir, max_shard_bytes=30_000)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     assert (out / "tokenizer.json").exists() and (out / "tokenizer_config.json").exists()
-    again = Transformer.from_pretrained(out)
+    again = load_pretrained(out)
     for (name, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
     ids = random_ids(ours.config.vocab_size)
@@ -52,7 +51,7 @@ def test_save_roundtrip_sharded_and_tokenizer_copied(tmp_path, tiny_model_dir):
 
 def test_tied_head_stays_tied_after_load(tmp_path):
     path = make_tiny_model(tmp_path, tie_word_embeddings=True)
-    model = Transformer.from_pretrained(path)
+    model = load_pretrained(path)
     assert model.lm_head.weight is model.embed_tokens.weight
 
 
@@ -80,7 +79,7 @@ def copy_dir(src, dst):
 
 def test_missing_directory(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint directory"):
-        Transformer.from_pretrained(tmp_path / "nope")
+        load_pretrained(tmp_path / "nope")
 
 
 def test_unsupported_architecture_and_missing_key(tmp_path, tiny_model_dir):
@@ -88,14 +87,14 @@ def test_unsupported_architecture_and_missing_key(tmp_path, tiny_model_dir):
     cfg = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps(cfg | {"architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(CheckpointError, match=r"config.json: unsupported architectures \['GPT2LMHeadModel'\]"):
-        Transformer.from_pretrained(path)
+        load_pretrained(path)
     del cfg["hidden_size"]
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="missing required key 'hidden_size'"):
-        Transformer.from_pretrained(path)
+        load_pretrained(path)
     (path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
-        Transformer.from_pretrained(path)
+        load_pretrained(path)
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -111,7 +110,7 @@ def test_unsupported_llama_features_refused(tmp_path, edit, message):
     cfg = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps(cfg | edit))
     with pytest.raises(CheckpointError, match=f"config.json: {message}") as err:
-        Transformer.from_pretrained(path)
+        load_pretrained(path)
     assert "\n" not in str(err.value)
 
 
@@ -126,15 +125,15 @@ def test_missing_and_misshapen_tensor(tmp_path, tiny_model_dir):
     path = copy_dir(tiny_model_dir, tmp_path / "m")
     rewrite_tensors(path, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(CheckpointError, match="lacks tensor 'model.layers.1.mlp.up_proj.weight'"):
-        Transformer.from_pretrained(path)
+        load_pretrained(path)
     path = copy_dir(tiny_model_dir, tmp_path / "m2")
     rewrite_tensors(path, lambda t: t.update({"model.norm.weight": torch.ones(3)}))
     with pytest.raises(CheckpointError, match=r"'model.norm.weight' has shape \(3,\), expected \(64,\)"):
-        Transformer.from_pretrained(path)
+        load_pretrained(path)
     path = copy_dir(tiny_model_dir, tmp_path / "m3")
     rewrite_tensors(path, lambda t: t.update({"model.extra.weight": torch.ones(3)}))
     with pytest.raises(CheckpointError, match="unexpected tensor 'model.extra.weight'"):
-        Transformer.from_pretrained(path)
+        load_pretrained(path)
 
 
 def test_corrupt_safetensors(tmp_path, tiny_model_dir):
@@ -142,13 +141,13 @@ def test_corrupt_safetensors(tmp_path, tiny_model_dir):
     data = (path / "model.safetensors").read_bytes()
     (path / "model.safetensors").write_bytes(data[: len(data) // 2])  # truncated download
     with pytest.raises(CheckpointError, match="model.safetensors: corrupt safetensors file"):
-        Transformer.from_pretrained(path)
+        load_pretrained(path)
     (path / "model.safetensors").write_bytes(b"\xff" * 64)  # garbage
     with pytest.raises(CheckpointError, match="corrupt safetensors file"):
-        Transformer.from_pretrained(path)
+        load_pretrained(path)
     (path / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no model.safetensors"):
-        Transformer.from_pretrained(path)
+        load_pretrained(path)
 
 
 def test_missing_tokenizer(tmp_path, tiny_model_dir):

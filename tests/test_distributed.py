@@ -6,9 +6,8 @@ import weakref
 import torch
 
 import distributed
-from checkpoint import make_tiny_model
+from checkpoint import load_pretrained, make_tiny_model
 from conftest import free_port, run_ranks
-from model import Transformer
 
 
 def count_live_gathers() -> list:
@@ -36,7 +35,7 @@ def _worker(rank, port, model_dir, out_dir):
     dist.barrier()
     cpu = torch.device("cpu")
     model = distributed.load_trainer_model(model_dir, "fsdp", cpu)
-    plain = Transformer.from_pretrained(model_dir)
+    plain = load_pretrained(model_dir)
     result = {"tied": model.lm_head.weight is model.embed_tokens.weight,
               "shards": [p.to_local().shape[0] for p in model.parameters()],
               "equal": all(torch.equal(p.full_tensor(), q) for p, q in zip(model.parameters(), plain.parameters()))}
@@ -66,7 +65,7 @@ def _worker(rank, port, model_dir, out_dir):
 def test_fsdp_load_sync_and_save_one_tensor_at_a_time(tmp_path):
     model_dir, out = tmp_path / "m", tmp_path / "out"
     run_ranks(_worker, (free_port(), str(model_dir), str(out)))
-    plain = Transformer.from_pretrained(model_dir)
+    plain = load_pretrained(model_dir)
     results = [json.loads((out / f"result_{r}.json").read_text()) for r in (0, 1)]
     for r, res in enumerate(results):
         assert res["tied"] and res["equal"] and res["logits"], res  # meta init + sharding keep weights and tie
@@ -77,5 +76,5 @@ def test_fsdp_load_sync_and_save_one_tensor_at_a_time(tmp_path):
         assert res["sync_alive"] <= res["largest"], res
         # saving: a weights file's tensors wait together on the host for the write, here one layer's worth
         assert res["save_alive"] <= res["layer_bytes"], res
-    saved = Transformer.from_pretrained(out / "step_1")
+    saved = load_pretrained(out / "step_1")
     assert all(torch.equal(p, q) for p, q in zip(saved.parameters(), plain.parameters()))

@@ -365,7 +365,7 @@ def test_bad_flags_are_one_line_before_any_work(tiny_model_dir, tmp_path, monkey
     def no_model(*args, **kw):
         raise AssertionError("a model was loaded before every flag was checked")
 
-    monkeypatch.setattr(ev.Transformer, "from_pretrained", no_model)
+    monkeypatch.setattr(ev, "load_pretrained", no_model)
     monkeypatch.setattr(ev, "load_sets", no_model)  # test data is read only after every flag passed
     access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path).name != "locked" and access(path, mode))

@@ -8,7 +8,7 @@ import torch
 from conftest import free_port, run_ranks
 from grpo import (LOSS_AGGS, Rollouts, build_rollouts, group_advantages, grpo_update, loss_weights, next_tokens,
                   policy_logprobs, sequence_logprobs, token_losses)
-from model import Transformer
+from checkpoint import load_pretrained
 
 # ----------------------------------------------------------------------------------------------------
 # advantages
@@ -202,7 +202,7 @@ class Capture:
 
 
 def test_sequence_logprobs_matches_full_logits(tiny):
-    model = Transformer.from_pretrained(tiny)
+    model = load_pretrained(tiny)
     r = random_rollouts(model.config.vocab_size, n=5)
     got = sequence_logprobs(model, r, micro_batch_size=2, temperature=0.7)  # trimmed micro-batches
     with torch.no_grad():
@@ -227,7 +227,7 @@ def grouped_rollouts(vocab, prompt_lens=(4, 7, 7), group=3, seed=3):
 def test_shared_prompt_forward_matches_unpacked(tiny, micro_batch_size):
     """Each prompt runs once per micro-batch: the log-probs, entropies and gradients are those of the plain
     forward over every row (full logits, log_softmax, gather) with the same loss."""
-    model = Transformer.from_pretrained(tiny)
+    model = load_pretrained(tiny)
     r = grouped_rollouts(model.config.vocab_size)
     mask = r.response_mask
     logp, entropy = policy_logprobs(model, r.input_ids, mask, 0.8, return_entropy=True)
@@ -251,7 +251,7 @@ def test_shared_prompt_forward_matches_unpacked(tiny, micro_batch_size):
 
 @pytest.mark.parametrize("loss_agg", LOSS_AGGS)
 def test_one_micro_batch_equals_four(tiny, loss_agg):
-    model = Transformer.from_pretrained(tiny)
+    model = load_pretrained(tiny)
     r = random_rollouts(model.config.vocab_size)
     grads, stats = [], []
     for mbs in (8, 2):
@@ -272,7 +272,7 @@ def test_one_micro_batch_equals_four(tiny, loss_agg):
 @pytest.mark.parametrize("loss_agg", LOSS_AGGS)
 def test_rollouts_out_of_the_loss_are_as_if_absent(tiny, loss_agg):
     """--mask-truncated: rollouts left out of the loss change neither the gradient nor the normalisers."""
-    model = Transformer.from_pretrained(tiny)
+    model = load_pretrained(tiny)
     r = random_rollouts(model.config.vocab_size)
     keep = [True, False, True, True, False, True, True, False]
     masked = Rollouts(**{**vars(r), "response_mask": r.response_mask & torch.tensor(keep)[:, None]})
@@ -295,7 +295,7 @@ def test_rollouts_out_of_the_loss_are_as_if_absent(tiny, loss_agg):
 
 
 def test_first_update_ratio_is_exactly_one(tiny):
-    model = Transformer.from_pretrained(tiny)
+    model = load_pretrained(tiny)
     r = random_rollouts(model.config.vocab_size, ref=False)
     r.old_logprobs = sequence_logprobs(model, r, micro_batch_size=3)
     opt = Capture(model)
@@ -312,9 +312,9 @@ def test_first_update_ratio_is_exactly_one(tiny):
 
 
 def test_two_mini_batches_are_two_sequential_steps(tiny):
-    base = Transformer.from_pretrained(tiny)
+    base = load_pretrained(tiny)
     r = random_rollouts(base.config.vocab_size, ref=False)
-    a, b = Transformer.from_pretrained(tiny), Transformer.from_pretrained(tiny)
+    a, b = load_pretrained(tiny), load_pretrained(tiny)
     opt_a, opt_b = torch.optim.AdamW(a.parameters(), lr=1e-3), torch.optim.AdamW(b.parameters(), lr=1e-3)
     stats = grpo_update(a, opt_a, r, micro_batch_size=2, mini_batches=2, max_grad_norm=0.5)
     assert stats["steps"] == 2 and all(opt_a.state[p]["step"] == 2 for p in a.parameters())
@@ -329,7 +329,7 @@ def test_two_mini_batches_are_two_sequential_steps(tiny):
 
 
 def test_argument_errors(tiny):
-    model = Transformer.from_pretrained(tiny)
+    model = load_pretrained(tiny)
     r = random_rollouts(model.config.vocab_size, ref=False)
     opt = Capture(model)
     with pytest.raises(ValueError, match="max_response_len"):
@@ -357,7 +357,7 @@ def _ddp_worker(rank, port, tiny, out):
     torch.set_num_threads(1)
     results = {}
     for loss_agg in LOSS_AGGS:
-        model = Transformer.from_pretrained(tiny)
+        model = load_pretrained(tiny)
         r = random_rollouts(model.config.vocab_size)
         ddp = DDP(model)
         opt = torch.optim.SGD(ddp.parameters(), lr=1.0)
@@ -382,7 +382,7 @@ def test_two_rank_ddp_equals_one_process(tiny, tmp_path):
     results = torch.load(out)
     for loss_agg in LOSS_AGGS:
         got = results[loss_agg]
-        model = Transformer.from_pretrained(tiny)
+        model = load_pretrained(tiny)
         r = random_rollouts(model.config.vocab_size)
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
         want = grpo_update(model, opt, r, micro_batch_size=8, kl_beta=0.05, loss_agg=loss_agg,

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 import judge
-from judge import (FAILURE_KINDS, LANGUAGES, R1_SYSTEM, STOP_STRINGS, CometScorer, Judgement, RewardError,
+from data import LANGUAGES, DataError, language_name
+from judge import (FAILURE_KINDS, R1_SYSTEM, STOP_STRINGS, CometScorer, Judgement, RewardError,
                    actor_prompt, checked_answer, extract_answer, group_judge_prompt, in_target_script, judge_prompt,
-                   judge_tasks, language_name, load_custom_reward, parse_group_judgement, parse_judgement,
+                   judge_tasks, load_custom_reward, parse_group_judgement, parse_judgement,
                    read_verdict, reward_stats, score_rollouts, spearman)
 
 
@@ -27,12 +28,12 @@ def test_language_names():
 
 @pytest.mark.parametrize("code", ["xx", "EN", "zh-CN", ""])
 def test_unknown_language_is_a_clear_error(code):
-    with pytest.raises(RewardError, match=r"unknown language code .*known codes: en, zh, de") as e:
+    with pytest.raises(DataError, match=r"unknown language code .*known codes: en, zh, de") as e:
         language_name(code)
     assert isinstance(e.value, ValueError) and "\n" not in str(e.value)
-    with pytest.raises(RewardError, match="unknown language code"):
+    with pytest.raises(DataError, match="unknown language code"):
         actor_prompt("Hello.", code, "zh")  # the source code is checked even though the request doesn't use it
-    with pytest.raises(RewardError, match="unknown language code"):
+    with pytest.raises(DataError, match="unknown language code"):
         judge_prompt("Hello.", "你好。", "en", code)
 
 

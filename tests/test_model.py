@@ -3,8 +3,7 @@ import pytest
 import torch
 import transformers
 
-from checkpoint import make_tiny_model
-from model import Transformer
+from checkpoint import load_pretrained, make_tiny_model
 
 # (arch, overrides): tied and untied heads, GQA and MHA, Qwen3 with a head_dim that is not hidden/heads,
 # Llama with and without attention biases (q/k/v and o_proj) and with its own RoPE theta
@@ -34,7 +33,7 @@ def random_ids(vocab, batch=3, length=19, seed=0):
 def test_ours_loads_in_hf_with_same_logits(tmp_path, name):
     arch, dims = CONFIGS[name]
     path = make_tiny_model(tmp_path, arch=arch, seed=1, **dims)
-    ours = Transformer.from_pretrained(path)
+    ours = load_pretrained(path)
     theirs = hf_load(path)
     assert type(theirs).__name__ == HF_CLASSES[arch]
     ids = random_ids(ours.config.vocab_size)
@@ -44,7 +43,7 @@ def test_ours_loads_in_hf_with_same_logits(tmp_path, name):
 
 def test_positions_are_absolute(tiny_model_dir):
     """Explicit positions (as the sampler passes them) must mean what HF's position_ids mean."""
-    ours, theirs = Transformer.from_pretrained(tiny_model_dir), hf_load(tiny_model_dir)
+    ours, theirs = load_pretrained(tiny_model_dir), hf_load(tiny_model_dir)
     ids = random_ids(ours.config.vocab_size, batch=2, length=7)
     # RoPE only sees relative offsets, so a constant shift would change nothing: use uneven gaps
     positions = torch.tensor([[0, 1, 2, 5, 6, 9, 30], [3, 4, 8, 9, 10, 40, 41]])
@@ -55,8 +54,8 @@ def test_positions_are_absolute(tiny_model_dir):
 
 
 def test_bf16_load_close_to_fp32(tiny_model_dir):
-    fp32 = Transformer.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    bf16 = Transformer.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    fp32 = load_pretrained(tiny_model_dir, dtype=torch.float32)
+    bf16 = load_pretrained(tiny_model_dir, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
     ids = random_ids(fp32.config.vocab_size)
     with torch.no_grad():
@@ -70,7 +69,7 @@ def test_grad_checkpointing_same_gradients(tiny_model_dir):
     ids = random_ids(300, batch=2, length=9)
     grads = []
     for ckpt in (False, True):
-        model = Transformer.from_pretrained(tiny_model_dir)
+        model = load_pretrained(tiny_model_dir)
         model.grad_checkpointing = ckpt
         model(ids).logsumexp(-1).sum().backward()
         grads.append([p.grad for p in model.parameters()])

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 import sampler as sampler_module
-from checkpoint import load_tokenizer, make_tiny_model
-from model import Transformer
+from checkpoint import load_pretrained, load_tokenizer, make_tiny_model
 from sampler import Sampler, blocked_sums, draw_blocked, sample
 
 if not torch.cuda.is_available():
@@ -31,7 +30,7 @@ def hf_model(tiny_model_dir):
 
 
 def load(path, device):
-    return Transformer.from_pretrained(path, device=device, dtype=torch.float32)
+    return load_pretrained(path, device=device, dtype=torch.float32)
 
 
 def random_prompts(lengths, vocab, seed=0):

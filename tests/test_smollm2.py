@@ -13,8 +13,7 @@ import torch
 import transformers
 
 import judge
-from checkpoint import load_tokenizer
-from model import Transformer
+from checkpoint import load_pretrained, load_tokenizer
 from sampler import Sampler
 
 # Real sentences in the three scripts the project cares about (written for this test)
@@ -28,7 +27,7 @@ TEXTS = {
 @pytest.fixture(scope="module")
 def smollm2(smollm2_dir):
     """(ours, HF's) models in fp32 and (ours, HF's) tokenizers, all read from the converted directory."""
-    ours = Transformer.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    ours = load_pretrained(smollm2_dir, dtype=torch.float32).eval()
     theirs = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32,
                                                                attn_implementation="sdpa").eval()
     return ours, theirs, load_tokenizer(smollm2_dir), transformers.AutoTokenizer.from_pretrained(smollm2_dir)

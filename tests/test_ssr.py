@@ -15,8 +15,7 @@ from safetensors.torch import load_file
 import judge
 import smoke
 import ssr
-from checkpoint import load_tokenizer
-from model import Transformer
+from checkpoint import load_pretrained, load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 def write_jsonl(path, rows):
@@ -289,8 +288,8 @@ def test_torchrun_ddp_trains_and_saves(tmp_path, model_dir, data_file):
     out = tmp_path / "ddp"
     torchrun(out, model_dir, data_file, "ddp", "--steps", 2)
     assert [m["step"] for m in metrics(out)] == [1, 2]
-    trained = Transformer.from_pretrained(out / "step_2")
-    base = Transformer.from_pretrained(model_dir)
+    trained = load_pretrained(out / "step_2")
+    base = load_pretrained(model_dir)
     assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), base.parameters()))
     assert (out / "step_2" / "tokenizer.json").exists()
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 import eval as ev
-import judge
 import testsets
+from data import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 SRCS = ["the cat is on the mat.", "the weather is good today.", "hello world", "a dog and a cat."]
@@ -39,7 +39,7 @@ def test_local_text_and_jsonl(tmp_path):
         testsets.load_local_set(str(tmp_path / "test.en"), str(tmp_path / "short.zh"), "en", "zh")
     with pytest.raises(testsets.TestSetError, match="needs --ref, --src-lang and --tgt-lang"):
         testsets.load_local_set(str(tmp_path / "test.en"), str(tmp_path / "test.zh"), "en", None)
-    with pytest.raises(judge.DataError, match="unknown language"):
+    with pytest.raises(DataError, match="unknown language"):
         testsets.load_local_set(str(tmp_path / "test.en"), str(tmp_path / "test.zh"), "en", "xx")
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text('{"src": "a", "ref": "b", "src_lang": "en", "tgt_lang": "zh"}\n'
@@ -122,7 +122,7 @@ def test_wmt_sets_from_the_sacrebleu_cache(tmp_path, monkeypatch):
 def test_unknown_sacrebleu_set_is_a_clear_error():
     with pytest.raises(testsets.TestSetError, match="sacrebleu .* has no test set wmt23 en-ko"):
         testsets.load_named_set("wmt23:en-ko", None)
-    with pytest.raises(judge.DataError, match="unknown language code 'xx'"):
+    with pytest.raises(DataError, match="unknown language code 'xx'"):
         testsets.load_named_set("wmt23:en-xx", None)
     with pytest.raises(testsets.TestSetError, match="expected NAME:SRC-TGT"):
         testsets.load_named_set("wmt23", None)
