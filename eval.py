@@ -448,7 +448,8 @@ def parse_args(argv=None):
                    help="output directory, created if missing; a rerun resumes from what is there, and refuses "
                         "other settings or another checkpoint under a known label (default: %(default)s)")
     p.add_argument("--template", default="r1", choices=judge.TEMPLATES,
-                   help="prompt template, as in training (default: %(default)s)")
+                   help="prompt template, as in training; ssr: the released SSR checkpoints' card, to evaluate "
+                        "them as they were trained (default: %(default)s)")
     p.add_argument("--think-prefill", action="store_true",
                    help="start each --model response and self-judge judgement with <think> (as training with "
                         "--think-prefill does)")

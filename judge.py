@@ -38,7 +38,7 @@ class RewardError(ValueError):
 # ----------------------------------------------------------------------------------------------------
 # prompts
 
-# DeepSeek-R1-Zero's system text, verbatim: the released SSR checkpoints were trained on exactly this
+# DeepSeek-R1-Zero's system text, verbatim; the released SSR checkpoints' card ends its sentence exactly so
 R1_SYSTEM = (
     "A conversation between User and Assistant. The User asks a question, and the Assistant solves it. "
     "The Assistant first thinks about the reasoning process in the mind and then provides the User with the "
@@ -46,7 +46,11 @@ R1_SYSTEM = (
     "<answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> "
     "<answer> answer here </answer>."
 )
-TEMPLATES = ("r1", "chat")
+TEMPLATES = ("r1", "chat", "ssr")
+# Template `ssr`: the prompt the released SSR-Zero/SSR-X-Zero checkpoints' model card gives, byte for byte, the
+# only public evidence of the paper's training prompt. `<|startoftext|>` is plain text there: it is no special
+# token of Qwen2.5's tokenizer, which splits it into ordinary tokens (and so do our tokenizers).
+SSR_START = "<|startoftext|>"
 
 # Generation ends at EOS or right after this text; the sampler keeps it in the response, so
 # extract_answer and parse_judgement see the closing tag.
@@ -60,10 +64,13 @@ def chat_prompt(messages: list[dict], add_generation_prompt: bool = True) -> str
 
 
 def wrap_prompt(user_text: str, template: str, prefill: bool = False) -> str:
-    """Put one user request into the R1 conversation, as plain text (`r1`) or as a ChatML turn (`chat`).
+    """Put one user request into the R1 conversation, as plain text (`r1`, `ssr`) or as a ChatML turn (`chat`).
 
     `r1` is what a *base* model continues: the system text, then `User:`, the request and `Assistant:`
     each on their own lines; the response starts right after `Assistant:` (usually with a space or newline).
+    `ssr` is the same conversation as the released SSR checkpoints' card writes it: `<|startoftext|>` as text,
+    a space before the newline after the system text, a blank line before `Assistant:`, and a newline after it,
+    where the response starts.
     `chat` is for instruction-tuned checkpoints: the R1 text goes in the system message, because it is
     standing instruction about the output format, and the request is the user turn; the response starts
     after `<|im_start|>assistant\\n` and the turn ends at `<|im_end|>` (an EOS for the chat template).
@@ -72,6 +79,8 @@ def wrap_prompt(user_text: str, template: str, prefill: bool = False) -> str:
     start = think_prefill(template) if prefill else ""
     if template == "r1":
         return f"{R1_SYSTEM}\nUser:\n{user_text}\nAssistant:{start}"
+    if template == "ssr":
+        return f"{SSR_START}{R1_SYSTEM} \nUser:\n{user_text}\n\nAssistant:\n{start}"
     if template == "chat":
         return chat_prompt([{"role": "system", "content": R1_SYSTEM}, {"role": "user", "content": user_text}]) + start
     raise RewardError(f"unknown prompt template {template!r}; choose one of {', '.join(TEMPLATES)}")
@@ -82,23 +91,27 @@ def think_prefill(template: str) -> str:
     reproductions do this for the actor): the model continues inside an open <think>, so it only has to close
     the tags. The trainer puts this text back in front of the actor's sampled response before extracting the
     answer; a judge's score is read from its <answer> alone, so its prefill needs no putting back."""
-    return " <think>" if template == "r1" else "<think>"  # r1: "Assistant: <think>"; chat: right after the header
+    # r1: "Assistant: <think>"; ssr: the line after "Assistant:"; chat: right after the header
+    return " <think>" if template == "r1" else "<think>"
 
 
 def actor_prompt(src: str, src_lang: str, tgt_lang: str, template: str = "r1", prefill: bool = False) -> str:
     language_name(src_lang)  # the request names only the target, but a bad source code is still a data error
-    return wrap_prompt(f"Translate the following text to {language_name(tgt_lang)}:\n{src}", template, prefill)
+    # the card's request has a space before its newline; ours has none
+    colon = ": " if template == "ssr" else ":"
+    return wrap_prompt(f"Translate the following text to {language_name(tgt_lang)}{colon}\n{src}", template, prefill)
 
 
 def plain_prompt(src: str, src_lang: str, tgt_lang: str, template: str = "chat") -> str:
     """A plain translation request whose whole response is the translation: no R1 system text, no tags, nothing
     to extract. For baselines never trained on the <think>/<answer> format (eval.py --plain-model): `chat` is a
-    ChatML user turn for instruction-tuned models, `r1` the same request as a bare User:/Assistant: exchange."""
+    ChatML user turn for instruction-tuned models, `r1` (and `ssr`, also a base-model layout) the same request as
+    a bare User:/Assistant: exchange."""
     request = (f"Translate the following text from {language_name(src_lang)} to {language_name(tgt_lang)}. "
                f"Reply with the translation only.\n{src}")
     if template == "chat":
         return chat_prompt([{"role": "user", "content": request}])
-    if template == "r1":
+    if template in ("r1", "ssr"):
         return f"User:\n{request}\nAssistant:"
     raise RewardError(f"unknown prompt template {template!r}; choose one of {', '.join(TEMPLATES)}")
 

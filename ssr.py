@@ -58,7 +58,8 @@ class Config:
     out_dir: str = arg("out/ssr", "where checkpoints, metrics.jsonl and samples.jsonl go")
     preset: str = arg("", "start from a named recipe; flags given on the command line override it",
                       choices=["", "ssr-zero-7b", "ssr-x-zero-7b", "smoke"])
-    template: str = arg("r1", "actor/judge prompt template", choices=["r1", "chat"])
+    template: str = arg("r1", "actor/judge prompt template (ssr: the released SSR checkpoints' card, byte for byte)",
+                        choices=list(judge.TEMPLATES))
     think_prefill: bool = arg(False, "end the actor and judge prompts with '<think>' so every response starts "
                                      "inside the thinking block (R1-Zero reproductions do this; see RESULTS.md)")
     # --- reward
@@ -125,11 +126,12 @@ class Config:
 PRESETS = {
     # Our recipe for Qwen2.5-7B base on 8 GPUs. The paper's exact hyper-parameters are not public: these
     # are the method's documented defaults (README) with batch sizes that fit 8 x 80 GB under FSDP2.
-    "ssr-zero-7b": dict(dist="fsdp", prompts_per_step=64, group_size=8, max_new_tokens=1024,
+    # template ssr: the released SSR checkpoints' card is the only evidence of the prompt they were trained on.
+    "ssr-zero-7b": dict(template="ssr", dist="fsdp", prompts_per_step=64, group_size=8, max_new_tokens=1024,
                         judge_max_new_tokens=1024, lr=1e-6, warmup_steps=10, steps=400, save_every=50,
                         micro_batch_size=4, sampler_batch_size=256, out_dir="out/ssr-zero-7b"),
     # SSR-X: the self-judge score and a CometKiwi QE score, half and half
-    "ssr-x-zero-7b": dict(dist="fsdp", prompts_per_step=64, group_size=8, max_new_tokens=1024,
+    "ssr-x-zero-7b": dict(template="ssr", dist="fsdp", prompts_per_step=64, group_size=8, max_new_tokens=1024,
                           judge_max_new_tokens=1024, lr=1e-6, warmup_steps=10, steps=400, save_every=50,
                           micro_batch_size=4, sampler_batch_size=256, w_self=0.5, w_comet=0.5,
                           out_dir="out/ssr-x-zero-7b"),

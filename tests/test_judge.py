@@ -69,8 +69,56 @@ def test_chat_actor_prompt():
     )
 
 
+# The released SSR checkpoints' model card prompt, written out here byte for byte (not built from R1_SYSTEM), so a
+# change to either the system text or the layout shows up
+CARD_SYSTEM = ("<|startoftext|>A conversation between User and Assistant. The User asks a question, and the Assistant "
+               "solves it. The Assistant first thinks about the reasoning process in the mind and then provides the "
+               "User with the answer. The reasoning process is enclosed within <think> </think> and answer is "
+               "enclosed within <answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> "
+               "<answer> answer here </answer>. \nUser:\n")
+
+
+@pytest.mark.parametrize("src, src_lang, tgt_lang, target", [
+    ("The river froze overnight.", "en", "zh", "Chinese"), ("河面一夜之间结了冰。", "zh", "en", "English")])
+def test_ssr_template_exact(src, src_lang, tgt_lang, target):
+    actor = actor_prompt(src, src_lang, tgt_lang, "ssr")
+    assert actor == CARD_SYSTEM + f"Translate the following text to {target}: \n{src}\n\nAssistant:\n"
+    assert actor.encode() == (CARD_SYSTEM + f"Translate the following text to {target}: \n{src}"
+                              "\n\nAssistant:\n").encode("utf-8")
+    # --think-prefill: the response starts on the line after "Assistant:", with <think> and no space
+    assert actor_prompt(src, src_lang, tgt_lang, "ssr", prefill=True) == actor + "<think>"
+    # the judge and the group judge: their requests in the same wrapper
+    mt = "译文" if tgt_lang == "zh" else "The translation"
+    source = "English" if src_lang == "en" else "Chinese"
+    request = (f"Score the following translation from {source} to {target} on a continuous scale from 0 to 100, "
+               f"where 0 means that no meaning is preserved and 100 means perfect meaning and grammar. Give a score "
+               f"of 0 if the translation contains irrelevant content, is not written in {target}, or offers more "
+               f"than one translation.\n{source} source: \"{src}\"\n{target} translation: \"{mt}\"\n"
+               f"Give the score alone, as one number, inside <answer> </answer>.")
+    assert judge_prompt(src, mt, src_lang, tgt_lang, "ssr") == CARD_SYSTEM + request + "\n\nAssistant:\n"
+    assert judge_prompt(src, mt, src_lang, tgt_lang, "ssr", prefill=True) == \
+        CARD_SYSTEM + request + "\n\nAssistant:\n<think>"
+    group = group_judge_prompt(src, [mt, mt + "!"], src_lang, tgt_lang, "ssr")
+    assert group.startswith(CARD_SYSTEM + f"Score each of the following 2 translations from {source} to {target}")
+    assert group.endswith(f'{target} translation 2: "{mt}!"\nGive the scores inside <answer> </answer>, one line '
+                          f"per translation: its number, a colon and its score, as in 1: <score>.\n\nAssistant:\n")
+
+
+def test_ssr_start_is_text_for_our_tokenizers(tiny_model_dir):
+    """<|startoftext|> is no special token of Qwen2.5 (nor of our tokenizers): the prompt encodes it as ordinary
+    text, several tokens, and decoding with special tokens skipped gives it back."""
+    from checkpoint import load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir)
+    assert tok.token_id("<|startoftext|>") is None
+    prompt = actor_prompt("Hello.", "en", "zh", "ssr")
+    ids = tok.encode(prompt)
+    assert len(tok.encode("<|startoftext|>")) > 1
+    assert tok.decode(ids, skip_special_tokens=True) == prompt
+
+
 def test_unknown_template():
-    with pytest.raises(RewardError, match="unknown prompt template 'alpaca'; choose one of r1, chat"):
+    with pytest.raises(RewardError, match="unknown prompt template 'alpaca'; choose one of r1, chat, ssr"):
         actor_prompt("Hi.", "en", "zh", template="alpaca")
     with pytest.raises(RewardError, match="unknown prompt template"):
         judge_prompt("Hi.", "你好。", "en", "zh", template="R1")
@@ -613,5 +661,6 @@ def test_plain_prompt():
     assert judge.plain_prompt("你好。", "zh", "en", "r1") == (
         "User:\nTranslate the following text from Chinese to English. Reply with the translation only.\n你好。\n"
         "Assistant:")
+    assert judge.plain_prompt("你好。", "zh", "en", "ssr") == judge.plain_prompt("你好。", "zh", "en", "r1")
     with pytest.raises(RewardError, match="unknown prompt template 'nope'"):
         judge.plain_prompt("x", "en", "fr", "nope")
