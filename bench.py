@@ -370,15 +370,16 @@ def bench_sampler(args):
     print(f"sampler/hf_generate tokens_per_s ratio: {t_hf / t_ours:.2f}")
 
 
-DECODE_PATHS = {"SDPA + mask": dict(decode_kernel=False, compile=False), "kernel": dict(compile=False),
-                "kernel + compile": {}}  # the last: the CUDA default
+DECODE_PATHS = {"SDPA + mask (eager)": "sdpa", "kernel (eager)": "kernel",
+                "compiled + graphs": "compiled"}  # Sampler's decode modes; the last is the CUDA default
 
 
 def bench_decode_floor(model, args, rows: int = 64):
     """One decode step of `rows` rows, each at its own length around 512 and 2,048 live positions, against the
     bandwidth floor: (weight bytes + every row's live K/V bytes) / HBM bandwidth, nothing else counted. Per
-    decode path: the CUDA graph alone (the forward) and the whole step (graph + sampling + the host sync every
-    16 steps), each over 16 steps from the same start; graph capture and compilation are done before."""
+    decode mode: the forward alone (the CUDA graph's replay, for "compiled") and the whole step (forward + sampling
+    + the host sync every 16 steps), each over 16 steps from the same start; capture and compilation are done
+    before. The sampler runs them under no_grad whatever the caller's grad mode."""
     from sampler import CUDA_SYNC_EVERY, Sampler
 
     cfg, p = model.config, next(model.parameters())
@@ -395,16 +396,17 @@ def bench_decode_floor(model, args, rows: int = 64):
         floor = (weights + kv) / (hbm * 1e9)
         print(f"decode step, {rows} rows of {int(lengths.min())}-{int(lengths.max())} live positions: floor = "
               f"weights {weights / 1e9:.2f} GB + live KV {kv / 1e9:.2f} GB at {hbm:.0f} GB/s = {floor * 1e3:.3f} ms")
-        for name, options in DECODE_PATHS.items():
-            sampler = Sampler(model, rows, int(lengths.max()) + steps + 1, p.device, p.dtype, **options)
+        for name, decode in DECODE_PATHS.items():
+            sampler = Sampler(model, rows, int(lengths.max()) + steps + 1, p.device, p.dtype, decode=decode)
             settings = dict(temperature=1.0, top_p=1.0, top_k=0, generator=None)
             length = int(lengths.max())
 
-            def run(graph_only: bool):
+            def run(forward_only: bool):
                 sampler.pos_in[:rows] = (lengths - 1).to(p.device)  # row i attends over lengths[i] keys
-                if graph_only:
+                forward = sampler._graph if sampler.use_graphs else sampler._forward
+                if forward_only:
                     for s in range(steps):
-                        sampler._graph(rows, length + steps - 1)
+                        forward(rows, length + steps - 1)
                         sampler.pos_in[:rows] += 1
                 else:
                     sampler._decode(rows, steps, length, settings)
@@ -413,7 +415,7 @@ def bench_decode_floor(model, args, rows: int = 64):
             t_graph = median_time(lambda: run(True), args.repeats) / steps
             t_step = median_time(lambda: run(False), args.repeats) / steps
             # (torch.compile runs once per process and shape family: the sampler above already paid it)
-            print(f"  {name:17s} graph {t_graph * 1e3:7.3f} ms ({t_graph / floor:5.2f}x floor), whole step "
+            print(f"  {name:19s} forward {t_graph * 1e3:7.3f} ms ({t_graph / floor:5.2f}x floor), whole step "
                   f"{t_step * 1e3:7.3f} ms ({t_step / floor:5.2f}x floor); capture {sampler.stats.capture_seconds:.1f} s",
                   flush=True)
             del sampler

@@ -160,10 +160,13 @@ class Transformer(nn.Module):
         self.grad_checkpointing = False  # the trainer turns this on: recompute each layer in backward
 
     def forward(self, input_ids, positions=None, kv_cache=None, attn_mask=None, return_hidden=False,
-                targets=None, temperature: float = 1.0, return_entropy: bool = False):
+                targets=None, temperature: float = 1.0, return_entropy: bool = False,
+                logprob_backend: str = "auto"):
         """input_ids (B, T) -> logits (B, T, vocab), or final-norm hidden states (B, T, hidden), or, given
         targets (B, T), the fp32 log-prob of each target under softmax(logits / temperature): (B, T)
         (and the entropy of that distribution, (B, T), with return_entropy).
+        logprob_backend: who computes those log-probs (kernels.LOGPROB_BACKENDS: "auto" = Triton on CUDA,
+        torch elsewhere; "torch" is the fallback for a GPU whose Triton breaks).
 
         positions (B, T): absolute position of each token (default 0..T-1 for every row).
         kv_cache: an object with `update(layer_idx, k, v) -> (k, v)`, or one with `attend(layer_idx, q, k, v)
@@ -188,7 +191,8 @@ class Transformer(nn.Module):
             from kernels import linear_token_logprobs
 
             out = linear_token_logprobs(x.flatten(0, 1), self.lm_head.weight, targets.flatten(),
-                                        temperature=temperature, return_entropy=return_entropy)
+                                        temperature=temperature, return_entropy=return_entropy,
+                                        backend=logprob_backend)
             # reshape(...).clone(): FSDP2 hooks the returned tensors and warns on views (a copy of B*T floats)
             out = tuple(o.reshape(B, T).clone() for o in (out if return_entropy else (out,)))
             return out if return_entropy else out[0]

@@ -18,14 +18,15 @@ How one `generate` call runs:
    rows into their slots (compaction), so the live rows are always slots 0..n-1 and a step costs n rows, not
    max_batch_size; freed slots then take waiting prompts (continuous batching). bench.py measures both.
 
-On CUDA a decode step is a CUDA graph captured per (batch-size bucket, attended-length bucket), replayed with
-no host sync until the next stop check. The graphs hold pointers to the model's parameters and the cache, so
+On CUDA, by default (decode="compiled"), a decode step is a CUDA graph captured per (batch-size bucket,
+attended-length bucket), replayed with no host sync until the next stop check. The graphs hold pointers to the model's parameters and the cache, so
 the trainer must update weights in place (`param.copy_(new)`), never by replacing the tensors. Inside the graph,
 by default on CUDA: attention is the Triton decode kernel (kernels/decode_attention.py), which reads each
 row's own live K/V and nothing past it, and the step is torch.compile'd (as gpt-fast does) so that each layer's
 norms, RoPE, residuals and SwiGLU become a few fused kernels instead of dozens of small ones (a 0.5B step was
 ~1,000 launches); the graph then replays those. On CPU: SDPA with a mask (Triton needs a GPU outside its
-interpreter), not compiled (~20 s per graph there, to save microseconds a step).
+interpreter), not compiled (~20 s per graph there, to save microseconds a step). decode="kernel" and "sdpa" are
+the eager fallbacks a GPU user reaches without editing code (see Sampler).
 
 Completions include the token that ended them: the EOS token, or the token that completed a stop string (its
 text may run past the stop string; nothing after that token is returned). The trainer needs the EOS in the
@@ -34,7 +35,9 @@ response so the policy learns to stop.
 from __future__ import annotations
 
 import math
+import os
 import time
+import types
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -48,6 +51,7 @@ GRAPH_LEN_STEP = 256  # CUDA graphs attend over the cache in multiples of this: 
 CUDA_SYNC_EVERY = 16  # decode steps between stop checks on CUDA; a finished row idles for at most 15 of them
 CPU_HEAD_BLOCK = 2048  # vocab rows per block of the CPU head product (see head_logits)
 COMPILE_BACKEND = "inductor"  # torch.compile backend of the decode step; CPU tests swap in a cheap one
+DECODE_MODES = ("auto", "compiled", "kernel", "sdpa")  # how a decode step runs: see Sampler
 
 
 @dataclass
@@ -330,9 +334,18 @@ class Sampler:
     graphs; `generate` can be called any number of times, and sees weight updates made in place."""
 
     def __init__(self, model: Transformer, max_batch_size: int, max_seq_len: int, device, dtype: torch.dtype,
-                 decode_kernel: bool | None = None, compile: bool | None = None):
-        """decode_kernel: attention by the Triton decode kernel (default: on CUDA); compile: torch.compile the
-        decode step (default: on CUDA; on CPU only with a cheap backend in tests, see COMPILE_BACKEND)."""
+                 decode: str = "auto"):
+        """decode, how a decode step runs (DECODE_MODES):
+        "compiled": the step torch.compile'd (COMPILE_BACKEND) and, on CUDA, replayed as CUDA graphs; attention by
+            the Triton decode kernel wherever Triton runs (CUDA, or CPU tensors under TRITON_INTERPRET=1),
+            SDPA with a mask elsewhere. Under TORCH_COMPILE_DISABLE=1 the same step runs uncompiled.
+        "kernel": the Triton kernel in an eager step, no compile, no graphs: for when compilation breaks.
+        "sdpa": an eager step of plain PyTorch (SDPA with a mask), no Triton, no compile, no graphs: for when the
+            kernel breaks (a driver/Triton/torch mismatch).
+        "auto": "compiled" on CUDA (the fast path), "sdpa" on CPU (compiling costs ~20 s a graph there, to save
+            microseconds a step, and the kernel needs a GPU outside its interpreter)."""
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, not {decode!r}")
         self.device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0", to compare with parameters
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         # Use the model itself when it is already where we run, so that in-place weight updates to it are
@@ -346,14 +359,25 @@ class Sampler:
         # per-slot decode inputs: the row's last sampled token and the position it goes in (the graphs' inputs)
         self.tok_in = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
         self.pos_in = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
-        self.use_graphs = self.device.type == "cuda"
-        self.decode_kernel = self.use_graphs if decode_kernel is None else decode_kernel
-        compile = self.use_graphs if compile is None else compile
-        # dynamic: one compiled step serves every batch and length bucket (b = 1 gets its own); fullgraph: a
-        # graph break would hide a host sync, which CUDA graph capture forbids
-        self.step_fn = (torch.compile(decode_step, dynamic=True, fullgraph=True, backend=COMPILE_BACKEND)
-                        if compile else decode_step)
-        self.sync_every = CUDA_SYNC_EVERY if self.use_graphs else 1
+        on_cuda = self.device.type == "cuda"
+        self.decode = decode if decode != "auto" else "compiled" if on_cuda else "sdpa"
+        triton_runs = on_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+        if self.decode == "kernel" and not triton_runs:
+            raise ValueError("decode 'kernel' needs CUDA, or TRITON_INTERPRET=1 on CPU (Triton's interpreter)")
+        self.decode_kernel = self.decode in ("compiled", "kernel") and triton_runs
+        self.use_graphs = self.decode == "compiled" and on_cuda
+        self.step_fn = decode_step
+        if self.decode == "compiled" and torch._dynamo.config.disable:
+            print("sampler: torch.compile is disabled (TORCH_COMPILE_DISABLE=1): the decode step runs uncompiled")
+        elif self.decode == "compiled":
+            # Dynamo keeps its compiled entries, and their limit (recompile_limit, 8: past it fullgraph fails
+            # hard), per code object: each Sampler compiles its own copy of decode_step, so samplers of other
+            # models or shapes in the process neither share its entries nor use up its limit.
+            # dynamic: one entry serves every batch and length bucket (batch 1 and one split get their own);
+            # fullgraph: a graph break would hide a host sync, which CUDA graph capture forbids
+            own_step = types.FunctionType(decode_step.__code__.replace(), decode_step.__globals__, "decode_step")
+            self.step_fn = torch.compile(own_step, dynamic=True, fullgraph=True, backend=COMPILE_BACKEND)
+        self.sync_every = CUDA_SYNC_EVERY if on_cuda else 1
         # tokens and log-probs sampled since the last host sync: (sync_every, slots)
         self.hist_tok = torch.zeros(self.sync_every, max_batch_size, dtype=torch.long, device=self.device)
         self.hist_lp = torch.zeros(self.sync_every, max_batch_size, dtype=torch.float32, device=self.device)
@@ -438,6 +462,11 @@ class Sampler:
         return [Row(i * g + j, len(prompts[i]), min(max_new_tokens, self.max_seq_len - len(prompts[i])))
                 for i in take for j in range(g)]
 
+    # Every entry point runs without autograd, wherever it is called from (generate, tests, bench.py): the
+    # sampler's weights may require grad (they are the trainer's own on a CPU run), and under grad mode the
+    # compiled step would trace a backward through the decode kernel, which has none, and the cache would
+    # become an autograd non-leaf holding every step's graph.
+    @torch.no_grad()
     def _prefill(self, prompts: list[list[int]], first_slot: int, g: int) -> torch.Tensor:
         """Run the prompts once, writing their K/V into slots first_slot.. (g per prompt, prompt-major);
         returns each prompt's next-token logits (n, V) fp32."""
@@ -458,6 +487,7 @@ class Sampler:
         self.stats.prefill_tokens += sum(len(p) for p in prompts)
         return logits
 
+    @torch.no_grad()
     def _decode(self, n: int, steps: int, length: int, settings: dict):
         """`steps` decode steps of live rows 0..n-1, whose pending tokens sit at positions < `length`;
         returns per row the sampled tokens and log-probs (lists of `steps`): the one host sync."""
@@ -476,6 +506,7 @@ class Sampler:
             self.stats.decode_rows += self._bucket(n) if self.use_graphs else n
         return self.hist_tok[:steps, :n].T.tolist(), self.hist_lp[:steps, :n].T.tolist()
 
+    @torch.no_grad()
     def _forward(self, b: int, length: int) -> torch.Tensor:
         """One decode step of rows 0..b-1 attending over cache positions < length -> logits (b, V) fp32."""
         splits = None
@@ -488,6 +519,7 @@ class Sampler:
     def _bucket(self, n: int) -> int:
         return next(b for b in self.batch_buckets if b >= n)
 
+    @torch.no_grad()
     def _graph(self, n: int, length: int) -> torch.Tensor:
         """Replay (capturing on first use) the decode graph for n live rows and `length` positions; returns
         its static logits buffer (bucket, V), valid until the next replay."""
@@ -514,6 +546,7 @@ class Sampler:
         graph.replay()
         return logits
 
+    @torch.no_grad()
     def _compact(self, rows: list[Row]) -> list[Row]:
         """Drop finished rows: move the last live rows into their slots, so live rows stay slots 0..n-1."""
         n = sum(r.finish_reason is None for r in rows)

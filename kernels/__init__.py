@@ -27,9 +27,12 @@ from .logprobs_torch import merge_stats
 # of extra memory: smaller chunks are bound by launch overhead (the naive path: 12.7 ms, 6.7 GiB).
 CHUNK_ELEMS = 2**25
 IGNORE = -100  # a target of linear_token_logprobs that asks for nothing (PyTorch's ignore_index)
+LOGPROB_BACKENDS = ("auto", "triton", "torch")  # see the module docstring
 
 
 def _impl(backend: str, device: torch.device):
+    if backend not in LOGPROB_BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(LOGPROB_BACKENDS)}, not {backend!r}")
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "torch"
     if backend == "torch":
@@ -38,7 +41,6 @@ def _impl(backend: str, device: torch.device):
         from . import logprobs_triton  # lazily: CPU-only runs never import Triton
 
         return logprobs_triton
-    raise ValueError(f"backend must be 'auto', 'triton' or 'torch', not {backend!r}")
 
 
 def _outputs(ctx, lse, zt, ez):

@@ -75,3 +75,18 @@ def test_grad_checkpointing_same_gradients(tiny_model_dir):
         grads.append([p.grad for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+def test_logprob_backend_reaches_the_fused_head(tiny_model_dir):
+    """model(ids, targets=..., logprob_backend=...) picks the head's backend (the --logprob-backend fallback): torch
+    is the CPU path, Triton without a GPU needs its interpreter, so here only its name is checked."""
+    from kernels import LOGPROB_BACKENDS
+
+    assert LOGPROB_BACKENDS == ("auto", "triton", "torch")
+    model = load_pretrained(tiny_model_dir, device="cpu", dtype=torch.float32)
+    ids = torch.randint(3, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    targets = ids.roll(-1, 1)
+    ref = model(ids).float().log_softmax(-1).gather(-1, targets[..., None])[..., 0]
+    torch.testing.assert_close(model(ids, targets=targets, logprob_backend="torch"), ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        model(ids, targets=targets, logprob_backend="cuda")

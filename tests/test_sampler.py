@@ -91,11 +91,10 @@ def test_cached_logits_equal_full_forward(tiny_model_dir, device):
 
 # the decode step's other paths: on CPU the kernel runs in Triton's interpreter (~10 ms a program), so these
 # decode few rows for few steps; on CUDA they are the defaults and every test above runs them
-@pytest.mark.parametrize("device,options", [("cpu", dict(decode_kernel=True)),
-                                            ("cpu", dict(decode_kernel=True, compile=True))]
-                         + ([("cuda", dict(decode_kernel=False, compile=False))] if torch.cuda.is_available() else []))
-def test_decode_paths_match_hf_generate(tiny_model_dir, hf_model, monkeypatch, device, options):
-    if device == "cpu" and options.get("compile"):
+@pytest.mark.parametrize("device,decode", [("cpu", "kernel"), ("cpu", "compiled")]
+                         + ([("cuda", "sdpa"), ("cuda", "kernel")] if torch.cuda.is_available() else []))
+def test_decode_paths_match_hf_generate(tiny_model_dir, hf_model, monkeypatch, device, decode):
+    if device == "cpu" and decode == "compiled":
         # inductor costs ~20 s per graph on CPU. aot_eager gets exactly what inductor would be given (dynamo's
         # capture of the whole step as one graph, dynamic shapes, the kernel's custom op through its fake) and
         # runs it with eager kernels: all but inductor's code generation, which CUDA runs by default
@@ -103,16 +102,84 @@ def test_decode_paths_match_hf_generate(tiny_model_dir, hf_model, monkeypatch, d
     model = load(tiny_model_dir, device)
     prompts = random_prompts([3, 11], model.config.vocab_size)
     args = dict(group_size=2, max_new_tokens=8, temperature=0)
-    sampler = Sampler(model, max_batch_size=4, max_seq_len=24, device=device, dtype=torch.float32, **options)
+    sampler = Sampler(model, max_batch_size=4, max_seq_len=24, device=device, dtype=torch.float32, decode=decode)
+    assert sampler.decode_kernel  # TRITON_INTERPRET=1 on CPU: the kernel runs in the interpreter
     outs = sampler.generate(prompts, **args)
     plain = Sampler(model, max_batch_size=4, max_seq_len=24, device="cpu", dtype=torch.float32,
-                    decode_kernel=False, compile=False).generate(prompts, **args)
+                    decode="sdpa").generate(prompts, **args)
     for i, p in enumerate(prompts):
         ref = hf_model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                                 do_sample=False, max_new_tokens=8, eos_token_id=None, pad_token_id=0)[0, len(p):]
         for o, q in zip(outs[2 * i:2 * i + 2], plain[2 * i:2 * i + 2]):
             assert o.tokens == ref.tolist()
             torch.testing.assert_close(o.logprobs, q.logprobs, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the decode modes, whatever the caller's grad mode
+
+def test_compiled_step_under_grad_mode(tiny_model_dir, monkeypatch):
+    """The compiled step (aot_eager: dynamo and AOTAutograd as on CUDA; the kernel in the interpreter), called
+    with grad on and on weights that require grad, as bench.py's decode-floor rows and the step-by-step tests
+    call it: it must not trace a backward (ssr::decode_attention has none), its logits equal the eager SDPA
+    step's, it writes the cache in place (the CUDA graphs hold its pointer), and no cache becomes an autograd
+    non-leaf (the eager paths used to make it one, holding every step's graph)."""
+    monkeypatch.setattr(sampler_module, "COMPILE_BACKEND", "aot_eager")
+    model = load(tiny_model_dir, "cpu")
+    assert all(p.requires_grad for p in model.parameters())
+    prompts = random_prompts([5, 2, 9], model.config.vocab_size)
+    compiled = Sampler(model, max_batch_size=8, max_seq_len=32, device="cpu", dtype=torch.float32, decode="compiled")
+    eager = Sampler(model, max_batch_size=8, max_seq_len=32, device="cpu", dtype=torch.float32, decode="sdpa")
+    assert compiled.decode_kernel and not eager.decode_kernel and compiled.model is model
+    storage = compiled.cache.k.data_ptr(), compiled.cache.v.data_ptr()
+    gen = torch.Generator().manual_seed(1)
+    with torch.enable_grad():
+        for s in (compiled, eager):
+            s._prefill(prompts, first_slot=0, g=2)
+            s.pos_in[:6] = torch.tensor([len(p) for p in prompts for _ in range(2)])
+        for step in range(3):
+            new = torch.randint(3, model.config.vocab_size, (6,), generator=gen)
+            length = max(len(p) for p in prompts) + step + 1
+            logits = []
+            for s in (compiled, eager):
+                s.tok_in[:6] = new
+                logits.append(s._forward(6, length))
+                s.pos_in[:6] += 1
+            assert not logits[0].requires_grad
+            torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=1e-4)
+        eager.generate(prompts, max_new_tokens=3)
+    assert (compiled.cache.k.data_ptr(), compiled.cache.v.data_ptr()) == storage
+    for s in (compiled, eager):
+        assert s.cache.k.grad_fn is None and s.cache.v.grad_fn is None and not s.cache.k.requires_grad
+
+
+def test_compile_disabled_runs_the_step_uncompiled(tiny_model_dir, capsys):
+    """TORCH_COMPILE_DISABLE=1 (dynamo's config.disable) made the fullgraph step raise "found no compiled
+    frames"; "compiled" now runs the same step uncompiled, and says so in one line."""
+    model = load(tiny_model_dir, "cpu")
+    prompts = random_prompts([4, 7], model.config.vocab_size)
+    with torch._dynamo.config.patch(disable=True):
+        sampler = Sampler(model, max_batch_size=4, max_seq_len=24, device="cpu", dtype=torch.float32,
+                          decode="compiled")
+        assert capsys.readouterr().out.count("torch.compile is disabled") == 1
+        outs = sampler.generate(prompts, group_size=2, max_new_tokens=4, temperature=0)
+    plain = Sampler(model, max_batch_size=4, max_seq_len=24, device="cpu", dtype=torch.float32, decode="sdpa")
+    assert [o.tokens for o in outs] == [o.tokens for o in plain.generate(prompts, group_size=2, max_new_tokens=4,
+                                                                          temperature=0)]
+
+
+def test_decode_modes(tiny_model_dir, monkeypatch):
+    model = load(tiny_model_dir, "cpu")
+    auto = Sampler(model, max_batch_size=2, max_seq_len=8, device="cpu", dtype=torch.float32)
+    assert auto.decode == "sdpa" and not auto.decode_kernel and not auto.use_graphs  # the CPU default
+    assert set(sampler_module.DECODE_MODES) == {"auto", "compiled", "kernel", "sdpa"}
+    with pytest.raises(ValueError, match="decode must be one of"):
+        Sampler(model, max_batch_size=2, max_seq_len=8, device="cpu", dtype=torch.float32, decode="fast")
+    monkeypatch.delenv("TRITON_INTERPRET")  # no GPU and no interpreter: Triton cannot run here
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        Sampler(model, max_batch_size=2, max_seq_len=8, device="cpu", dtype=torch.float32, decode="kernel")
+    compiled = Sampler(model, max_batch_size=2, max_seq_len=8, device="cpu", dtype=torch.float32, decode="compiled")
+    assert not compiled.decode_kernel  # compiled SDPA where the kernel cannot run
 
 
 def expected_probs(logits, temperature, top_k, top_p):
