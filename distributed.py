@@ -47,6 +47,10 @@ def init_distributed(timeout_minutes: float = 60):
     else:
         device = torch.device("cpu")
     if world > 1:
+        # NCCL alone serves CUDA tensors only, and we keep it so (not "cuda:nccl,cpu:gloo"): every collective of
+        # ours takes a tensor on `device` (tests/test_distributed.py checks each one on the 2-rank gloo run), so a
+        # CPU backend would serve nothing but a mistake, and would serve it quietly: over TCP, on every step, with
+        # a second set of connections between all ranks. Without it such a mistake raises where it is made.
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(minutes=timeout_minutes))
     return rank, world, device
@@ -162,7 +166,8 @@ def save_checkpoint(out_dir, step: int, model, optimizer, scheduler, config: dic
         tmp.mkdir(parents=True)
     barrier()
     error = write_checkpoint(tmp, step, model, optimizer, scheduler, config, tokenizer_dir, max_shard_bytes, rank)
-    failed = torch.tensor([error is not None], dtype=torch.int32)
+    # on the model's device: NCCL serves CUDA tensors only, and a CPU flag here fails the run's first checkpoint
+    failed = torch.tensor([error is not None], dtype=torch.int32, device=next(unwrap(model).parameters()).device)
     if dist.is_initialized():  # every rank learns whether any failed: all rename, or none does
         dist.all_reduce(failed, op=dist.ReduceOp.MAX)
     if failed.item():

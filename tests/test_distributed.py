@@ -1,13 +1,22 @@
 """distributed.py on 2 ranks (gloo, CPU, real FSDP2): sharded loading equals a plain load, and the weight sync and
-the checkpoint save hold at most one gathered tensor besides the one being gathered (counted, not assumed)."""
+the checkpoint save hold at most one gathered tensor besides the one being gathered (counted, not assumed); every
+collective the training loop makes takes a tensor on the run's device, as NCCL requires."""
 import json
+import os
+import sys
+import time
 import weakref
+from pathlib import Path
 
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 import distributed
 from checkpoint import load_pretrained, make_tiny_model
 from conftest import free_port, run_ranks
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def count_live_gathers() -> list:
@@ -78,3 +87,94 @@ def test_fsdp_load_sync_and_save_one_tensor_at_a_time(tmp_path):
         assert res["save_alive"] <= res["layer_bytes"], res
     saved = load_pretrained(out / "step_1")
     assert all(torch.equal(p, q) for p, q in zip(saved.parameters(), plain.parameters()))
+
+
+# ----------------------------------------------------------------------------------------------------
+# every collective on the run's device. Under NCCL (the GPU run) a collective on a CPU tensor raises; gloo takes
+# CPU tensors, and here the run's device *is* the CPU, so a 2-rank gloo run cannot see the mistake by itself.
+# The mode below follows where each tensor would live if the run's device were not the host: on it when made
+# with an explicit device= (or .to(device)), or computed from such a tensor; on the host otherwise (a bare
+# torch.tensor([...]), a .cpu(), anything loaded or built from Python data). Every collective made from this
+# project's code (not torch's own: FSDP2 and DCP pick their devices) must take only device tensors.
+
+class RunDeviceTracker(TorchFunctionMode):
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.device = device
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        named = kwargs.get("device")
+        if func is torch.Tensor.to and named is None:  # .to(device[, dtype]) names it positionally
+            named = next((a for a in args[1:] if isinstance(a, (torch.device, str))), None)
+        if func in (torch.Tensor.cpu, torch.Tensor.numpy):
+            on_device = False
+        elif named is not None:
+            on_device = torch.device(named).type == self.device.type
+        else:
+            on_device = any(getattr(t, "_on_run_device", False) for t in tree_leaves((args, kwargs))
+                            if isinstance(t, torch.Tensor))
+        if on_device:
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    t._on_run_device = True
+        return out
+
+
+TENSOR_COLLECTIVES = ("all_reduce", "broadcast", "reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter",
+                      "reduce_scatter_tensor", "gather", "scatter", "all_to_all_single", "send", "recv")
+
+
+def record_collectives(calls: list):
+    """Wrap torch.distributed's tensor collectives: each call from this repository's code appends
+    (file:line, whether every tensor it passes is on the run's device)."""
+    import torch.distributed as dist
+
+    def wrap(name, real):
+        def collective(*args, **kwargs):
+            caller = sys._getframe(1)
+            if Path(caller.f_code.co_filename).resolve().parent == ROOT:
+                tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+                calls.append((f"{Path(caller.f_code.co_filename).name}:{caller.f_lineno} {name}",
+                              all(getattr(t, "_on_run_device", False) for t in tensors)))
+            return real(*args, **kwargs)
+        return collective
+
+    for name in TENSOR_COLLECTIVES:
+        setattr(dist, name, wrap(name, getattr(dist, name)))
+
+
+def _train_worker(rank, port, model_dir, out_dir, args):
+    import smoke
+    import ssr
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    data = str(ROOT / "data" / "sample.jsonl")
+    if rank == 0:  # built here, not in the parent: forking after the tokenizers library has run can crash
+        smoke.make_smoke_model(model_dir + ".tmp", data)
+        os.rename(model_dir + ".tmp", model_dir)
+    while not os.path.exists(model_dir):  # run_ranks' timeout bounds the wait
+        time.sleep(0.1)
+    calls = []
+    record_collectives(calls)
+    with RunDeviceTracker(torch.device("cpu")):
+        ssr.main(["--model", model_dir, "--data", data, "--out-dir", out_dir, *args])
+    Path(out_dir, f"collectives_{rank}.json").write_text(json.dumps(calls))
+
+
+def test_every_collective_of_the_training_loop_is_on_the_run_device(tmp_path):
+    """2 ranks of the FSDP2 training loop (sample, update, log, save): each collective of ours takes device tensors.
+    The save's failure flag once was a bare torch.tensor([...]): a CPU tensor that NCCL refuses at the first
+    checkpoint."""
+    args = ["--dist", "fsdp", "--steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "8",
+            "--micro-batch-size", "4", "--sampler-batch-size", "4", "--reward", "judge:letter_share_reward"]
+    model_dir, out = tmp_path / "model", tmp_path / "out"
+    run_ranks(_train_worker, (free_port(), str(model_dir), str(out), args), timeout=240)
+    for rank in (0, 1):
+        calls = json.loads((out / f"collectives_{rank}.json").read_text())
+        sites = {site.split(":")[0] for site, _ in calls}
+        assert {"ssr.py", "grpo.py", "distributed.py"} <= sites, calls  # the log, the update and the save ran
+        assert all(on_device for _, on_device in calls), [site for site, on_device in calls if not on_device]
