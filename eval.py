@@ -173,8 +173,12 @@ def translate(model, tok, ts: TestSet, path: Path, rows: list[dict], label: str,
             for i, raw, reason in zip(batch, raws, reasons):
                 raw = prefill + raw  # the prefilled <think> is part of the response, as in training
                 answer = (raw.strip() or None) if plain else judge.extract_answer(raw)
-                new.append({"i": i, "src": ts.srcs[i], "ref": ts.refs[i], "hyp": answer or "", "raw": raw,
-                            "extracted": answer is not None, "finish_reason": reason, "scores": {}})
+                # scored as written; --strip-quotes takes off the quotation marks of the paper's artifact
+                quoted = answer is not None and judge.answer_quoted(answer, ts.srcs[i])
+                hyp = judge.strip_quotes(answer, ts.srcs[i]) if quoted and args.strip_quotes else answer
+                new.append({"i": i, "src": ts.srcs[i], "ref": ts.refs[i], "hyp": hyp or "", "raw": raw,
+                            "extracted": answer is not None, "quoted": quoted, "finish_reason": reason,
+                            "scores": {}})
             f.write(jsonl(new))  # appending is safe: load_rows drops a last line cut short by a kill
             f.flush()  # a batch on disk is a batch a rerun does not translate again
             rows += new
@@ -261,7 +265,8 @@ def summarize(rows: list[dict], ts: TestSet, metrics: list[Metric]) -> dict:
     corpus = corpus_scores(rows, ts)
     scores = {m.label: corpus[m.label] if m.label in SACREBLEU_METRICS
               else statistics.fmean(r["scores"][m.label] for r in rows) for m in metrics}
-    result = {"segments": len(rows), "failed_extractions": sum(not r["extracted"] for r in rows), "scores": scores}
+    result = {"segments": len(rows), "failed_extractions": sum(not r["extracted"] for r in rows),
+              "quoted": sum(r["quoted"] for r in rows), "scores": scores}
     if any(m.label == SELF_JUDGE for m in metrics):
         result["judge_parse_failures"] = sum(not r["judge_parsed"] for r in rows)
     return result
@@ -281,7 +286,8 @@ PAPER_METRICS = {"cometkiwi-xxl": "CometKiwi", "xcomet-xxl": "XCOMET"}
 def prompt_names(args) -> dict[str, str]:
     """label -> the prompt its translations were made with, as the tables show it."""
     think = "think+prefill" if args.think_prefill else "think"
-    return {label: "plain" if label in args.plain_labels else think for label in args.labels}
+    stripped = "+strip-quotes" if args.strip_quotes else ""  # a stripped row never passes for one as written
+    return {label: ("plain" if label in args.plain_labels else think) + stripped for label in args.labels}
 
 
 def paper_table(results: dict, prompts: dict[str, str]) -> str:
@@ -308,7 +314,8 @@ def paper_table(results: dict, prompts: dict[str, str]) -> str:
 
 def metrics_table(results: dict, sets: list[TestSet], metrics: list[Metric], prompts: dict[str, str]) -> str:
     """Every metric of every set, a row per model x set, with the failures a reader must see next to them."""
-    counts = ["failed_extractions"] + (["judge_parse_failures"] if any(m.label == SELF_JUDGE for m in metrics) else [])
+    counts = ["failed_extractions", "quoted"] + (["judge_parse_failures"] if any(m.label == SELF_JUDGE for m in metrics)
+                                                 else [])
     rows = [[model, prompts[model], ts.name, *(per_set[ts.name]["scores"][m.label] for m in metrics),
              *(f"{per_set[ts.name][c]}/{per_set[ts.name]['segments']}" for c in counts)]
             for model, per_set in results.items() for ts in sets]
@@ -332,6 +339,9 @@ def report(models: dict[str, str], sets: list[TestSet], metrics: list[Metric], o
     notes.append("- prompt think: the training prompt, the translation extracted from <answer>; failed extractions (no "
                  "valid <think>..</think> <answer>..</answer>) are scored as empty translations by every metric"
                  + ("; +prefill: the response starts with <think> (--think-prefill)" if args.think_prefill else ""))
+    notes.append("- quoted: answers wrapped in quotation marks their source is not (the paper's late SSR-Zero "
+                 "artifact); " + ("--strip-quotes: scored without those marks" if args.strip_quotes
+                                  else "scored as written"))
     if args.plain_labels:
         notes.append("- prompt plain: a bare translation request, the whole response is the translation (empty: a "
                      "failed extraction)")
@@ -360,7 +370,7 @@ NUMBER_FLAGS = {"--batch-size": COUNT, "--max-new-tokens": COUNT, "--judge-max-n
 def translation_settings(args) -> dict:
     """What shapes the translations on disk; a rerun with other values would mix two runs in one file."""
     return {"template": args.template, "think_prefill": args.think_prefill, "temperature": args.temperature,
-            "seed": args.seed,
+            "seed": args.seed, "strip_quotes": args.strip_quotes,
             "max_new_tokens": args.max_new_tokens, "judge_max_new_tokens": args.judge_max_new_tokens}
 
 
@@ -453,6 +463,9 @@ def parse_args(argv=None):
     p.add_argument("--think-prefill", action="store_true",
                    help="start each --model response and self-judge judgement with <think> (as training with "
                         "--think-prefill does)")
+    p.add_argument("--strip-quotes", action="store_true",
+                   help="score each answer without the quotation marks it is wrapped in when its source is not (the "
+                        "artifact the 'quoted' column counts); the rows say +strip-quotes. Default: as written")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T",
                    help="sampling temperature, >= 0; 0 = greedy (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, metavar="N",

@@ -255,6 +255,31 @@ def checked_answer(response: str, tgt_lang: str | None = None) -> tuple[str | No
     return (None if wrong else answer), wrong
 
 
+# The quotation marks a translation can come wrapped in: ASCII, typographic, CJK corner brackets, guillemets
+QUOTE_PAIRS = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019", "\u300c": "\u300d", "\u300e": "\u300f",
+               "\u00ab": "\u00bb"}
+
+
+def wrapped_in_quotes(text: str) -> bool:
+    """Is the whole (stripped) text one quotation: an opening mark first, its closing mark last, and that closing
+    mark nowhere in between? ('"a" and "b"' is two quotations, not a wrapped text.)"""
+    text = text.strip()
+    close = QUOTE_PAIRS.get(text[:1])
+    return len(text) >= 2 and text[-1] == close and close not in text[1:-1]
+
+
+def answer_quoted(answer: str, src: str) -> bool:
+    """The artifact the paper saw late in SSR-Zero's training: a translation wrapped in quotation marks that its
+    source does not have (logged as answer_quoted_rate, counted by eval.py). The judge prompt shows the
+    translation in quotes, which is one way a self-judge can come to reward them."""
+    return wrapped_in_quotes(answer) and not wrapped_in_quotes(src)
+
+
+def strip_quotes(answer: str, src: str) -> str:
+    """eval.py --strip-quotes: the answer without the quotation marks answer_quoted finds (unchanged otherwise)."""
+    return answer.strip()[1:-1].strip() if answer_quoted(answer, src) else answer
+
+
 # Why a judgement did not parse (metrics.jsonl logs the share of each as judge_fail_<kind>):
 #   no_tags      not exactly one <answer>...</answer>, or text after it (e.g. the judge ran out of tokens)
 #   no_number    no number inside the answer ("ninety", empty)

@@ -648,13 +648,17 @@ def log_step(run: Run, step: int, rollouts: list[Rollout], stats: dict, judged: 
     """One line of metrics.jsonl (global batch), a few full rollouts in samples.jsonl, a line on stdout."""
     cfg = run.cfg
     parts = gather([r.reward for r in rollouts])
-    # summed over ranks: response tokens, rollouts, length-truncated rollouts, judge sequences, judgements
+    answered = [r for r in rollouts if r.answer is not None]
+    # summed over ranks: response tokens, rollouts, length-truncated rollouts, judge sequences, judgements,
+    # extracted answers, and those wrapped in quotation marks their source is not
     totals = torch.tensor([sum(len(r.completion.tokens) for r in rollouts), len(rollouts),
                            sum(r.completion.finish_reason == "length" for r in rollouts),
-                           judged["judge_sequences"], judged["judgements"]], dtype=torch.float64, device=run.device)
+                           judged["judge_sequences"], judged["judgements"], len(answered),
+                           sum(judge.answer_quoted(r.answer, r.source["src"]) for r in answered)],
+                          dtype=torch.float64, device=run.device)
     if dist.is_initialized():
         dist.all_reduce(totals)
-    tokens, n, truncated, judge_sequences, judgements = totals.tolist()
+    tokens, n, truncated, judge_sequences, judgements, answers, quoted = totals.tolist()
     groups = [[p.reward for p in parts[i:i + cfg.group_size]] for i in range(0, len(parts), cfg.group_size)]
     grpo_stats = {k: v for k, v in stats.items() if k != "lr"}
     record = {"step": step + 1} | judge.reward_stats(parts) | {
@@ -662,6 +666,8 @@ def log_step(run: Run, step: int, rollouts: list[Rollout], stats: dict, judged: 
         # judgements the rollouts received that no judge sequence was generated for (dedup, group mode)
         "judge_saved_share": 1 - judge_sequences / judgements if judgements else None,
         "truncated_rate": truncated / n,
+        # the paper's late SSR-Zero artifact: translations wrapped in quotation marks (judge.answer_quoted)
+        "answer_quoted_rate": quoted / answers if answers else None,
         "response_len_mean": tokens / n,
         "lr": stats["lr"], "sec_sample": times["sample"], "sec_judge": times["judge"], "sec_update": times["update"],
         "sec_step": time.perf_counter() - t_step,

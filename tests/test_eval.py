@@ -203,12 +203,39 @@ def test_failed_extractions_self_judge_comet_and_two_models(tiny_model_dir, tiny
     table = (out / "table.md").read_text()
     assert table in capsys.readouterr().out
     assert f"| {labels[1]} | think | test | {results['results'][labels[1]]['test']['scores']['bleu']:.2f} |" in table
-    assert "| 2/5 | 1/5 |" in table and "empty translations" in table
+    assert "| 2/5 | 0/5 | 1/5 |" in table and "empty translations" in table  # failed, quoted, judge failures
     # a rerun finds everything on disk: no generation at all, same results
     ScriptedSampler.calls.clear()
     assert ev.main(argv) == 0
     assert ScriptedSampler.calls == []
     assert json.loads((out / "results.json").read_text())["results"] == results["results"]
+
+
+def test_quoted_answers_are_counted_and_scored_as_written_unless_stripped(tiny_model_dir, tmp_path, monkeypatch):
+    """The quotation-mark artifact: counted in the 'quoted' column, scored as written by default; --strip-quotes
+    scores it without the marks, says so in every row, and cannot share an --out with an unstripped run."""
+    monkeypatch.setattr(ev, "Sampler", ScriptedSampler)
+    monkeypatch.setitem(RESPONSES, SRCS[0], " <think>x</think> <answer>“猫在垫子上。”</answer>")
+    monkeypatch.setitem(RESPONSES, SRCS[4], " <think>x</think> <answer>「我喜欢它。」</answer>")
+    argv = ["--model", str(tiny_model_dir), *write_local(tmp_path), "--device", "cpu", "--metrics", "bleu,chrf"]
+    label = Path(tiny_model_dir).name
+    hyps = {False: ["“猫在垫子上。”", "", "你好，世界", "", "「我喜欢它。」"],
+            True: ["猫在垫子上。", "", "你好，世界", "", "我喜欢它。"]}
+    for strip in (False, True):
+        out = tmp_path / f"strip_{strip}"
+        assert ev.main(argv + ["--out", str(out)] + ["--strip-quotes"] * strip) == 0
+        rows = read_segments(out, label)
+        assert [row["hyp"] for row in rows] == hyps[strip]
+        assert [row["quoted"] for row in rows] == [True, False, False, False, True]
+        results = json.loads((out / "results.json").read_text())
+        r = results["results"][label]["test"]
+        assert r["quoted"] == 2 and r["scores"]["chrf"] == sacrebleu.corpus_chrf(hyps[strip], [REFS]).score
+        prompt = "think+strip-quotes" if strip else "think"
+        assert results["prompts"] == {label: prompt} and results["settings"]["strip_quotes"] is strip
+        assert f"| {label} | {prompt} | test |" in (out / "table.md").read_text()
+        assert "| 2/5 | 2/5 |" in (out / "table.md").read_text()  # failed extractions, quoted
+    # stripped and unstripped translations never mix under one --out
+    assert ev.main(argv + ["--out", str(tmp_path / "strip_False"), "--strip-quotes"]) == 2
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -664,3 +664,25 @@ def test_plain_prompt():
     assert judge.plain_prompt("你好。", "zh", "en", "ssr") == judge.plain_prompt("你好。", "zh", "en", "r1")
     with pytest.raises(RewardError, match="unknown prompt template 'nope'"):
         judge.plain_prompt("x", "en", "fr", "nope")
+
+
+# ----------------------------------------------------------------------------------------------------
+# the quotation-mark artifact
+
+@pytest.mark.parametrize("answer", ['"The cat sleeps."', "'The cat sleeps.'", "“猫在睡觉。”", "‘猫在睡觉。’",
+                                    "「猫在睡觉。」", "『猫在睡觉。』", "«Le chat dort.»", '  "padded"  ',
+                                    '"He said “hi”."'])
+def test_answer_quoted(answer):
+    assert judge.answer_quoted(answer, "The cat sleeps.")
+    assert judge.strip_quotes(answer, "The cat sleeps.") == answer.strip()[1:-1]
+    # a source in quotation marks (any kind) translates into a quoted answer: not the artifact
+    for src in ('"The cat sleeps."', "“猫在睡觉。”", "「猫在睡觉。」"):
+        assert not judge.answer_quoted(answer, src)
+        assert judge.strip_quotes(answer, src) == answer
+
+
+@pytest.mark.parametrize("answer", ["The cat sleeps.", '"a" and "b"', "“猫”在“睡觉”", '"unclosed', 'closed"', '"',
+                                    "“mismatched\"", "「mismatched」」x", "'tis", "", "The “cat” sleeps."])
+def test_answer_not_quoted(answer):
+    assert not judge.answer_quoted(answer, "The cat sleeps.")
+    assert judge.strip_quotes(answer, "The cat sleeps.") == answer
