@@ -375,6 +375,46 @@ def load_tokenizer(path) -> Tokenizer:
 
 
 # ----------------------------------------------------------------------------------------------------
+# COMET checkpoints: SSR-X's CometKiwi reward and eval.py's metrics (judge.CometScorer runs what this loads)
+
+def load_comet(name_or_path: str):
+    """A COMET model from a local directory holding checkpoints/model.ckpt and hparams.yaml, a .ckpt file inside
+    such a directory, or a model name (e.g. Unbabel/wmt22-cometkiwi-da) that COMET downloads. A local path never
+    touches the network (local_files_only: the encoder's tokenizer and config must be cached); a name may
+    download, and offline fails with one line saying how to give a local path instead."""
+    import comet  # lazy: COMET pulls in Lightning and torchmetrics (seconds), which plain SSR never needs
+    import yaml
+
+    path = Path(name_or_path).expanduser()
+    local = path.exists()
+    if path.is_dir():
+        ckpt = path / "checkpoints" / "model.ckpt"
+    elif local:
+        ckpt = path
+    else:
+        try:
+            ckpt = Path(comet.download_model(name_or_path))
+        except KeyError:  # COMET turns every download failure (offline, unknown name) into a KeyError
+            raise CheckpointError(
+                f"COMET model {name_or_path!r}: not a local path and could not be downloaded (offline, or "
+                f"not a COMET model); pass a local directory holding checkpoints/model.ckpt and hparams.yaml "
+                f"(e.g. downloaded online with comet.download_model({name_or_path!r}))") from None
+    ckpt = ckpt.resolve()
+    if not ckpt.is_file():
+        raise CheckpointError(f"{path}: not a COMET checkpoint (no {ckpt.name} in {ckpt.parent})")
+    hparams = ckpt.parents[1] / "hparams.yaml"
+    if not hparams.is_file():  # COMET reads the model class from here
+        raise CheckpointError(f"{ckpt}: no hparams.yaml in {ckpt.parents[1]} (COMET expects DIR/checkpoints/"
+                              f"model.ckpt next to DIR/hparams.yaml)")
+    try:
+        return comet.load_from_checkpoint(str(ckpt), local_files_only=local)
+    except OSError:  # transformers found no tokenizer/config for the encoder the checkpoint is built on
+        encoder = yaml.safe_load(hparams.read_text()).get("pretrained_model")
+        raise CheckpointError(f"{ckpt}: the tokenizer and config of its encoder {encoder!r} are not available "
+                              f"locally; load the model once online by its name so they are cached") from None
+
+
+# ----------------------------------------------------------------------------------------------------
 # tiny models for tests and the smoke run
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

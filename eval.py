@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 import judge
-from checkpoint import CheckpointError, load_pretrained, load_tokenizer
+from checkpoint import CheckpointError, load_comet, load_pretrained, load_tokenizer
 from data import LANGUAGES, DataError
 from judge import RewardError
 from rundir import RunDirError, check_eval_out, fingerprint, jsonl, load_rows, replace_file, segments_path
@@ -240,7 +240,8 @@ def run_metrics(outputs: dict, metrics: list[Metric], args):
         if not todo:  # scored by an earlier run: skip loading the model
             continue
         print(f"{metric.label}: loading COMET model {metric.comet}", file=sys.stderr)
-        scorer = judge.CometScorer(metric.comet, device=args.device, batch_size=args.comet_batch_size)
+        scorer = judge.CometScorer(load_comet(metric.comet), metric.comet, device=args.device,
+                                   batch_size=args.comet_batch_size)
         for path, rows, _ in tqdm(todo, desc=metric.label, unit="set"):
             # references always go in: reference-based models (XCOMET) use them, QE models (CometKiwi) ignore them
             scores = scorer.score([r["src"] for r in rows], [r["hyp"] for r in rows], [r["ref"] for r in rows])

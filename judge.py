@@ -11,7 +11,8 @@ score_rollouts(...) turns those (plus optional COMET scores) into one RewardPart
 component apart for logging. CometScorer is SSR-X's CometKiwi reward and eval.py's COMET metric. A custom reward
 (`--reward module:function`) replaces the whole reward.
 
-Everything here is plain Python on strings except CometScorer, which imports COMET only when built.
+Everything here is plain Python on strings except CometScorer, which runs a COMET model checkpoint.load_comet
+loaded. Nothing here reads a file.
 """
 from __future__ import annotations
 
@@ -22,17 +23,15 @@ import re
 import statistics
 import unicodedata
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import yaml
 
 from data import language_name
 
 
 class RewardError(ValueError):
-    """Bad input to the task or reward: unknown language or template, bad custom reward, bad COMET model."""
+    """Bad input to the task or reward: unknown language or template, bad custom reward, bad COMET inputs."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -520,12 +519,8 @@ def letter_share_reward(samples: list[dict]) -> list[float]:
 # COMET: SSR-X's reference-free reward (CometKiwi) and eval.py's metrics (XCOMET, CometKiwi, any COMET)
 
 class CometScorer:
-    """Any COMET checkpoint, scored in our own batches on our own device.
-
-    `name_or_path`: a local directory holding checkpoints/model.ckpt and hparams.yaml, a .ckpt file inside
-    such a directory, or a model name (e.g. Unbabel/wmt22-cometkiwi-da) that COMET downloads. A local path
-    never touches the network (local_files_only: the encoder's tokenizer and config must be cached); a name
-    may download, and offline fails with one line saying how to give a local path instead.
+    """Any COMET model (loaded by checkpoint.load_comet: this file reads no files), scored in our own batches on
+    our own device.
 
     Why not `model.predict()`: it builds a Lightning Trainer, which takes torchrun's environment for a cluster
     of its own and breaks inside a torchrun job. We run what predict runs per batch (`prepare_for_inference`,
@@ -534,37 +529,8 @@ class CometScorer:
     score from its error spans; forward alone would return only one of those parts.
     """
 
-    def __init__(self, name_or_path: str, device: str | torch.device = "cpu", batch_size: int = 16):
-        import comet  # lazy: COMET pulls in Lightning and torchmetrics (seconds), which plain SSR never needs
-
-        path = Path(name_or_path).expanduser()
-        local = path.exists()
-        if path.is_dir():
-            ckpt = path / "checkpoints" / "model.ckpt"
-        elif local:
-            ckpt = path
-        else:
-            try:
-                ckpt = Path(comet.download_model(name_or_path))
-            except KeyError:  # COMET turns every download failure (offline, unknown name) into a KeyError
-                raise RewardError(
-                    f"COMET model {name_or_path!r}: not a local path and could not be downloaded (offline, or "
-                    f"not a COMET model); pass a local directory holding checkpoints/model.ckpt and hparams.yaml "
-                    f"(e.g. downloaded online with comet.download_model({name_or_path!r}))") from None
-        ckpt = ckpt.resolve()
-        if not ckpt.is_file():
-            raise RewardError(f"{path}: not a COMET checkpoint (no {ckpt.name} in {ckpt.parent})")
-        hparams = ckpt.parents[1] / "hparams.yaml"
-        if not hparams.is_file():  # COMET reads the model class from here
-            raise RewardError(f"{ckpt}: no hparams.yaml in {ckpt.parents[1]} (COMET expects DIR/checkpoints/"
-                              f"model.ckpt next to DIR/hparams.yaml)")
-        try:
-            model = comet.load_from_checkpoint(str(ckpt), local_files_only=local)
-        except OSError:  # transformers found no tokenizer/config for the encoder the checkpoint is built on
-            encoder = yaml.safe_load(hparams.read_text()).get("pretrained_model")
-            raise RewardError(f"{ckpt}: the tokenizer and config of its encoder {encoder!r} are not available "
-                              f"locally; load the model once online by its name so they are cached") from None
-        self.name = str(name_or_path)
+    def __init__(self, model, name: str, device: str | torch.device = "cpu", batch_size: int = 16):
+        self.name = name  # what messages call it: the name or path it was loaded from
         self.model = model.eval().to(device)
         self.device = torch.device(device)
         self.batch_size = batch_size

@@ -35,7 +35,7 @@ from tqdm import tqdm
 import grpo
 import judge
 import rundir
-from checkpoint import CheckpointError, load_pretrained, load_tokenizer, read_config
+from checkpoint import CheckpointError, load_comet, load_pretrained, load_tokenizer, read_config
 from distributed import (init_distributed, load_frozen_model, load_train_state, load_trainer_model, newest_checkpoint,
                          read_trainer_state, sampler_copy, save_checkpoint, sync_sampler, unwrap)
 from data import DataError, check_direction, read_jsonl
@@ -335,7 +335,8 @@ def setup(cfg: Config) -> Run:
     rows = load_data(cfg.data, prompt_len, cfg.max_prompt_tokens)
     resume_dir = claim_out_dir(cfg, out, rank)
 
-    comet = judge.CometScorer(cfg.comet_model, device=device) if cfg.w_comet > 0 else None
+    comet = (judge.CometScorer(load_comet(cfg.comet_model), cfg.comet_model, device=device) if cfg.w_comet > 0
+             else None)
     # fp32 master weights, sharded from the start under FSDP2 (a resume fills them from the saved state); on GPU
     # the forward runs in bf16 (autocast for DDP, FSDP2's param_dtype)
     model = load_trainer_model(resume_dir or cfg.model, mode, device, fill=resume_dir is None)

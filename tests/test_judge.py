@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import judge
+from checkpoint import CheckpointError, load_comet
 from data import LANGUAGES, DataError, language_name
 from judge import (FAILURE_KINDS, R1_SYSTEM, STOP_STRINGS, CometScorer, Judgement, RewardError,
                    actor_prompt, checked_answer, extract_answer, group_judge_prompt, in_target_script, judge_prompt,
@@ -532,20 +533,21 @@ def predict_scores(model, samples):
 
 
 def test_comet_kiwi_matches_predict(tiny_comet_dir):
-    scorer = CometScorer(str(tiny_comet_dir), device="cpu", batch_size=4)
+    scorer = CometScorer(load_comet(str(tiny_comet_dir)), "kiwi", device="cpu", batch_size=4)
     assert not scorer.needs_refs
     ours = scorer.score(SRCS, MTS)
     oracle = predict_scores(scorer.model, [{"src": s, "mt": m} for s, m in zip(SRCS, MTS)])
     assert ours == pytest.approx(oracle, abs=1e-5)
     assert max(ours) - min(ours) > 1e-3  # the samples really score differently, so order errors would show
     # order is kept whatever the batch size and length sorting; references are ignored by a Kiwi model
-    assert CometScorer(str(tiny_comet_dir / "checkpoints" / "model.ckpt"), batch_size=1).score(SRCS, MTS, REFS) \
+    ckpt = str(tiny_comet_dir / "checkpoints" / "model.ckpt")
+    assert CometScorer(load_comet(ckpt), "kiwi", batch_size=1).score(SRCS, MTS, REFS) \
         == pytest.approx(ours, abs=1e-5)
     assert scorer.score([], []) == []
 
 
 def test_comet_reference_based_matches_predict(tiny_comet_ref_dir):
-    scorer = CometScorer(str(tiny_comet_ref_dir), batch_size=4)
+    scorer = CometScorer(load_comet(str(tiny_comet_ref_dir)), "xcomet", batch_size=4)
     with_refs = scorer.score(SRCS, MTS, REFS)
     assert with_refs == pytest.approx(
         predict_scores(scorer.model, [{"src": s, "mt": m, "ref": r} for s, m, r in zip(SRCS, MTS, REFS)]), abs=1e-5)
@@ -567,21 +569,21 @@ def test_comet_offline_name_is_one_clear_line(monkeypatch):
         raise KeyError(f"Model '{model}' not supported by COMET.")
 
     monkeypatch.setattr(comet, "download_model", offline)
-    with pytest.raises(RewardError) as e:
-        CometScorer("Unbabel/wmt22-cometkiwi-da")
+    with pytest.raises(CheckpointError) as e:
+        load_comet("Unbabel/wmt22-cometkiwi-da")
     message = str(e.value)
     assert "\n" not in message and "'Unbabel/wmt22-cometkiwi-da'" in message
     assert "pass a local directory holding checkpoints/model.ckpt and hparams.yaml" in message
 
 
 def test_comet_bad_local_paths(tiny_comet_dir, tmp_path):
-    with pytest.raises(RewardError, match="not a COMET checkpoint"):
-        CometScorer(str(tmp_path))  # a directory without checkpoints/model.ckpt
+    with pytest.raises(CheckpointError, match="not a COMET checkpoint"):
+        load_comet(str(tmp_path))  # a directory without checkpoints/model.ckpt
     bare = tmp_path / "bare" / "checkpoints"
     bare.mkdir(parents=True)
     shutil.copy(tiny_comet_dir / "checkpoints" / "model.ckpt", bare)
-    with pytest.raises(RewardError, match="no hparams.yaml"):
-        CometScorer(str(bare / "model.ckpt"))
+    with pytest.raises(CheckpointError, match="no hparams.yaml"):
+        load_comet(str(bare / "model.ckpt"))
 
 
 def test_comet_local_path_is_loaded_offline(tiny_comet_dir, tmp_path, monkeypatch):
@@ -590,15 +592,16 @@ def test_comet_local_path_is_loaded_offline(tiny_comet_dir, tmp_path, monkeypatc
     calls = []
     load = comet.load_from_checkpoint
     monkeypatch.setattr(comet, "load_from_checkpoint", lambda *a, **kw: calls.append(kw) or load(*a, **kw))
-    CometScorer(str(tiny_comet_dir))
+    load_comet(str(tiny_comet_dir))
     assert calls == [{"local_files_only": True}]  # a local path never asks the hub for the encoder files
     # the checkpoint names its encoder by an absolute path; without it, loading fails with one clear line
     moved = tmp_path / "moved"
     shutil.copytree(tiny_comet_dir, moved)
     shutil.move(str(tiny_comet_dir / "encoder"), str(tmp_path / "encoder_away"))
     try:
-        with pytest.raises(RewardError, match=r"tokenizer and config of its encoder '.*encoder' are not avail") as e:
-            CometScorer(str(moved))
+        missing = r"tokenizer and config of its encoder '.*encoder' are not avail"
+        with pytest.raises(CheckpointError, match=missing) as e:
+            load_comet(str(moved))
         assert "\n" not in str(e.value)
     finally:
         shutil.move(str(tmp_path / "encoder_away"), str(tiny_comet_dir / "encoder"))
