@@ -1,12 +1,22 @@
-"""The data room: reading jsonl data files, the language table, translation-direction checks, DataError.
+"""The data room: reading data files (jsonl, plain text, the sacrebleu cache, Flores), the language table,
+translation-direction checks, DataError; and building training sets from parallel files and test sets.
 
-Training sources (ssr.py), eval.py's local test sets (testsets.py) and the prompts' language names (judge.py)
-all come through here, so a bad file or line is reported the same way everywhere: one DataError naming the
-file and line.
+Training sources (ssr.py), eval.py's test sets (testsets.py) and the prompts' language names (judge.py) all come
+through here, so a bad file or line is reported the same way everywhere: one DataError naming the file and line.
+
+    python data.py parallel train_enzh_6565.jsonl train_zhen_6565.jsonl --out train.jsonl --exclude wmt23:zh-en
+    python data.py sacrebleu wmt19 wmt20 --pairs en-zh,zh-en --out more.jsonl --exclude wmt23:zh-en
+
+Both write one training row {"src", "src_lang", "tgt_lang"} per source ("ref" too with --keep-refs), drop exact
+duplicates per direction and every source found in an --exclude set, and end with one summary line.
 """
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import sys
+import unicodedata
 from pathlib import Path
 
 
@@ -64,3 +74,270 @@ def check_direction(where: str, src_lang, tgt_lang):
             raise DataError(f"{where}: {e}") from None
     if src_lang == tgt_lang:
         raise DataError(f"{where}: src_lang and tgt_lang are both {src_lang!r}")
+
+
+class TestSetError(DataError):
+    """A test set that cannot be named, found or read as asked; the message names the flag or file and the fix."""
+
+
+def read_lines(path: Path) -> list[str]:
+    """One segment a line. Split on "\\n" only: str.splitlines would also split at U+2028 and friends, which
+    occur inside real segments and would shift every later line against its reference."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise TestSetError(f"{path}: cannot read ({e})") from None
+    return [line.strip() for line in text.removesuffix("\n").split("\n")] if text else []
+
+
+# ----------------------------------------------------------------------------------------------------
+# test sets on disk: Flores200 devtest from a local directory, WMT from the sacrebleu cache
+
+# Flores file names per language; flores_plus (the maintained release) renamed zho_Hans to cmn_Hans
+FLORES_CODES = {"en": ("eng_Latn",), "zh": ("zho_Hans", "cmn_Hans")}
+
+
+def flores_root(flores_dir: str | None, where: str) -> Path:
+    """The Flores directory a set named at `where` (e.g. "--sets flores:en-zh") is read from."""
+    if not flores_dir:
+        raise TestSetError(f"{where}: no Flores directory; pass --flores-dir DIR or set FLORES_DIR (the FLORES-200 "
+                           f"release, flores200_dataset/devtest/*.devtest, or flores_plus, devtest/*.jsonl)")
+    if not Path(flores_dir).expanduser().is_dir():
+        raise TestSetError(f"--flores-dir {flores_dir}: no such directory ({where} reads Flores from it)")
+    return Path(flores_dir).expanduser()
+
+
+def read_flores(root: Path, lang: str, name: str) -> tuple[list[str], Path]:
+    """The devtest sentences of `lang` in any common layout: the FLORES-200 release (flores200_dataset/devtest/
+    eng_Latn.devtest, or the folder inside it) or flores_plus (devtest/eng_Latn.jsonl, the text under "text")."""
+    tried = [base / "devtest" / f"{code}.{ext}" for base in (root, root / "flores200_dataset")
+             for code in FLORES_CODES[lang] for ext in ("devtest", "jsonl")]
+    path = next((p for p in tried if p.is_file()), None)
+    if path is None:
+        raise TestSetError(f"{name}: no Flores devtest file for {lang} under {root} (looked for {tried[0]}, "
+                           f"{tried[1]} and {len(tried) - 2} more: FLORES-200 or flores_plus layouts)")
+    if path.suffix == ".devtest":
+        return read_lines(path), path
+    rows = read_jsonl(path)  # flores_plus: one object per sentence, in id order
+    for where, row in rows:
+        if not isinstance(row.get("text"), str):
+            raise TestSetError(f"{where}: no 'text' string (expected flores_plus jsonl)")
+    return [row["text"].strip() for _, row in rows], path
+
+
+def read_sacrebleu(corpus: str, pair: str, name: str, instead: str) -> tuple[list[str], list[str], str]:
+    """Source and first reference of a sacrebleu test set (`name` is the set asked for; `instead` says how else
+    to give it); sacrebleu downloads it once into $SACREBLEU (default ~/.sacrebleu) and reads the cached copy
+    from then on."""
+    from sacrebleu.dataset import DATASETS  # sacrebleu only when a set is read: training never needs it
+
+    try:
+        src_file = DATASETS[corpus].get_source_file(pair)
+        ref_files = DATASETS[corpus].get_reference_files(pair)
+    except (OSError, SystemExit):  # URLError is an OSError; sacrebleu calls sys.exit on a bad checksum or SSL
+        cache = os.environ.get("SACREBLEU", "~/.sacrebleu")
+        raise TestSetError(f"{name}: not in the sacrebleu cache ({cache}) and the download failed (offline?); run "
+                           f"once online, or copy a ~/.sacrebleu cache here and point SACREBLEU at it, or "
+                           f"{instead}") from None
+    if not ref_files:
+        raise TestSetError(f"{name}: sacrebleu has no reference for {corpus} {pair}")
+    return read_lines(Path(src_file)), read_lines(Path(ref_files[0])), f"sacrebleu {corpus} {pair}"
+
+
+def sacrebleu_pairs(corpus: str) -> list[str]:
+    """The language pairs sacrebleu knows for a test set (none for a set it does not know)."""
+    from sacrebleu.dataset import DATASETS
+
+    return list(DATASETS[corpus].langpairs) if corpus in DATASETS else []
+
+
+# ----------------------------------------------------------------------------------------------------
+# building a training set
+
+def normalise(text: str) -> str:
+    """What "the same sentence" means for dedup and --exclude: NFKC (full-width letters, digits and punctuation
+    as their plain forms) and every run of whitespace as one space, ends stripped. Only the keys are normalised:
+    the rows keep their text as written (NFKC would rewrite a Chinese sentence's full-width commas)."""
+    return " ".join(unicodedata.normalize("NFKC", text).split())
+
+
+def parallel_rows(path: str, keep_refs: bool) -> list[tuple[str, dict]]:
+    """(where, training row) per line of a parallel jsonl, in either layout:
+    MT-R1-Zero's  {"data_source": ..., "lg": "en-zh", "en": "...", "zh": "..."}: lg gives the direction, each
+                  language's text sits under its code;
+    ours          {"src", "src_lang", "tgt_lang"[, "ref"]}.
+    The row's source is its text, stripped; with keep_refs its "ref" is the other side."""
+    rows = []
+    for where, row in read_jsonl(path):
+        if "lg" in row:
+            src_lang, dash, tgt_lang = row["lg"].partition("-") if isinstance(row["lg"], str) else ("", "", "")
+            if not (src_lang and dash and tgt_lang):
+                raise DataError(f"{where}: unknown lg {row['lg']!r} (expected SRC-TGT, e.g. en-zh)")
+            src_key, ref_key = src_lang, tgt_lang
+        elif "src" in row:
+            src_lang, tgt_lang = row.get("src_lang"), row.get("tgt_lang")
+            src_key, ref_key = "src", "ref"
+        else:
+            raise DataError(f"{where}: neither MT-R1-Zero's layout (lg, and each language's text under its code) "
+                            f"nor ours (src, src_lang, tgt_lang)")
+        check_direction(where, src_lang, tgt_lang)
+        src, ref = row.get(src_key), row.get(ref_key)
+        if not isinstance(src, str):
+            raise DataError(f"{where}: no {src_key!r} text (the {src_lang} source)")
+        if not src.strip():
+            raise DataError(f"{where}: empty source ({src_key!r})")
+        out = {"src": src.strip(), "src_lang": src_lang, "tgt_lang": tgt_lang}
+        if keep_refs:
+            if not isinstance(ref, str) or not ref.strip():
+                raise DataError(f"{where}: no {ref_key!r} text to keep as the reference (--keep-refs)")
+            out["ref"] = ref.strip()
+        rows.append((where, out))
+    return rows
+
+
+def sacrebleu_rows(names: list[str], pairs: list[str], keep_refs: bool) -> list[tuple[str, dict]]:
+    """(where, training row) per source segment of each sacrebleu test set in each of `pairs` it has."""
+    rows = []
+    for name in names:
+        have = [pair for pair in pairs if pair in sacrebleu_pairs(name)]
+        if not have:
+            raise TestSetError(f"sacrebleu test set {name}: has none of --pairs {','.join(pairs)} (sacrebleu knows "
+                               f"{', '.join(sacrebleu_pairs(name)) or 'no such set'})")
+        for pair in have:
+            srcs, refs, origin = read_sacrebleu(name, pair, f"{name}:{pair}", "give its files to data.py parallel")
+            src_lang, _, tgt_lang = pair.partition("-")
+            for i, (src, ref) in enumerate(zip(srcs, refs), 1):
+                if src.strip():  # a test set's blank line is a gap, not a bad row
+                    rows.append((f"{origin} segment {i}", {"src": src, "src_lang": src_lang, "tgt_lang": tgt_lang}
+                                 | ({"ref": ref} if keep_refs else {})))
+    return rows
+
+
+def exclude_segments(spec: str, flores_dir: str | None) -> set[str]:
+    """The normalised segments, source and reference side, of one --exclude set: a local file (plain text one
+    segment a line, or jsonl with src and/or ref) or a test-set name as eval.py takes it (wmt23:zh-en, a
+    sacrebleu set from its cache; flores:en-zh from --flores-dir)."""
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".jsonl":
+        segments = []
+        for where, row in read_jsonl(path):
+            texts = [row[k] for k in ("src", "ref") if isinstance(row.get(k), str)]
+            if not texts:
+                raise DataError(f"{where}: no src or ref text to exclude")
+            segments += texts
+    elif path.is_file():
+        segments = read_lines(path)
+    else:
+        corpus, _, pair = spec.partition(":")
+        src_lang, _, tgt_lang = pair.partition("-")
+        if not (corpus and src_lang and tgt_lang):
+            raise DataError(f"--exclude {spec}: no such file, and not a test set name (NAME:SRC-TGT, e.g. wmt23:zh-en)")
+        check_direction(f"--exclude {spec}", src_lang, tgt_lang)
+        if corpus == "flores":
+            if {src_lang, tgt_lang} != set(FLORES_CODES):
+                raise TestSetError(f"--exclude {spec}: Flores sets here are en-zh and zh-en")
+            root = flores_root(flores_dir, f"--exclude {spec}")
+            segments = read_flores(root, src_lang, spec)[0] + read_flores(root, tgt_lang, spec)[0]
+        else:
+            # both sides are excluded, so a set run backwards (eval's wmt24:zh-en) is its forward pair's segments
+            known = sacrebleu_pairs(corpus)
+            found = next((p for p in (pair, f"{tgt_lang}-{src_lang}") if p in known), None)
+            if found is None:
+                raise TestSetError(f"--exclude {spec}: no such file, and sacrebleu has no test set {corpus} {pair}")
+            srcs, refs, _ = read_sacrebleu(corpus, found, spec, "give the set as a local file")
+            segments = srcs + refs
+    return {normalise(s) for s in segments if s.strip()}
+
+
+def build(rows: list[tuple[str, dict]], excluded: set[str]) -> tuple[list[dict], dict]:
+    """The training rows: each row's first occurrence per direction (normalised source), minus every row whose
+    normalised source is an excluded segment. Returns the rows and the counts the summary line reports."""
+    seen, out = set(), []
+    counts = {"duplicates": 0, "excluded": 0, "directions": {}}
+    for _, row in rows:
+        direction = f"{row['src_lang']}-{row['tgt_lang']}"
+        counts["directions"].setdefault(direction, 0)
+        key = normalise(row["src"])
+        if key in excluded:  # a test segment in the training data, however often it occurs
+            counts["excluded"] += 1
+        elif (direction, key) in seen:
+            counts["duplicates"] += 1
+        else:
+            seen.add((direction, key))
+            counts["directions"][direction] += 1
+            out.append(row)
+    return out, counts
+
+
+def write_rows(path: Path, rows: list[dict]):
+    """All or nothing: a temporary name, renamed at the end."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"--out {path}: cannot write ({e.strerror})") from None
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line `data: error: ...` and exit status 2 from main, not a usage block
+        raise DataError(message)
+
+
+def parse_args(argv=None):
+    p = Parser(prog="data.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = p.add_subparsers(dest="command", required=True, metavar="{parallel,sacrebleu}")
+    parallel = commands.add_parser("parallel", help="training rows from parallel jsonl (MT-R1-Zero's or ours)",
+                                   description="One training row per source of parallel jsonl files: MT-R1-Zero's "
+                                               "layout ({data_source, lg: en-zh, en, zh}) or ours ({src, src_lang, "
+                                               "tgt_lang[, ref]}).")
+    parallel.add_argument("files", nargs="+", metavar="FILE", help="parallel jsonl files, read in order")
+    sets = commands.add_parser("sacrebleu", help="training rows from the sources of sacrebleu test sets",
+                               description="The sources of sacrebleu test sets (e.g. older WMT news sets) as "
+                                           "training rows, from the sacrebleu cache ($SACREBLEU; downloaded once "
+                                           "online).")
+    sets.add_argument("sets", nargs="+", metavar="SET", help="sacrebleu test sets, e.g. wmt19 wmt20")
+    sets.add_argument("--pairs", default="en-zh,zh-en", metavar="LIST",
+                      help="comma-separated directions to take from each set (default: %(default)s)")
+    for sub in (parallel, sets):
+        sub.add_argument("--out", required=True, metavar="OUT.jsonl", help="the training set to write")
+        sub.add_argument("--keep-refs", action="store_true",
+                         help="keep the other side as the row's 'ref' (for the reference reward and the positive "
+                              "control; SSR itself trains on sources only)")
+        sub.add_argument("--exclude", nargs="+", default=[], metavar="SPEC",
+                         help="drop every row whose source is a segment (either side) of these sets: test-set names "
+                              "as eval.py takes them (wmt23:zh-en, flores:en-zh, ...) or local files (plain text, "
+                              "one segment a line, or jsonl with src/ref)")
+        sub.add_argument("--flores-dir", default=os.environ.get("FLORES_DIR"), metavar="DIR",
+                         help="local Flores200 directory for flores:* --exclude sets (default: $FLORES_DIR)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+        excluded = set().union(*(exclude_segments(spec, args.flores_dir) for spec in args.exclude))
+        if args.command == "parallel":
+            rows = [r for path in args.files for r in parallel_rows(path, args.keep_refs)]
+        else:
+            pairs = [p.strip() for p in args.pairs.split(",") if p.strip()]
+            for pair in pairs:
+                src_lang, _, tgt_lang = pair.partition("-")
+                check_direction(f"--pairs {pair}", src_lang, tgt_lang)
+            rows = sacrebleu_rows(args.sets, pairs, args.keep_refs)
+        out_rows, counts = build(rows, excluded)
+        write_rows(Path(args.out), out_rows)
+    except DataError as e:
+        print("data: error: " + " ".join(str(e).splitlines()), file=sys.stderr)
+        return 2
+    per_direction = ", ".join(f"{d}: {n}" for d, n in counts["directions"].items())
+    print(f"data: wrote {len(out_rows)} rows to {args.out} ({per_direction}); dropped {counts['duplicates']} "
+          f"duplicates, {counts['excluded']} found in --exclude sets")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

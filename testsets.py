@@ -1,30 +1,27 @@
 """The test sets eval.py translates: find, read and check them, and hand each over as a TestSet of aligned sources
 and references. WMT comes through sacrebleu (its cache, else a download), Flores200 devtest from a local directory
-in either common layout, your own data from plain-text or jsonl files. Every set is checked before it is used: a
-direction the prompts can name, as many references as sources, no empty source.
+in either common layout, your own data from plain-text or jsonl files (the files themselves are read by data.py,
+which data.py --exclude shares). Every set is checked before it is used: a direction the prompts can name, as many
+references as sources, no empty source.
 """
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import sacrebleu
 
-from data import DataError, check_direction, read_jsonl
+from data import (FLORES_CODES, TestSetError, check_direction, flores_root, read_flores, read_jsonl, read_lines,
+                  read_sacrebleu)
 
 # the paper's table: WMT23, WMT24 and Flores200 devtest, both directions between English and Chinese
 PAPER_SETS = ("wmt23:zh-en", "wmt24:zh-en", "flores:zh-en", "wmt23:en-zh", "wmt24:en-zh", "flores:en-zh")
-# Flores file names per language; flores_plus (the maintained release) renamed zho_Hans to cmn_Hans
-FLORES_CODES = {"en": ("eng_Latn",), "zh": ("zho_Hans", "cmn_Hans")}
 # WMT24 has no zh->en task. The paper reports a WMT24 ZH->EN column all the same; the only reading that gives one
 # is en-zh run backwards: the Chinese references become sources, the English sources references.
 REVERSED_SETS = {"wmt24:zh-en": "en-zh"}
-
-
-class TestSetError(DataError):
-    """A test set that cannot be named, found or read as asked; the message names the flag or file and the fix."""
+# what to do instead when a sacrebleu set is neither cached nor downloadable
+SACREBLEU_INSTEAD = "pass the files with --src/--ref"
 
 
 @dataclass
@@ -51,16 +48,6 @@ def checked_set(ts: TestSet) -> TestSet:
     return ts
 
 
-def read_lines(path: Path) -> list[str]:
-    """One segment a line. Split on "\\n" only: str.splitlines would also split at U+2028 and friends, which
-    occur inside real segments and would shift every later line against its reference."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise TestSetError(f"{path}: cannot read ({e})") from None
-    return [line.strip() for line in text.removesuffix("\n").split("\n")] if text else []
-
-
 # ----------------------------------------------------------------------------------------------------
 # named sets: wmtNN:SRC-TGT through sacrebleu, flores:SRC-TGT from --flores-dir
 
@@ -84,63 +71,19 @@ def parse_set_name(name: str) -> tuple[str, str, str]:
     return corpus, src_lang, tgt_lang
 
 
-def flores_root(flores_dir: str | None, name: str) -> Path:
-    if not flores_dir:
-        raise TestSetError(f"--sets {name}: no Flores directory; pass --flores-dir DIR or set FLORES_DIR (the "
-                           f"FLORES-200 release, flores200_dataset/devtest/*.devtest, or flores_plus, devtest/*.jsonl)")
-    if not Path(flores_dir).expanduser().is_dir():
-        raise TestSetError(f"--flores-dir {flores_dir}: no such directory (--sets {name} reads Flores from it)")
-    return Path(flores_dir).expanduser()
-
-
-def read_flores(root: Path, lang: str, name: str) -> tuple[list[str], Path]:
-    """The devtest sentences of `lang` in any common layout: the FLORES-200 release (flores200_dataset/devtest/
-    eng_Latn.devtest, or the folder inside it) or flores_plus (devtest/eng_Latn.jsonl, the text under "text")."""
-    tried = [base / "devtest" / f"{code}.{ext}" for base in (root, root / "flores200_dataset")
-             for code in FLORES_CODES[lang] for ext in ("devtest", "jsonl")]
-    path = next((p for p in tried if p.is_file()), None)
-    if path is None:
-        raise TestSetError(f"{name}: no Flores devtest file for {lang} under {root} (looked for {tried[0]}, "
-                           f"{tried[1]} and {len(tried) - 2} more: FLORES-200 or flores_plus layouts)")
-    if path.suffix == ".devtest":
-        return read_lines(path), path
-    rows = read_jsonl(path)  # flores_plus: one object per sentence, in id order
-    for where, row in rows:
-        if not isinstance(row.get("text"), str):
-            raise TestSetError(f"{where}: no 'text' string (expected flores_plus jsonl)")
-    return [row["text"].strip() for _, row in rows], path
-
-
-def read_sacrebleu(corpus: str, pair: str, name: str) -> tuple[list[str], list[str], str]:
-    """Source and first reference of a sacrebleu test set (`name` is the set asked for, checked by parse_set_name);
-    sacrebleu downloads it once into $SACREBLEU (default ~/.sacrebleu) and reads the cached copy from then on."""
-    from sacrebleu.dataset import DATASETS
-
-    try:
-        src_file = DATASETS[corpus].get_source_file(pair)
-        ref_files = DATASETS[corpus].get_reference_files(pair)
-    except (OSError, SystemExit):  # URLError is an OSError; sacrebleu calls sys.exit on a bad checksum or SSL
-        cache = os.environ.get("SACREBLEU", "~/.sacrebleu")
-        raise TestSetError(f"{name}: not in the sacrebleu cache ({cache}) and the download failed (offline?); run "
-                           f"once online, or copy a ~/.sacrebleu cache here and point SACREBLEU at it, or pass "
-                           f"the files with --src/--ref") from None
-    if not ref_files:
-        raise TestSetError(f"{name}: sacrebleu has no reference for {corpus} {pair}")
-    return read_lines(Path(src_file)), read_lines(Path(ref_files[0])), f"sacrebleu {corpus} {pair}"
-
-
 def load_named_set(name: str, flores_dir: str | None) -> TestSet:
     corpus, src_lang, tgt_lang = parse_set_name(name)
     if corpus == "flores":
-        root = flores_root(flores_dir, name)
+        root = flores_root(flores_dir, f"--sets {name}")
         (srcs, src_file), (refs, ref_file) = read_flores(root, src_lang, name), read_flores(root, tgt_lang, name)
         return checked_set(TestSet(name, src_lang, tgt_lang, srcs, refs, f"{src_file} / {ref_file}"))
     if name in REVERSED_SETS:
-        srcs, refs, origin = read_sacrebleu(corpus, REVERSED_SETS[name], name)
+        srcs, refs, origin = read_sacrebleu(corpus, REVERSED_SETS[name], name, SACREBLEU_INSTEAD)
         return checked_set(TestSet(name, src_lang, tgt_lang, refs, srcs, origin + ", reversed",
                                    note="WMT24 has no zh-en: this is wmt24 en-zh reversed (Chinese references "
                                         "as sources, English sources as references)"))
-    return checked_set(TestSet(name, src_lang, tgt_lang, *read_sacrebleu(corpus, f"{src_lang}-{tgt_lang}", name)))
+    return checked_set(TestSet(name, src_lang, tgt_lang,
+                               *read_sacrebleu(corpus, f"{src_lang}-{tgt_lang}", name, SACREBLEU_INSTEAD)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -202,7 +145,7 @@ def check_set_flags(args):
     names = set_names(args)
     for name in names:
         if parse_set_name(name)[0] == "flores":
-            flores_root(args.flores_dir, name)
+            flores_root(args.flores_dir, f"--sets {name}")
     if args.src:
         check_local_flags(args.src, args.ref, args.src_lang, args.tgt_lang)
         names.append(Path(args.src).expanduser().stem)
