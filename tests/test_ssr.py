@@ -38,11 +38,10 @@ def model_dir(tmp_path_factory):
 
 
 # The verdict model's behaviour, fixed by fine-tuning (on two_rows' sources only). As an actor it answers
-# "90" or '"80"' (in quotation marks: the artifact answer_quoted_rate counts), about half and half, so groups
-# hold both; as a pointwise judge it scores each translation by its content, in two spellings of the score
-# grammar; as a group judge it scores the first translation of the prompt 90 and the second 60, so a rollout's
-# group reward says where its translation was numbered.
-VERDICTS = {"90": ("Score: 90/100", 90.0), '"80"': ("**60**", 60.0)}  # translation -> pointwise verdict, its score
+# "90" or "80", about half and half, so groups hold both; as a pointwise judge it scores each translation by
+# its content, in two spellings of the score grammar; as a group judge it scores the first translation of the
+# prompt 90 and the second 60, so a rollout's group reward says where its translation was numbered.
+VERDICTS = {"90": ("Score: 90/100", 90.0), "80": ("**60**", 60.0)}  # translation -> pointwise verdict, its score
 GROUP_SCORES = (90.0, 60.0)
 
 
@@ -66,7 +65,7 @@ def verdict_model_dir(tmp_path_factory, model_dir, two_rows):
         for answer, (verdict, _) in VERDICTS.items():
             examples.append((judge.actor_prompt(r["src"], *langs), response(answer)))
             examples.append((judge.judge_prompt(r["src"], answer, *langs), response(verdict)))
-        for group in (["90"], ['"80"'], ["90", '"80"'], ['"80"', "90"]):
+        for group in (["90"], ["80"], ["90", "80"], ["80", "90"]):
             verdict = "\n".join(f"{i}: {score:.0f}" for i, score in enumerate(GROUP_SCORES[:len(group)], 1))
             examples.append((judge.group_judge_prompt(r["src"], group, *langs), response(verdict)))
     loss = smoke.fine_tune(out, examples, steps=150, lr=5e-3, batch_size=len(examples))
@@ -143,9 +142,8 @@ def test_self_judge_and_comet_rewards_in_the_loop(tmp_path, verdict_model_dir, t
                 "sec_update", "rollout_tokens_per_s", "response_len_mean", "kl_old", "kl_sampler", "truncated_rate",
                 "judge_saved_share", "comet_mean", *(f"judge_fail_{kind}" for kind in judge.FAILURE_KINDS)):
         assert m[key] is not None, key
-    # the quoted answers ('"80"'; the sources are not quoted) over the extracted ones
-    answered = [r["answer"] for r in rows if r["answer"] is not None]
-    assert m["answer_quoted_rate"] == pytest.approx(answered.count('"80"') / len(answered))
+    # logged over the extracted answers: none of "90" and "80" is in quotation marks (test_judge: both ways)
+    assert m["answer_quoted_rate"] == 0.0
     # CPU: the sampler runs the trainer's own fp32 weights, so their log-probs agree up to kernel rounding
     assert 0 <= m["kl_sampler"] < 1e-6
 
