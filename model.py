@@ -116,8 +116,10 @@ class Attention(nn.Module):
             if kv_cache is not None:
                 # the cache stores this step's k/v and hands back everything attendable: (B, Hkv, S, D)
                 k, v = kv_cache.update(self.layer_idx, k, v)
-            # no cache and no mask: plain causal attention over the sequence (training, full forward)
-            is_causal = attn_mask is None and kv_cache is None
+            # no mask: causal attention over the T keys given (training, a full forward, the sampler's prefill,
+            # whose cache hands back the prompts' own K/V), which SDPA runs in a kernel that never holds the
+            # (B, H, T, T) scores (on CUDA flash attention, which takes GQA as it is; a mask would mean math)
+            is_causal = attn_mask is None
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                                  enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
@@ -171,7 +173,8 @@ class Transformer(nn.Module):
         positions (B, T): absolute position of each token (default 0..T-1 for every row).
         kv_cache: an object with `update(layer_idx, k, v) -> (k, v)`, or one with `attend(layer_idx, q, k, v)
         -> out` that does the attention itself (sampler.KernelDecodeView, grpo.SharedPromptAttention).
-        attn_mask (B, 1, T, S) bool, True = may attend; required with an `update` cache, causal otherwise.
+        attn_mask (B, 1, T, S) bool, True = may attend; None: causal over the T keys (an `update` cache must then
+        hand back exactly this call's K/V, as the sampler's prefill does).
         """
         B, T = input_ids.shape
         if positions is None:

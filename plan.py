@@ -12,10 +12,14 @@ Where the bytes go (P parameters; b = 2 bytes on GPU, where the sampler and the 
   layers at a time for the rest: the current one and the prefetched next) and their unsharded gradients (in
   the compute dtype, then fp32 for the reduce-scatter), the fused head's vocabulary chunk;
 - the optimizer step adds one fp32 temporary the size of the local shard (foreach AdamW's sqrt of v);
-- sampling adds a prefill's activations (PREFILL_TOKENS tokens through one layer's MLP) and the sampling
+- sampling adds a prefill's activations (PREFILL_TOKENS tokens through one layer's MLP; attention is causal SDPA
+  with no mask, whose flash/memory-efficient kernels never hold (n, heads, P, P) scores) and the sampling
   temporaries (a few fp32 (slots, V) tensors).
+On GPU two resident rows are estimates rather than counts: the decode graphs' memory pool (one step's
+activations at the largest batch bucket: the graphs never run at once, so they share its blocks), and the CUDA
+context with NCCL's buffers, which live outside PyTorch's allocator (CUDA_CONTEXT, NCCL_BUFFERS below).
 The peak is the resident memory plus the largest of those phases. Sums are exact for the tensors we allocate;
-allocator fragmentation and the CUDA context are not modelled, so keep a few GiB of margin.
+allocator fragmentation is not modelled, so keep a few GiB of margin.
 """
 from __future__ import annotations
 
@@ -26,6 +30,13 @@ from dataclasses import dataclass
 from model import ModelConfig
 
 GIB = 1024**3
+# Per process: the CUDA context, cuBLAS/cuDNN workspaces and the loaded kernels (torch's, Triton's, inductor's).
+# A bare torch process on an H100 holds ~0.5 GiB of it (nvidia-smi); a compiled run loads more kernels.
+CUDA_CONTEXT = GIB
+# Per NCCL communicator (one: the default process group that FSDP2/DDP and the weight sync use): per channel and
+# peer, NCCL_BUFFSIZE's 4 MiB for the simple protocol plus ~4.5 MiB for LL/LL128, two peers on a ring, up to 32
+# channels on NVLink: ~0.5 GiB.
+NCCL_BUFFERS = GIB // 2
 
 
 def param_counts(cfg: ModelConfig) -> tuple[int, int]:
@@ -72,6 +83,16 @@ def cache_positions(c) -> int:
     """Positions per slot: the longest actor prompt + answer, or judge prompt (~128 tokens of template + the
     source + the answer) + judgement, whichever is longer (one cache serves both, one after the other)."""
     return c.max_prompt_tokens + c.max_new_tokens + c.judge_max_new_tokens + 128
+
+
+def graph_pool_bytes(cfg: ModelConfig, slots: int, b: int) -> int:
+    """The decode graphs' shared memory pool: one step's transients at the largest batch bucket (slots rows), per
+    row a layer's q, k, v and their rotated copies, attention output, the MLP's I-wide tensors and a few
+    hidden-wide ones in b bytes, the logits before their fp32 copy, and the kernel's fp32 split partials (a few
+    splits a row at that bucket)."""
+    H, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    return slots * ((4 * I + 8 * H + 4 * (q + 2 * kv)) * b + V * b + 4 * q * 4)
 
 
 def graph_logits_bytes(slots: int, positions: int, vocab: int) -> int:
@@ -141,8 +162,10 @@ def memory_plan(c, model: ModelConfig, world: int, mode: str, on_gpu: bool, devi
             (f"trainer: fp32 weights, grads, AdamW (16 B/param{f' / {shards}' if shards > 1 else ''})",
              16 * P / shards, "resident")]
     if on_gpu:
-        rows.append(("decode graphs' logits buffers", graph_logits_bytes(slots, positions, model.vocab_size),
-                     "resident"))
+        rows += [("decode graphs' logits buffers", graph_logits_bytes(slots, positions, model.vocab_size), "resident"),
+                 ("decode graphs' memory pool (one step, largest batch)", graph_pool_bytes(model, slots, b), "resident"),
+                 ("CUDA context + NCCL buffers (estimate)",
+                  CUDA_CONTEXT + (NCCL_BUFFERS if world > 1 else 0), "resident")]
     if mode == "ddp":
         rows.append(("DDP gradient buckets (fp32)", 4 * P, "resident"))
     if c.kl_beta > 0:
@@ -155,7 +178,7 @@ def memory_plan(c, model: ModelConfig, world: int, mode: str, on_gpu: bool, devi
         rows.append(("COMET model (fp32)", comet_bytes, "resident"))
     rows += update_rows(c, model, layer, root, b, mode, shards, P, on_gpu, CHUNK_ELEMS)
     rows.append(("AdamW step temporary (fp32, local shard)", 4 * P / shards, "optimizer"))
-    rows.append((f"prefill activations ({PREFILL_TOKENS} tokens, one layer)",
+    rows.append((f"prefill activations ({PREFILL_TOKENS} tokens, one layer, causal: no P x P scores)",
                  PREFILL_TOKENS * (3 * model.intermediate_size + 4 * model.hidden_size) * b, "sample"))
     rows.append(("sampling temporaries (4 x slots x vocab fp32)", 4 * slots * model.vocab_size * 4, "sample"))
     resident = sum(n for _, n, phase in rows if phase == "resident")

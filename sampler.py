@@ -97,16 +97,22 @@ class KVCache:
 
 
 class PrefillView:
-    """kv_cache for a prefill of n prompts: copies each prompt's K/V into all its slots (the group fan-out) and
-    lets the prompts attend over themselves."""
+    """kv_cache for a prefill of n prompts: copies each prompt's K/V into all g slots of its group (the fan-out),
+    slots first.. first + n * g - 1, prompt-major, and hands the prompts' own K/V back: with no mask the model
+    then runs causal attention over the prompt, which SDPA's flash/memory-efficient kernels do without ever
+    holding (n, heads, P, P) scores. Right padding keeps that exact: a pad comes after its prompt's tokens, so
+    causal attention never lets a real token see one (the pads' own K/V land past the prompt, where decoding
+    overwrites them before any row attends there)."""
 
-    def __init__(self, cache: KVCache, slots: torch.Tensor, src: torch.Tensor):
-        self.cache, self.slots, self.src = cache, slots, src  # slot slots[i] gets prompt src[i]'s K/V
+    def __init__(self, cache: KVCache, first: int, g: int):
+        self.cache, self.first, self.g = cache, first, g
 
     def update(self, layer: int, k, v):  # k, v (n, Hkv, P, D)
-        P = k.shape[2]
-        self.cache.k[layer, self.slots, :, :P] = k[self.src]  # (n * group, Hkv, P, D)
-        self.cache.v[layer, self.slots, :, :P] = v[self.src]
+        n, P = k.shape[0], k.shape[2]
+        slots = slice(self.first, self.first + n * self.g)
+        # a broadcast copy into the (n, g, ...) view of the slots: no (n * g, Hkv, P, D) temporary
+        self.cache.k[layer, slots, :, :P].unflatten(0, (n, self.g)).copy_(k[:, None])
+        self.cache.v[layer, slots, :, :P].unflatten(0, (n, self.g)).copy_(v[:, None])
         return k, v
 
 
@@ -475,11 +481,8 @@ class Sampler:
         for i, p in enumerate(prompts):           # attention keeps real tokens from ever seeing them
             ids[i, :len(p)] = torch.tensor(p)
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
-        slots = first_slot + torch.arange(n * g, device=self.device)
-        src = torch.arange(n, device=self.device).repeat_interleave(g)
-        causal = torch.ones(P, P, dtype=torch.bool, device=self.device).tril().expand(n, 1, P, P)
-        h = self.model(ids.to(self.device), kv_cache=PrefillView(self.cache, slots, src), attn_mask=causal,
-                       return_hidden=True)  # (n, P, hidden)
+        h = self.model(ids.to(self.device), kv_cache=PrefillView(self.cache, first_slot, g),
+                       return_hidden=True)  # (n, P, hidden); causal attention, no mask (see PrefillView)
         # the vocab head only at each prompt's last token, not at all n * P positions
         logits = head_logits(self.model, h[torch.arange(n, device=self.device), last])
         self.stats.prefill_calls += 1

@@ -101,12 +101,17 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def sm_count(device) -> int:
+    """Streaming multiprocessors the split plan fills: the GPU's; 1 on CPU, where splitting never pays (CPU checks
+    of the merge kernel put a GPU's count here: scripts/gpu_check.py --cpu)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def plan_splits(rows: int, kv_heads: int, length: int, device) -> int:
     """How many splits a step attending over at most `length` positions gets: enough programs to fill the GPU
     (a batch of 64 rows x 4 key heads is already 256 programs: few or no splits), never a split shorter than
     one BLOCK_N. A function of the shapes alone, so a CUDA graph captured for them keeps its launch grid."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    return max(1, min(cdiv(PROGRAMS_PER_SM * sms, rows * kv_heads), cdiv(length, BLOCK_N)))
+    return max(1, min(cdiv(PROGRAMS_PER_SM * sm_count(device), rows * kv_heads), cdiv(length, BLOCK_N)))
 
 
 @torch.library.custom_op("ssr::decode_attention", mutates_args=())

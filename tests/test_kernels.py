@@ -199,3 +199,31 @@ def test_linear_ignored_targets(backend, device):
     h.grad = None
     linear_token_logprobs(h, w, torch.full_like(targets, kernels.IGNORE), backend=backend).sum().backward()
     assert (h.grad == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_at_production_blocks(monkeypatch, dtype):
+    """The Triton kernels at the block and chunk sizes the GPU runs (BLOCK 4096 columns, CHUNK_ELEMS 2**25), which
+    the other tests shrink: several full blocks and a short last one per row, values and gradients, through
+    token_logprobs and the fused linear head. (The interpreter checks the arithmetic, not the GPU's shared-memory
+    or register limits: those only a compile on CUDA checks, scripts/gpu_checks.sh.)"""
+    monkeypatch.setattr(logprobs_triton, "BLOCK", 4096)
+    monkeypatch.setattr(kernels, "CHUNK_ELEMS", 2**25)
+    V = 3 * 4096 + 123
+    assert logprobs_triton._launch_config(V)["BLOCK"] == 4096
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    logits, targets = hard_logits(5, V, device, dtype)
+    targets[3] = 3 * 4096 + 7  # in the short last block
+    g = torch.randn(5, generator=torch.Generator().manual_seed(1)).to(device)
+    ours = logits.clone().requires_grad_()
+    logp, entropy = token_logprobs(ours, targets, 0.7, return_entropy=True, backend="triton")
+    (logp * g).sum().backward()
+    ref = logits.float().requires_grad_()
+    ref_logp, ref_entropy = reference(ref, targets, 0.7)
+    (ref_logp * g).sum().backward()
+    torch.testing.assert_close(logp, ref_logp, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(entropy, ref_entropy, atol=1e-4, rtol=1e-4)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(ours.grad.float(), ref.grad, atol=atol * g.abs().max().item(), rtol=rtol)
+    hidden, weight, targets, g = linear_case(9, V, 32, device, dtype)
+    check_linear(hidden, weight, targets, g, 1.0, "triton", 1e-4 if dtype == torch.float32 else 3e-2)

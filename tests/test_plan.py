@@ -55,7 +55,14 @@ def test_7b_rows_by_hand(config_only_dir):
     # checkpointed activations: micro-batch 4 x 1280 tokens, each layer's bf16 input, plus one layer recomputed
     per_token = 2 * 3584 * (2 * 2 + 8) + (3584 + 2 * 512) * 2 * 4 + 3584 * 2 * 2 + 4 * 18944 * 2
     assert r["activations"] == 28 * 5120 * 3584 * 2 + 5120 * per_token
-    resident = P * 2 + 64 * 2432 * 56 * 1024 + 16 * P / 8 + r["decode graphs' logits buffers"]
+    # the decode graphs' pool, one step of 64 rows: per row q, k, v, rotated copies (4 x (3584 + 2 x 512)), the MLP
+    # (4 x 18944) and hidden-wide tensors (8 x 3584) in bf16, bf16 logits (152064 x 2), fp32 split partials
+    assert r["decode graphs' memory pool"] == 64 * ((4 * 18944 + 8 * 3584 + 4 * 4608) * 2 + 152064 * 2 + 4 * 3584 * 4)
+    assert r["CUDA context + NCCL buffers"] == GIB + GIB // 2  # one context, one communicator (documented estimates)
+    # prefill: 16384 tokens through one layer, 3 MLP-wide and 4 hidden-wide bf16 tensors a token, no P x P scores
+    assert r["prefill activations"] == 16384 * (3 * 18944 + 4 * 3584) * 2
+    resident = (P * 2 + 64 * 2432 * 56 * 1024 + 16 * P / 8 + r["decode graphs' logits buffers"]
+                + r["decode graphs' memory pool"] + r["CUDA context + NCCL buffers"])
     update = sum(n for _, n, phase in p.rows if phase == "update")
     assert p.peak == resident + max(update, 4 * P / 8, sum(n for _, n, ph in p.rows if ph == "sample"))
     assert 40 * GIB < p.peak < 60 * GIB and p.fits()
@@ -75,6 +82,9 @@ def test_options_add_their_rows(config_only_dir):
     judged = plan.memory_plan(ssr.parse_args(["--preset", "ssr-zero-7b", "--model", "m", "--judge-model", "j"]),
                               model, 8, "fsdp", True, 80 * GIB, judge_model=model)
     assert judged.peak == pytest.approx(plain.peak + rows(plain)["sampler weights"] + rows(plain)["KV cache"])
+    one_gpu = plan.memory_plan(base, model, 1, "none", True, 80 * GIB)
+    assert rows(one_gpu)["CUDA context + NCCL buffers"] == GIB  # no communicator on one rank
+    assert "CUDA context + NCCL buffers" not in rows(plan.memory_plan(base, model, 1, "none", False, 80 * GIB))
     no_ckpt = plan.memory_plan(ssr.parse_args(["--preset", "ssr-zero-7b", "--model", "m", "--no-grad-checkpointing"]),
                                model, 8, "fsdp", True, 80 * GIB)
     assert rows(no_ckpt)["activations"] > 10 * rows(plain)["activations"]

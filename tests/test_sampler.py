@@ -115,6 +115,25 @@ def test_decode_paths_match_hf_generate(tiny_model_dir, hf_model, monkeypatch, d
             torch.testing.assert_close(o.logprobs, q.logprobs, atol=1e-4, rtol=1e-4)
 
 
+def test_prefill_attention_is_causal_without_a_mask(tiny_model_dir, monkeypatch):
+    """Prefill gives SDPA no mask but is_causal: a boolean mask (with GQA) sends SDPA to its math kernel, which
+    holds (n, heads, P, P) fp32 scores (~2.5 GB a tensor at judge lengths on the 7B); causal attention runs in
+    the flash/memory-efficient kernels (plan.py's prefill row counts no scores). The logits stay exact:
+    test_cached_logits_equal_full_forward."""
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kwargs):
+        calls.append((q.shape[2], attn_mask is None, is_causal))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    model = load(tiny_model_dir, "cpu")
+    sampler = Sampler(model, max_batch_size=6, max_seq_len=32, device="cpu", dtype=torch.float32)
+    sampler._prefill(random_prompts([5, 2, 9], model.config.vocab_size), first_slot=0, g=2)
+    assert calls == [(9, True, True)] * model.config.num_hidden_layers
+
+
 # ----------------------------------------------------------------------------------------------------
 # the decode modes, whatever the caller's grad mode
 
@@ -166,6 +185,22 @@ def test_compile_disabled_runs_the_step_uncompiled(tiny_model_dir, capsys):
     plain = Sampler(model, max_batch_size=4, max_seq_len=24, device="cpu", dtype=torch.float32, decode="sdpa")
     assert [o.tokens for o in outs] == [o.tokens for o in plain.generate(prompts, group_size=2, max_new_tokens=4,
                                                                           temperature=0)]
+
+
+def test_samplers_compile_apart(tiny_model_dir, tmp_path, monkeypatch):
+    """Each Sampler compiles its own copy of the decode step. Dynamo keeps entries, and their limit, per code
+    object, and with fullgraph a step past the limit fails hard (FailOnRecompileLimitHit): with one shared step,
+    a process's samplers (actor, judge, tests, benchmarks) used up its 8 entries together. With the limit at 1,
+    two samplers of different models each still compile and run their own."""
+    monkeypatch.setattr(sampler_module, "COMPILE_BACKEND", "aot_eager")
+    models = [load(tiny_model_dir, "cpu"), load(make_tiny_model(tmp_path / "deeper", num_hidden_layers=3), "cpu")]
+    assert models[0].config.num_hidden_layers != 3
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for model in models:
+            sampler = Sampler(model, max_batch_size=4, max_seq_len=16, device="cpu", dtype=torch.float32,
+                              decode="compiled")
+            sampler.pos_in[:2] = torch.tensor([3, 5])
+            assert sampler._forward(2, 8).shape == (2, model.config.vocab_size)
 
 
 def test_decode_modes(tiny_model_dir, monkeypatch):
