@@ -595,7 +595,7 @@ def _trl_steps(cfg, model_path: str, out_dir: str) -> list[dict]:
     import judge
     import ssr
 
-    rows = ssr.load_data(cfg.data)
+    rows, _ = ssr.load_data(cfg.data)
     prompts = [judge.actor_prompt(r["src"], r["src_lang"], r["tgt_lang"], cfg.template) for r in rows]
 
     def letter_share(completions, **_):  # judge.letter_share_reward on the decoded completions

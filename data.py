@@ -41,11 +41,18 @@ def language_name(code: str) -> str:
 def read_jsonl(path) -> list[tuple[str, dict]]:
     """(where, row) for every non-blank line of a jsonl file, where = "path:line": the training data and
     eval.py's local test sets both come through here. Each problem is a DataError naming file and line."""
-    path = Path(path)
+    return parse_jsonl(path, read_bytes(path))
+
+
+def read_bytes(path) -> bytes:
     try:
-        data = path.read_bytes()
+        return Path(path).read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def parse_jsonl(path, data: bytes) -> list[tuple[str, dict]]:
+    """read_jsonl on bytes already read (ssr.py fingerprints the very bytes it trains on)."""
     rows = []
     for lineno, raw in enumerate(data.split(b"\n"), 1):
         where = f"{path}:{lineno}"

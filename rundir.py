@@ -5,7 +5,9 @@ quietly change what the run means.
   one line. A lock left by a process that died (same host, pid gone) is reported and taken over.
 - `claim(...)`: what a run may do with what OUT already holds: continue its newest checkpoint (--resume), or
   start in an empty directory. Logs without a checkpoint (a run stopped before its first save) are refused
-  too: starting over must be explicit. The smoke run is the exception: it always starts over.
+  too: starting over must be explicit. The smoke run is the exception: it starts over, clearing what a smoke run
+  left there, as OUT records it (its newest checkpoint's run config, or run.json); any other run's outputs are
+  refused, whatever the new run's flags say.
 - `config_changes(...)`: on --resume, the saved config against the effective one. Flags that change what the
   run means (data, model, group size, seed, lengths, reward, judge, learning rate, ...) are refused unless
   --resume-override names them; flags about how it runs (steps, logging, batch sizes for memory) may change.
@@ -29,6 +31,7 @@ from pathlib import Path
 from checkpoint import CheckpointError, load_tokenizer, read_config
 
 LOGS = ("metrics.jsonl", "samples.jsonl")
+RUN_RECORD = "run.json"  # which run owns OUT: {"preset", "model"}
 
 # Flags a resumed run may change: how it runs, not what it computes. Everything else is refused unless named
 # in --resume-override (then applied: the loop reads the config every step; the LR is put into the restored
@@ -60,34 +63,93 @@ def check_writable(out: Path):
 
 
 def lock(out: Path):
-    """Take OUT/.lock for this process (call release() at the end). Refuses if a live run holds it."""
+    """Take OUT/.lock for this process (call the returned release() at the end). Refuses if a live run holds it.
+
+    The lock file is written whole under a private name first and then hard-linked as OUT/.lock: one atomic
+    step that fails if a lock exists, so no process ever sees an empty or half-written lock (a full disk fails
+    the private write and leaves no lock). A stale lock (same host, pid gone) or one no ssr could have written
+    (unreadable) is taken over by exactly one process: the taker first creates a claim named after that very
+    lock file (O_EXCL: one winner), checks the lock is still the one it judged stale, and renames its own
+    record over it. A lock naming another host is never taken over: its pid cannot be checked from here."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / ".lock"
     me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    for _ in range(2):  # a second try after removing a stale lock
+    mine = out / f".lock.{me['host']}.{me['pid']}.tmp"
+    try:
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            owner = read_lock(path)
-            if owner.get("host") == me["host"] and not pid_alive(owner.get("pid")):
-                print(f"ssr: {path}: removing a stale lock of pid {owner.get('pid')} (started {owner.get('started')}), "
-                      f"which is no longer running")
-                path.unlink(missing_ok=True)
-                continue
-            raise RunDirError(f"--out-dir {out} is in use by pid {owner.get('pid')} on {owner.get('host')} (since "
-                              f"{owner.get('started')}); use another --out-dir, or delete {path} if that run is dead")
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        return lambda: release(path, me["pid"])
-    raise RunDirError(f"--out-dir {out}: could not take {path}")
+            mine.write_text(json.dumps(me))
+        except OSError as e:
+            raise RunDirError(f"--out-dir {out}: cannot write its lock file ({e.strerror}); free some space there "
+                              f"or use another --out-dir") from None
+        for _ in range(3):  # the lock can vanish (released) or change (taken over) between our looks at it
+            try:
+                os.link(mine, path)  # atomic: fails if a lock exists, else the whole record appears at once
+                return lambda: release(path, me)
+            except FileExistsError:
+                pass
+            except OSError as e:
+                raise RunDirError(f"--out-dir {out}: cannot take {path} ({e.strerror})") from None
+            seen = look(path)
+            if seen is None:
+                continue  # released meanwhile
+            owner = parse_lock(seen[0])
+            if owner and (owner.get("host") != me["host"] or pid_alive(owner.get("pid"))):
+                elsewhere = owner.get("host") != me["host"]
+                raise RunDirError(
+                    f"--out-dir {out} is in use by pid {owner.get('pid')} on {owner.get('host')} (since "
+                    f"{owner.get('started')}{'; another host: its pid cannot be checked from here' if elsewhere else ''}"
+                    f"); use another --out-dir, or delete {path} if that run is dead")
+            if take_over(path, mine, seen, out):
+                what = (f"a stale lock of pid {owner.get('pid')} (started {owner.get('started')}), which is no longer "
+                        f"running" if owner else "an unreadable lock (no ssr wrote it)")
+                print(f"ssr: {path}: took over {what}")
+                return lambda: release(path, me)
+        raise RunDirError(f"--out-dir {out}: could not take {path}: other runs are starting there at the same time")
+    finally:
+        mine.unlink(missing_ok=True)
+
+
+def look(path: Path) -> tuple[bytes, int, int] | None:
+    """The lock's bytes and identity (inode, mtime), or None if there is no lock."""
+    try:
+        with open(path, "rb") as f:
+            stat = os.fstat(f.fileno())
+            return f.read(), stat.st_ino, stat.st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
+def parse_lock(text: bytes) -> dict | None:
+    """The owner a lock names, or None if it names none (damaged, or not written by ssr)."""
+    try:
+        owner = json.loads(text)
+    except ValueError:
+        return None
+    return owner if isinstance(owner, dict) and isinstance(owner.get("pid"), int) and owner.get("host") else None
+
+
+def take_over(path: Path, mine: Path, seen: tuple[bytes, int, int], out: Path) -> bool:
+    """Replace the stale lock `seen` by our record, if no other process is doing it; False if it changed."""
+    claim = path.with_name(f".lock.takeover.{seen[1]}.{seen[2]}")
+    try:
+        os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        raise RunDirError(f"--out-dir {out}: another process is taking over its stale lock right now (if none is, "
+                          f"delete {claim})") from None
+    try:
+        # we hold the claim and the lock's owner is dead: if it is still the lock we judged, nobody else can
+        # change it before our rename (rename-over: there is a lock at every instant)
+        if look(path) != seen:
+            return False
+        os.rename(mine, path)
+        return True
+    finally:
+        claim.unlink(missing_ok=True)
 
 
 def read_lock(path: Path) -> dict:
-    try:
-        owner = json.loads(path.read_text())
-        return owner if isinstance(owner, dict) else {}
-    except (OSError, ValueError):
-        return {}  # half-written by a process killed at birth: no owner we can name
+    seen = look(path)
+    return (parse_lock(seen[0]) if seen else None) or {}
 
 
 def pid_alive(pid) -> bool:
@@ -102,13 +164,17 @@ def pid_alive(pid) -> bool:
     return True
 
 
-def release(path: Path, pid: int):
-    if read_lock(path).get("pid") == pid:
+def release(path: Path, me: dict):
+    owner = read_lock(path)
+    if (owner.get("host"), owner.get("pid")) == (me["host"], me["pid"]):
         path.unlink(missing_ok=True)
 
 
-def claim(out: Path, newest: Path | None, resume: bool, smoke: bool, master: bool):
-    """Check that this run may use OUT as asked (see the module docstring); the smoke run clears old outputs."""
+def claim(out: Path, newest: Path | None, recorded: dict | None, resume: bool, smoke: bool, master: bool):
+    """Check that this run may use OUT as asked (see the module docstring). The smoke run starts over by clearing
+    OUT's outputs, but only those of a smoke run, as OUT itself records it (`recorded`: the newest checkpoint's
+    run config, else OUT/run.json): never on the new run's flags alone, which an empty --model "$UNSET" makes
+    a smoke run's."""
     logs = [out / name for name in LOGS if (out / name).exists()]
     if resume:
         if newest is None:
@@ -118,11 +184,17 @@ def claim(out: Path, newest: Path | None, resume: bool, smoke: bool, master: boo
         return
     if newest is None and not logs:
         return
-    if smoke:
+    if smoke and is_smoke_run(out, recorded):
         if master:
             for path in [*out.glob("step_*"), *out.glob(".step_*.tmp"), *logs]:
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         return
+    held = newest.name if newest is not None else f"the logs of a run ({' and '.join(p.name for p in logs)})"
+    if smoke:
+        whose = f"a run of --model {recorded.get('model')}" if recorded else "a run it does not name (no run.json)"
+        raise RunDirError(f"{out} holds {held} of {whose}, not a smoke run's; the smoke run (no "
+                          f"--model, or an empty one) only ever clears its own outputs: pass --model, or use another "
+                          f"--out-dir")
     if newest is not None:
         raise RunDirError(f"{out} already holds {newest.name}: pass --resume to continue that run, or use another "
                           f"--out-dir")
@@ -130,17 +202,40 @@ def claim(out: Path, newest: Path | None, resume: bool, smoke: bool, master: boo
                       f"{' and '.join(p.name for p in logs)} to start over there, or use another --out-dir")
 
 
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def is_smoke_run(out: Path, recorded: dict | None) -> bool:
+    """Whether OUT's outputs are a smoke run's: its recorded model is the tiny model the smoke run builds in OUT."""
+    return (recorded is not None and recorded.get("preset") == "smoke" and bool(recorded.get("model"))
+            and Path(recorded["model"]).resolve() == (out / "tiny_model").resolve())
+
+
+def read_run_record(out: Path) -> dict | None:
+    """OUT/run.json: which run owns OUT (preset, model), written when a fresh run claims it; None if absent or
+    unreadable (then nothing may be cleared on its word)."""
+    try:
+        record = json.loads((out / RUN_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def write_run_record(out: Path, preset: str, model: str):
+    replace_file(out / RUN_RECORD, json.dumps({"preset": preset, "model": str(Path(model).resolve())}) + "\n")
+
+
+PATH_FLAGS = ("model", "judge_model", "data", "out_dir")
+
+
+def resolved_paths(config: dict) -> dict:
+    """A run config with its path flags as absolute paths: a resume through another spelling of the same path
+    (relative, ~, a trailing slash) is the same run."""
+    return config | {k: str(Path(config[k]).expanduser().resolve()) for k in PATH_FLAGS
+                     if isinstance(config.get(k), str) and config[k]}
 
 
 def config_changes(saved: dict, effective: dict, overrides: set[str]) -> list[str]:
     """Refuse a resume whose effective config differs from the saved one in a flag that changes what the run
     means, unless overridden; returns the changed flags that were allowed (to report them)."""
+    saved, effective = resolved_paths(saved), resolved_paths(effective)
     changed = sorted(k for k in effective.keys() | saved.keys() if saved.get(k) != effective.get(k))
     unknown = overrides - effective.keys()
     if unknown:

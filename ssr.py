@@ -18,12 +18,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import random
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +40,7 @@ import rundir
 from checkpoint import CheckpointError, load_comet, load_pretrained, load_tokenizer, read_config
 from distributed import (init_distributed, load_frozen_model, load_train_state, load_trainer_model, newest_checkpoint,
                          read_trainer_state, sampler_copy, save_checkpoint, sync_sampler, unwrap)
-from data import DataError, check_direction, read_jsonl
+from data import DataError, check_direction, parse_jsonl, read_bytes
 from model import Transformer
 from plan import GIB, cache_positions, comet_checkpoint_bytes, device_memory_bytes, memory_plan, sampler_slots
 from sampler import Completion, Sampler
@@ -189,7 +191,7 @@ CHECKS = [
      ">= 0, like --w-comet, and not both 0 (nothing would reward a translation) unless --reward is given"),
     ("format_penalty", lambda c: math.isfinite(c.format_penalty), "a finite number"),
     ("format_credit", lambda c: 0 <= c.format_credit < math.inf, ">= 0 (0: off)"),
-    ("lr", lambda c: 0 < c.lr < math.inf, "> 0"),
+    ("lr", lambda c: 0 < c.lr < torch.finfo(torch.float32).max, "> 0 and finite in fp32"),
     ("warmup_steps", lambda c: c.warmup_steps >= 0, ">= 0"),
     ("weight_decay", lambda c: 0 <= c.weight_decay < math.inf, ">= 0"),
     ("max_grad_norm", lambda c: 0 < c.max_grad_norm, "> 0"),
@@ -251,13 +253,16 @@ def looks_like_path(name: str) -> bool:
 # ----------------------------------------------------------------------------------------------------
 # data
 
-def load_data(path: str, prompt_len=None, max_prompt_tokens: int = 0) -> list[dict]:
+def load_data(path: str, prompt_len=None, max_prompt_tokens: int = 0) -> tuple[list[dict], str]:
     """Read and validate the jsonl; every problem is reported with its file and line. With `prompt_len`
-    (row -> tokens of its actor prompt), a prompt over max_prompt_tokens is a problem too."""
+    (row -> tokens of its actor prompt), a prompt over max_prompt_tokens is a problem too. Returns the rows and
+    the SHA-256 of the very bytes they were read from: what every checkpoint records and a resume compares
+    (hashing the file again at a save would record a file rewritten mid-run, not the data trained on)."""
     if not Path(path).is_file():
         raise DataError(f"{path}: no such data file")
+    raw = read_bytes(path)
     rows = []
-    for where, row in read_jsonl(path):
+    for where, row in parse_jsonl(path, raw):
         for key in ("src", "src_lang", "tgt_lang"):
             if not isinstance(row.get(key), str) or not row[key].strip():
                 raise DataError(f"{where}: missing or empty '{key}'")
@@ -268,7 +273,7 @@ def load_data(path: str, prompt_len=None, max_prompt_tokens: int = 0) -> list[di
         rows.append(row)
     if not rows:
         raise DataError(f"{path}: no data")
-    return rows
+    return rows, hashlib.sha256(raw).hexdigest()
 
 
 def step_sources(rows: list[dict], step: int, cfg: Config, rank: int, world: int) -> list[dict]:
@@ -298,6 +303,7 @@ class Run:
     out: Path
     tok: object  # checkpoint.Tokenizer
     rows: list[dict]  # the training data
+    data_sha256: str  # of the bytes the rows were read from
     model: torch.nn.Module  # the trained policy: fp32 masters, wrapped in DDP/FSDP2 under torchrun
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -319,11 +325,15 @@ def setup(cfg: Config) -> Run:
     rank, world, device = init_distributed(cfg.dist_timeout)
     mode = dist_mode(cfg, world)
     out = Path(cfg.out_dir)
-    if not cfg.model:
+    if cfg.plan:
+        plan_only(cfg, world, mode, device, rank)  # exits; writes nothing
+    smoke = not cfg.model
+    if smoke:  # the smoke run's tiny model lives in OUT, built once OUT is ours
+        cfg.model = str(out / "tiny_model")
+    newest = claim_out_dir(cfg, out, smoke, rank)
+    if smoke:
         prepare_smoke_model(cfg, out, rank, device)
-    check_memory(cfg, world, mode, device, rank)  # --plan stops here
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+    check_memory(cfg, world, mode, device, rank)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     custom_reward = judge.load_custom_reward(cfg.reward) if cfg.reward else None  # fail fast on a bad spec
@@ -332,8 +342,8 @@ def setup(cfg: Config) -> Run:
     tok = load_tokenizer(cfg.model)
     prompt_len = lambda r: len(tok.encode(judge.actor_prompt(r["src"], r["src_lang"], r["tgt_lang"], cfg.template,
                                                              cfg.think_prefill)))
-    rows = load_data(cfg.data, prompt_len, cfg.max_prompt_tokens)
-    resume_dir = claim_out_dir(cfg, out, rank)
+    rows, data_sha256 = load_data(cfg.data, prompt_len, cfg.max_prompt_tokens)
+    resume_dir = check_resume(cfg, newest, data_sha256, rank) if cfg.resume else None
 
     comet = (judge.CometScorer(load_comet(cfg.comet_model), cfg.comet_model, device=device) if cfg.w_comet > 0
              else None)
@@ -358,7 +368,7 @@ def setup(cfg: Config) -> Run:
     ref_model = load_frozen_model(cfg.model, mode, device, gen_dtype) if cfg.kl_beta > 0 else None
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and mode != "fsdp"
                 else torch.autocast("cpu", enabled=False))
-    return Run(cfg, rank, world, device, out, tok, rows, model, optimizer, scheduler, sampler, judge_sampler,
+    return Run(cfg, rank, world, device, out, tok, rows, data_sha256, model, optimizer, scheduler, sampler, judge_sampler,
                ref_model, comet, custom_reward, autocast, start, wandb_run)
 
 
@@ -366,6 +376,16 @@ def dist_mode(cfg: Config, world: int) -> str:
     """none (one process: nothing to shard or average), ddp (replicas) or fsdp (shards). validate() has refused
     --dist none for several ranks; a plan for several ranks (--plan-world) reads it as the default, ddp."""
     return "none" if world == 1 else cfg.dist if cfg.dist in ("ddp", "fsdp") else "ddp"
+
+
+def plan_only(cfg: Config, world: int, mode: str, device: torch.device, rank: int):
+    """--plan: print the memory plan and exit (0 fits, 2 not). It writes nothing anywhere it does not own: the
+    smoke run's model, which exists only in its out-dir, is built in a temporary directory for its shape."""
+    if cfg.model:
+        check_memory(cfg, world, mode, device, rank)
+    with tempfile.TemporaryDirectory(prefix="ssr-plan-") as tmp:
+        cfg.model = str(make_smoke_model(Path(tmp), cfg.data, cfg.seed))
+        check_memory(cfg, world, mode, device, rank)
 
 
 def check_memory(cfg: Config, world: int, mode: str, device: torch.device, rank: int):
@@ -394,16 +414,16 @@ def start_wandb(cfg: Config):
 
 
 def prepare_smoke_model(cfg: Config, out: Path, rank: int, device: torch.device):
-    """No --model: the smoke run trains smoke.py's tiny model, built and warmed up once under the out-dir
-    (in a temporary directory first, so an interrupted build is never mistaken for a finished one)."""
-    cfg.model = str(out / "tiny_model")
+    """No --model: the smoke run trains smoke.py's tiny model (cfg.model, OUT/tiny_model), built and warmed up
+    once under the out-dir (in a temporary directory first, so an interrupted build is never mistaken for a
+    finished one)."""
     if rank == 0:
         print(f"SMOKE RUN: a tiny 2-layer model, warmed up for a few seconds on toy responses and judgements "
               f"written in code (smoke.py), then {cfg.steps} RL steps on {cfg.data} on {device.type}, rewarded by "
               f"{cfg.reward or 'its own judge (SSR-Zero)'}. It shows every phase of the loop; it does not learn "
               "to translate. For real training pass --model and --data (see README).", flush=True)
     if rank == 0 and not (out / "tiny_model" / "config.json").exists():
-        rows = load_data(cfg.data)  # a bad data line is reported before any building
+        rows, _ = load_data(cfg.data)  # a bad data line is reported before any building
         t0, tmp = time.perf_counter(), out / ".tiny_model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         make_smoke_model(tmp, cfg.data, cfg.seed)
@@ -414,24 +434,46 @@ def prepare_smoke_model(cfg: Config, out: Path, rank: int, device: torch.device)
         dist.barrier()
 
 
-def claim_out_dir(cfg: Config, out: Path, rank: int) -> Path | None:
-    """The checkpoint to resume from (--resume, after checking that its flags match ours), or None for a fresh
-    run, which must not mix with an old one (rundir.claim)."""
+def claim_out_dir(cfg: Config, out: Path, smoke: bool, rank: int) -> Path | None:
+    """OUT's newest checkpoint, after checking that this run may use OUT (rundir.claim: a fresh run must not mix
+    with an old one; the smoke run clears only a smoke run's outputs, as OUT records them). A fresh run then
+    records itself in OUT/run.json."""
     newest = newest_checkpoint(cfg.out_dir)
-    rundir.claim(out, newest, cfg.resume, cfg.preset == "smoke", rank == 0)
-    if not cfg.resume:
+    recorded = recorded_run(out, newest) if smoke and not cfg.resume else None
+    rundir.claim(out, newest, recorded, cfg.resume, smoke, rank == 0)
+    if rank == 0 and not cfg.resume:
+        out.mkdir(parents=True, exist_ok=True)
+        rundir.write_run_record(out, cfg.preset, cfg.model)
+    if dist.is_initialized():
+        dist.barrier()  # rank 0 has cleared what the smoke run clears before anyone reads OUT again
+    return newest
+
+
+def recorded_run(out: Path, newest: Path | None) -> dict | None:
+    """Which run OUT's outputs belong to, as OUT records it: its newest checkpoint's config, else run.json;
+    None if nothing readable says (then nothing is cleared)."""
+    if newest is None:
+        return rundir.read_run_record(out)
+    try:
+        return read_trainer_state(newest)["config"]
+    except CheckpointError:
         return None
-    saved = read_trainer_state(newest)["config"]
+
+
+def check_resume(cfg: Config, newest: Path, data_sha256: str, rank: int) -> Path:
+    """--resume: the checkpoint to continue from, once its saved flags and data fingerprint match ours (or the
+    differences are named in --resume-override) and it is not past --steps."""
+    trainer = read_trainer_state(newest)
     overrides = {k.strip().replace("-", "_") for k in cfg.resume_override.split(",") if k.strip()}
-    changed = rundir.config_changes(saved, run_config(cfg), overrides)
+    changed = rundir.config_changes(trainer["config"], run_config(cfg, data_sha256), overrides)
     if rank == 0 and changed:
         print(f"resuming with changed flags: {', '.join(rundir.flag(k) for k in changed)}")
     return newest
 
 
-def run_config(cfg: Config) -> dict:
-    """What a checkpoint records of the run: the flags, and a fingerprint of the data they point at."""
-    return dataclasses.asdict(cfg) | {"data_sha256": rundir.file_sha256(cfg.data)}
+def run_config(cfg: Config, data_sha256: str) -> dict:
+    """What a checkpoint records of the run: the flags (paths resolved), and the fingerprint of the data read."""
+    return rundir.resolved_paths(dataclasses.asdict(cfg)) | {"data_sha256": data_sha256}
 
 
 def make_optimizer(cfg: Config, model):
@@ -620,17 +662,47 @@ def train(cfg: Config):
         assign_rewards(run, rollouts)  # 3. format penalty, or the self score (+ COMET)
         with timed(times, "update"):
             stats = update_policy(run, rollouts)  # 4. GRPO on the group-relative advantages
+            if bad := [f"{k} {stats[k]}" for k in ("loss", "grad_norm") if not math.isfinite(stats[k])]:
+                raise diverged(run, step, " and ".join(bad))
             sync_sampler(run.model, run.sampler.model)  # 5. the new weights into the sampler's copy
         log_step(run, step, rollouts, stats, judged, times, t_step)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(cfg.out_dir, step + 1, run.model, run.optimizer, run.scheduler, run_config(cfg),
-                            cfg.model, cfg.keep_last)
+            if not weights_finite(run.model):  # never a checkpoint of inf/NaN weights
+                raise diverged(run, step, "weights not finite")
+            save_checkpoint(cfg.out_dir, step + 1, run.model, run.optimizer, run.scheduler,
+                            run_config(cfg, run.data_sha256), cfg.model, cfg.keep_last)
     if run.master:
         print(f"done: checkpoint {run.out / f'step_{cfg.steps}'}, metrics {run.out / 'metrics.jsonl'}"
               + (" (smoke run: a tiny model on toy data; pass --model for real training)"
                  if cfg.preset == "smoke" else ""))
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+class Diverged(RuntimeError):
+    """The loss, the gradient norm or the weights went non-finite: the run stops, and saves nothing of it."""
+
+
+def diverged(run: Run, step: int, what: str) -> Diverged:
+    """Stop the run at the first non-finite value: a diverged run only gets worse, and a checkpoint of it, rotated
+    in by --keep-last, would push the good ones out. The values are global (all-reduced): every rank stops."""
+    newest = newest_checkpoint(run.cfg.out_dir)
+    return Diverged(f"step {step + 1}: training diverged ({what}); stopped without saving this step: "
+                    + (f"{newest} is the newest checkpoint: resume from it with a lower learning rate (--resume "
+                       f"--resume-override lr --lr ...)" if newest else
+                       "no checkpoint was written: start over with a lower --lr"))
+
+
+@torch.no_grad()
+def weights_finite(model) -> bool:
+    """Whether every weight of the model is finite: each rank checks its own shard, and all agree."""
+    bad = torch.zeros((), dtype=torch.int32, device=next(model.parameters()).device)
+    for p in model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        bad |= (~torch.isfinite(local)).any().to(torch.int32)
+    if dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bad.item()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -699,6 +771,8 @@ def main(argv=None):
     release = None
     try:
         validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        if cfg.plan_world:  # a plan for another world size is refused exactly as a run of that size would be
+            validate(cfg, cfg.plan_world)
         if not cfg.plan and int(os.environ.get("RANK", "0")) == 0:  # rank 0 owns the out-dir for the whole run
             release = rundir.lock(Path(cfg.out_dir))
         train(cfg)
@@ -706,6 +780,9 @@ def main(argv=None):
         # bad input: one line that says what to fix, no traceback
         print(f"ssr: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Diverged as e:
+        print(f"ssr: error: {e}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print(rundir.interrupted_message(Path(cfg.out_dir), newest_checkpoint(cfg.out_dir)), file=sys.stderr)
         sys.exit(130)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import distributed
 import rundir
@@ -30,6 +31,7 @@ from test_ssr import (ROOT, SMALL, data_file, metrics, model_dir, run_ssr, two_r
     (["--prompts-per-step", 0], "--prompts-per-step 0: must be at least 1"),
     (["--max-new-tokens", 0], "--max-new-tokens 0: must be at least 1"),
     (["--lr", -1], "--lr -1.0: must be > 0"),
+    (["--lr", 1e39], "--lr 1e+39: must be > 0 and finite in fp32"),
     (["--temperature", -1], "--temperature -1.0: must be > 0"),
     (["--temperature", 0], "--temperature 0.0: must be > 0"),
     (["--top-p", 0], "--top-p 0.0: must be in (0, 1]"),
@@ -133,7 +135,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, model_dir, data_fi
     dead.wait()
     (out / ".lock").write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid, "started": "earlier"}))
     proc = run_ssr(*common(model_dir, data_file, out, "--steps", 1))
-    assert f"removing a stale lock of pid {dead.pid}" in proc.stdout
+    assert f"took over a stale lock of pid {dead.pid}" in proc.stdout
 
 
 def test_restart_after_an_early_stop_is_explicit(tmp_path, model_dir, data_file):
@@ -256,3 +258,200 @@ def test_each_epoch_visits_every_row_once_whatever_the_global_rng():
     assert first[:10] != first[10:20]  # a fresh permutation per epoch
     one_rank = [r["src"] for step in range(5) for r in ssr.step_sources(rows, step, cfg, 0, 1)]
     assert one_rank == first  # the global batch does not depend on the world size
+
+
+# ----------------------------------------------------------------------------------------------------
+# a run directory is claimed, never assumed: only a smoke run's outputs are ever cleared, on what OUT records
+
+
+def fake_run(out: Path, preset: str, model: str, step: int = 3):
+    """An out-dir as a run leaves it: a checkpoint whose trainer.pt records the run, and its logs."""
+    (out / f"step_{step}").mkdir(parents=True)
+    torch.save({"step": step, "scheduler": {}, "config": {"preset": preset, "model": model}},
+               out / f"step_{step}" / "trainer.pt")
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    return out
+
+
+@pytest.mark.parametrize("args", [["--model", ""], ["--preset", "smoke"], []])
+def test_a_smoke_run_never_wipes_a_real_run(tmp_path, data_file, monkeypatch, capsys, args):
+    """An empty --model (an unset "$CKPT") makes a smoke run; the out-dir holds a real run's checkpoint, which
+    trainer.pt says: refused in one line before anything is built or deleted."""
+    out = fake_run(tmp_path / "real", "", "/ckpt/Qwen2.5-7B")
+    monkeypatch.setattr(ssr, "make_smoke_model", lambda *a, **k: 1 / 0)
+    with pytest.raises(SystemExit) as exit_info:
+        ssr.main(args + ["--data", str(data_file), "--out-dir", str(out)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{out} holds step_3 of a run of --model /ckpt/Qwen2.5-7B, not a smoke run's" in err
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "step_3"]  # nothing touched, no lock left
+
+
+def test_the_smoke_run_clears_only_what_a_smoke_run_left(tmp_path):
+    smoke_out = tmp_path / "smoke"
+    fake_run(smoke_out, "smoke", str(smoke_out / "tiny_model"))
+    rundir.claim(smoke_out, smoke_out / "step_3", {"preset": "smoke", "model": str(smoke_out / "tiny_model")},
+                 resume=False, smoke=True, master=True)
+    assert list(smoke_out.iterdir()) == []
+    # logs of a run stopped before its first save: run.json says whose they are; no record, no clearing
+    for record, cleared in (({"preset": "smoke", "model": "{out}/tiny_model"}, True),
+                            ({"preset": "smoke", "model": "/elsewhere/tiny_model"}, False),
+                            ({"preset": "", "model": "/ckpt/m"}, False), (None, False)):
+        out = tmp_path / f"logs{len(list(tmp_path.iterdir()))}"
+        out.mkdir()
+        (out / "metrics.jsonl").write_text('{"step": 1}\n')
+        if record:
+            (out / "run.json").write_text(json.dumps(record).replace("{out}", str(out)))
+        if cleared:
+            rundir.claim(out, None, rundir.read_run_record(out), resume=False, smoke=True, master=True)
+        else:
+            with pytest.raises(rundir.RunDirError, match="not a smoke run's"):
+                rundir.claim(out, None, rundir.read_run_record(out), resume=False, smoke=True, master=True)
+        assert (out / "metrics.jsonl").exists() != cleared
+
+
+def test_plan_writes_nothing(tmp_path, monkeypatch, capsys):
+    """--plan of a smoke run builds the tiny model's shape in a temporary directory, never in the out-dir (which
+    another run may own), and takes no lock."""
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) as exit_info:
+        ssr.main(["--plan", "--out-dir", str(out)])
+    assert exit_info.value.code == 0 and "fits" in capsys.readouterr().out
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# a resume cannot drift: the data fingerprint is of the bytes read, paths are compared resolved
+
+
+def test_checkpoints_record_the_data_that_was_read(tmp_path, model_dir, monkeypatch):
+    """The data file rewritten mid-run: the checkpoint still records the hash of the rows trained on, so a
+    resume on the new file is refused."""
+    data = write_jsonl(tmp_path / "d.jsonl", [{"src": "The cat sleeps.", "src_lang": "en", "tgt_lang": "zh"}])
+    first = data.read_bytes()
+    cfg = ssr.parse_args(list(map(str, ["--model", model_dir, "--data", data, "--out-dir", tmp_path / "o", *SMALL,
+                                        "--reward", "judge:letter_share_reward", "--steps", 1])))
+    saved = []
+    real_sample = ssr.sample_translations
+
+    def rewrite_then_sample(run, sources, seed):
+        write_jsonl(data, [{"src": "Something else.", "src_lang": "en", "tgt_lang": "zh"}])
+        return real_sample(run, sources, seed)
+
+    monkeypatch.setattr(ssr, "sample_translations", rewrite_then_sample)
+    monkeypatch.setattr(ssr, "save_checkpoint", lambda *a, **k: saved.append(a[5]))
+    ssr.train(cfg)
+    import hashlib
+    assert saved[0]["data_sha256"] == hashlib.sha256(first).hexdigest() != hashlib.sha256(data.read_bytes()).hexdigest()
+
+
+def test_resume_compares_resolved_paths(tmp_path, monkeypatch):
+    """The same directory through a relative path, ~ or a trailing slash is the same --model, not a change."""
+    (tmp_path / "m").mkdir()
+    monkeypatch.chdir(tmp_path)
+    saved = {"model": str(tmp_path / "m"), "data": str(tmp_path / "d.jsonl"), "lr": 1e-6}
+    assert rundir.config_changes(saved, {"model": "m/", "data": "./d.jsonl", "lr": 1e-6}, set()) == []
+    with pytest.raises(rundir.RunDirError, match="--model"):
+        rundir.config_changes(saved, {"model": "other", "data": "d.jsonl", "lr": 1e-6}, set())
+
+
+# ----------------------------------------------------------------------------------------------------
+# divergence stops the run; no checkpoint of non-finite weights
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path, model_dir, data_file):
+    """--lr 1e30: step 1's update is finite (weights ~1e30), step 2's loss is NaN. The run stops there with one
+    line and exit 1; --keep-last 1 keeps step_1, the last finite checkpoint; no NaN checkpoint is written."""
+    out = tmp_path / "run"
+    proc = run_ssr(*common(model_dir, data_file, out, "--lr", 1e30, "--steps", 4, "--save-every", 1,
+                           "--keep-last", 1), expect_ok=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("ssr: error: step 2: training diverged (loss nan") and f"{out / 'step_1'} is the newest" in line
+    assert sorted(p.name for p in out.glob("*step_*")) == ["step_1"]
+    weights = load_file(out / "step_1" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert [m["step"] for m in metrics(out)] == [1]
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, model_dir, data_file, monkeypatch, capsys):
+    """An update that leaves an inf in the weights while its loss and gradient were finite: the save refuses."""
+    out = tmp_path / "run"
+    real_update = ssr.update_policy
+
+    def update_then_overflow(run, rollouts):
+        stats = real_update(run, rollouts)
+        with torch.no_grad():
+            distributed.unwrap(run.model).layers[1].mlp.up_proj.weight[3, 5] = float("inf")
+        return stats
+
+    monkeypatch.setattr(ssr, "update_policy", update_then_overflow)
+    monkeypatch.setattr(ssr, "save_checkpoint", lambda *a, **k: 1 / 0)
+    with pytest.raises(SystemExit) as exit_info:
+        ssr.main(list(map(str, common(model_dir, data_file, out, "--steps", 1))))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.strip().splitlines() == [
+        "ssr: error: step 1: training diverged (weights not finite); stopped without saving this step: no checkpoint "
+        "was written: start over with a lower --lr"]
+    assert not (out / ".lock").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# the lock: written whole, taken in one atomic step, a stale one taken over by exactly one process
+
+
+def take_lock(rank, out, go, results):
+    go.wait()
+    try:
+        rundir.lock(out)  # never released: the winner's record must stay
+        results.put(("won", os.getpid()))
+    except rundir.RunDirError as e:
+        results.put(("refused", str(e)))
+
+
+def test_stale_lock_is_taken_over_by_exactly_one_racer(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for round_ in range(4):
+        out = tmp_path / f"r{round_}"
+        out.mkdir()
+        stale = json.dumps({"host": os.uname().nodename, "pid": dead.pid, "started": "earlier"})
+        (out / ".lock").write_text(stale if round_ % 2 else "")  # a dead owner, or no readable owner at all
+        go, results = ctx.Event(), ctx.Queue()
+        procs = [ctx.Process(target=take_lock, args=(i, out, go, results)) for i in range(6)]
+        for p in procs:
+            p.start()
+        go.set()
+        got = [results.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(timeout=60)
+        winners = [pid for kind, pid in got if kind == "won"]
+        assert len(winners) == 1, got
+        assert json.loads((out / ".lock").read_text())["pid"] == winners[0]
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # no temp or claim file left behind
+
+
+def test_lock_of_another_host_is_refused_even_if_its_pid_is_dead_here(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / ".lock").write_text(json.dumps({"host": "node-17", "pid": dead.pid, "started": "earlier"}))
+    with pytest.raises(rundir.RunDirError, match=f"in use by pid {dead.pid} on node-17 .*cannot be checked from here"):
+        rundir.lock(tmp_path)
+    assert json.loads((tmp_path / ".lock").read_text())["host"] == "node-17"
+
+
+def test_full_disk_while_taking_the_lock_leaves_no_lock(tmp_path):
+    """The record is written whole before it becomes the lock: a write that fails leaves no (empty) lock to wedge
+    every later run."""
+    code = ("import resource, signal, sys, rundir; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))\n"
+            "try: rundir.lock(rundir.Path(sys.argv[1]))\nexcept rundir.RunDirError as e: print(e); sys.exit(2)")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "cannot write its lock file (File too large)" in proc.stdout, proc
+    assert list((tmp_path / "o").iterdir()) == []
+    rundir.lock(tmp_path / "o")()  # the next run takes it (and releases it)
+    assert list((tmp_path / "o").iterdir()) == []

@@ -60,7 +60,7 @@ def verdict_model_dir(tmp_path_factory, model_dir, two_rows):
     shutil.copytree(model_dir, out, dirs_exist_ok=True)
     response = lambda answer: f" <think></think> <answer>{answer}</answer>"
     examples = []
-    for r in ssr.load_data(str(two_rows)):
+    for r in ssr.load_data(str(two_rows))[0]:
         langs = r["src_lang"], r["tgt_lang"]
         for answer, (verdict, _) in VERDICTS.items():
             examples.append((judge.actor_prompt(r["src"], *langs), response(answer)))
@@ -228,7 +228,7 @@ def test_mask_truncated_leaves_cut_responses_out(tmp_path, verdict_model_dir, tw
 def test_smoke_warm_up_examples():
     """What the smoke model is warmed up on: well-formed responses whose answers open a sentence of the data,
     and toy verdicts that parse."""
-    rows = ssr.load_data(str(ROOT / "data" / "sample.jsonl"))
+    rows, _ = ssr.load_data(str(ROOT / "data" / "sample.jsonl"))
     examples = smoke.warm_up_examples(rows, "r1")
     actor = [t for p, t in examples if "Translate the following text" in p]
     verdicts = [t for p, t in examples if "Score the following translation" in p]
