@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -642,16 +643,47 @@ def _trl_steps(cfg, model_path: str, out_dir: str) -> list[dict]:
     return timer.steps[1:]
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit status 2, like ssr.py and eval.py, not a usage block
+        print(f"bench: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def at_least(least: int):
+    """An argparse type: an integer >= least (a size of 0 or below would fail deep inside a benchmark)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value}: must be >= {least}")
+        return value
+    return parse
+
+
+def positive(text: str) -> float:
+    """An argparse type: a finite number > 0 (a peak to divide by)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{value}: must be a finite number > 0")
+    return value
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    count = at_least(1)
+    parser = Parser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
     sub.add_parser("load", help="checkpoint loading peak memory")
     child = sub.add_parser("_load_child")  # internal: the measured process of `load`
     child.add_argument("path")
     k = sub.add_parser("kernels", help="fused log-prob vs naive log_softmax: peak memory and time")
     k.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    k.add_argument("--repeats", type=int, help="timed runs per variant (default: 3 on CUDA, 1 on CPU: slow there)")
-    k.add_argument("--hbm-gbps", type=float, help="HBM peak for the bandwidth share (default: by GPU name)")
+    k.add_argument("--repeats", type=count, help="timed runs per variant (default: 3 on CUDA, 1 on CPU: slow there)")
+    k.add_argument("--hbm-gbps", type=positive, help="HBM peak for the bandwidth share (default: by GPU name)")
     k.add_argument("--peers", action="store_true", help="GPU: against Liger-Kernel and Cut Cross-Entropy instead")
     child = sub.add_parser("_kernels_child")  # internal: the measured process of one `kernels` variant
     child.add_argument("variant", choices=KERNEL_VARIANTS)
@@ -661,24 +693,24 @@ def main():
     sp.add_argument("--device", help="default: cuda if available, else cpu")
     sp.add_argument("--preset", choices=SAMPLER_PRESETS, help="model shape (default: cpu on CPU, 0.5b on CUDA)")
     sp.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: float32 on CPU, bfloat16 on CUDA")
-    sp.add_argument("--prompts", type=int, default=16)
-    sp.add_argument("--group", type=int, default=4)
-    sp.add_argument("--new-tokens", type=int, default=128)
-    sp.add_argument("--repeats", type=int, default=3, help="timed runs (the median is reported)")
-    sp.add_argument("--hbm-gbps", type=float, help="HBM peak for the decode floor (default: by GPU name)")
+    sp.add_argument("--prompts", type=count, default=16)
+    sp.add_argument("--group", type=count, default=4)
+    sp.add_argument("--new-tokens", type=count, default=128)
+    sp.add_argument("--repeats", type=count, default=3, help="timed runs (the median is reported)")
+    sp.add_argument("--hbm-gbps", type=positive, help="HBM peak for the decode floor (default: by GPU name)")
     st = sub.add_parser("step", help="ssr.py training steps: time by phase, tokens/s")
-    st.add_argument("--steps", type=int, default=4, help="steps to run; the first is warm-up")
+    st.add_argument("--steps", type=at_least(2), default=4, help="steps to run; the first is warm-up")
     up = sub.add_parser("update", help="forward+backward tokens/s, ours vs HF's Qwen2 (GPU: MFU)")
     up.add_argument("--device", help="default: cuda if available, else cpu")
     up.add_argument("--preset", choices=SAMPLER_PRESETS, help="model shape (default: cpu on CPU, 0.5b on CUDA)")
-    up.add_argument("--batch", type=int, help="sequences (default: 2 on CPU, 8 on CUDA)")
-    up.add_argument("--seq", type=int, help="tokens per sequence (default: 64 on CPU, 1024 on CUDA)")
-    up.add_argument("--repeats", type=int, default=3)
-    up.add_argument("--peak-tflops", type=float, help="dense bf16 peak for MFU (default: 989 on H100/H200)")
+    up.add_argument("--batch", type=count, help="sequences (default: 2 on CPU, 8 on CUDA)")
+    up.add_argument("--seq", type=count, help="tokens per sequence (default: 64 on CPU, 1024 on CUDA)")
+    up.add_argument("--repeats", type=count, default=3)
+    up.add_argument("--peak-tflops", type=positive, help="dense bf16 peak for MFU (default: 989 on H100/H200)")
     tr = sub.add_parser("trl", help="one GRPO step of ours vs TRL's GRPOTrainer on the same CPU work")
-    tr.add_argument("--steps", type=int, default=4, help="timed steps per round (after one warm-up step)")
-    tr.add_argument("--rounds", type=int, default=3, help="rounds, alternating ours and TRL")
-    tr.add_argument("--threads", type=int, help="torch threads for both (default: torch's, one per core)")
+    tr.add_argument("--steps", type=count, default=4, help="timed steps per round (after one warm-up step)")
+    tr.add_argument("--rounds", type=count, default=3, help="rounds, alternating ours and TRL")
+    tr.add_argument("--threads", type=count, help="torch threads for both (default: torch's, one per core)")
     args = parser.parse_args()
     if args.what == "_load_child":
         return _load_child(args.path)

@@ -39,8 +39,37 @@ class CheckpointError(Exception):
 ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
 
 
+# config.json keys we read, and what each must be: a typo'd or hand-edited value is one line here, not a
+# traceback deep inside model building
+SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+         "num_key_value_heads", "head_dim", "max_position_embeddings")
+POSITIVE_NUMBERS = ("rope_theta", "rms_norm_eps")
+
+
+def check_config_values(raw: dict, source: str):
+    for key in SIZES:
+        value = raw.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise CheckpointError(f"{source}: {key} is {value!r}; it must be a whole number >= 1")
+    for key in POSITIVE_NUMBERS:
+        value = raw.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 < value < math.inf):
+            raise CheckpointError(f"{source}: {key} is {value!r}; it must be a finite number > 0")
+    heads, kv = raw["num_attention_heads"], raw.get("num_key_value_heads") or raw["num_attention_heads"]
+    if heads % kv:
+        raise CheckpointError(f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+    if not raw.get("head_dim") and raw["hidden_size"] % heads:
+        raise CheckpointError(f"{source}: hidden_size {raw['hidden_size']} is not a multiple of num_attention_heads "
+                              f"{heads} (and no head_dim is given)")
+
+
 def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{source}: not a JSON object (a model config is {{\"architectures\": ..., ...}})")
     archs = raw.get("architectures") or []
+    if not isinstance(archs, list):
+        raise CheckpointError(f"{source}: architectures is {archs!r}; it must be a list of class names")
     arch = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
     if arch is None:
         raise CheckpointError(f"{source}: unsupported architectures {archs or '(none given)'}; "
@@ -48,6 +77,7 @@ def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if key not in raw:
             raise CheckpointError(f"{source}: missing required key '{key}'")
+    check_config_values(raw, source)
     # what the network does not implement is refused by its key, never silently computed differently
     if raw.get("use_sliding_window"):
         raise CheckpointError(f"{source}: use_sliding_window=true is not supported")
@@ -59,6 +89,8 @@ def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
     # (Llama 3.1+ checkpoints set rope_scaling type 'llama3', long-context Qwen 'yarn': both refused here)
     rope_key = "rope_parameters" if raw.get("rope_parameters") else "rope_scaling"
     rope = raw.get(rope_key) or {}
+    if not isinstance(rope, dict):
+        raise CheckpointError(f"{source}: {rope_key} is {rope!r}; it must be a JSON object")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
         raise CheckpointError(f"{source}: {rope_key} type '{rope_type}' is not supported (only default RoPE)")
@@ -374,6 +406,27 @@ def load_tokenizer(path) -> Tokenizer:
     return Tokenizer(tok, eos, pad if pad is not None else eos[0])
 
 
+def tokenizer_difference(a: Tokenizer, b: Tokenizer) -> str | None:
+    """How tokenizer b differs from a (vocabulary, merges, special tokens, stop ids), or None if they encode and
+    decode alike: a text encoded with one means the same to a model trained with the other only then."""
+    va, vb = a.tok.get_vocab(with_added_tokens=True), b.tok.get_vocab(with_added_tokens=True)
+    if va != vb:
+        other = next((t for t in sorted(va.keys() ^ vb.keys())), None) or next(t for t in sorted(va) if va[t] != vb[t])
+        return f"vocabulary of {len(vb)} tokens, not {len(va)}; e.g. {other!r}"
+    ja, jb = json.loads(a.tok.to_str()), json.loads(b.tok.to_str())
+    if ja["model"] != jb["model"]:
+        return "other merges or model settings"
+    special = lambda j: [(t["content"], t["id"], t["special"]) for t in j.get("added_tokens", [])]
+    if special(ja) != special(jb):
+        return "other special tokens"
+    if (a.eos_ids, a.pad_id) != (b.eos_ids, b.pad_id):
+        return f"EOS ids {list(b.eos_ids)} and pad id {b.pad_id}, not {list(a.eos_ids)} and {a.pad_id}"
+    for part in ("normalizer", "pre_tokenizer", "decoder", "post_processor"):
+        if ja.get(part) != jb.get(part):
+            return f"another {part.replace('_', '-')}"
+    return None
+
+
 # ----------------------------------------------------------------------------------------------------
 # COMET checkpoints: SSR-X's CometKiwi reward and eval.py's metrics (judge.CometScorer runs what this loads)
 
@@ -498,6 +551,9 @@ def convert_gguf(gguf, out) -> Path:
     gguf, out = Path(gguf), Path(out)
     if not gguf.is_file():
         raise CheckpointError(f"{gguf}: no such GGUF file")
+    with open(gguf, "rb") as f:
+        if f.read(4) != b"GGUF":  # every GGUF file starts with its magic; anything else would fail deep in gguf
+            raise CheckpointError(f"{gguf}: not a GGUF file (it does not start with the bytes 'GGUF')")
     tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # transformers 4.57's GGUF tokenizer converter for Llama swaps BOS and EOS (SmolLM2 would "end" at
@@ -517,8 +573,14 @@ def convert_gguf(gguf, out) -> Path:
     return out
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit status 2, like every error here, not a usage block
+        print(f"checkpoint.py: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="checkpoint.py", description="Checkpoint tools.")
+    parser = Parser(prog="checkpoint.py", description="Checkpoint tools.")
     commands = parser.add_subparsers(dest="command", required=True)
     convert = commands.add_parser("convert-gguf", help="write a GGUF model as an HF checkpoint directory "
                                                        "(transformers' GGUF loader; needs gguf and accelerate)")

@@ -68,6 +68,11 @@ def parse_jsonl(path, data: bytes) -> list[tuple[str, dict]]:
             raise DataError(f"{where}: not valid JSON ({e.msg})") from None
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected a JSON object")
+        try:  # a \ud800 escape decodes to a lone surrogate: no tokenizer or file can take that text
+            json.dumps(row, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(f"{where}: not valid Unicode once decoded ({e.object[e.start]!r}: a lone surrogate "
+                            f"\\u escape)") from None
         rows.append((where, row))
     return rows
 

@@ -269,8 +269,31 @@ def read_trainer_state(path: Path) -> dict:
     try:  # weights_only: a checkpoint folder is data, never code to unpickle
         return torch.load(path / "trainer.pt", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path / 'trainer.pt'}: cannot read ({str(e).strip().splitlines()[0]}); resume from "
-                              f"an earlier step_N by deleting {path}") from None
+        # torch's own message suggests weights_only=False for anything it cannot unpickle: wrong advice for a
+        # damaged file (and unpickling one could run code), so it is named only when it says something else
+        reason = str(e).strip().splitlines()[0]
+        reason = "damaged: not a trainer state ssr wrote" if "weights_only" in str(e) else reason
+        raise CheckpointError(f"{path / 'trainer.pt'}: cannot read ({reason}); resume from an earlier step_N by "
+                              f"deleting {path}") from None
+
+
+def cut_short_shard(state_dir: Path) -> tuple[Path, int, int] | None:
+    """The first DCP shard file shorter than its own metadata says (a copy or a save cut short): (file, its size,
+    the size the metadata needs), or None."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        meta = dcp.FileSystemReader(state_dir).read_metadata()
+    except Exception:
+        return None
+    ends = {}
+    for info in meta.storage_data.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        size = (state_dir / name).stat().st_size if (state_dir / name).exists() else 0
+        if size < end:
+            return state_dir / name, size, end
+    return None
 
 
 def load_train_state(path: Path, model, optimizer, scheduler) -> int:
@@ -285,15 +308,22 @@ def load_train_state(path: Path, model, optimizer, scheduler) -> int:
             dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=path / "train_state",
                      no_dist=not dist.is_initialized())
     except (dcp.api.CheckpointException, Exception) as e:  # DCP's exception is a BaseException
-        raise CheckpointError(f"{path / 'train_state'}: cannot read the saved train state (truncated or corrupt?): "
-                              f"{write_error_reason(e, path)}") from None
+        fix = f"resume from an earlier step_N by deleting {path}"
+        if short := cut_short_shard(path / "train_state"):
+            raise CheckpointError(f"{short[0]}: cut short ({short[1]} of its {short[2]} bytes); {fix}") from None
+        reason = write_error_reason(e, path).split(". ")[0]
+        raise CheckpointError(f"{path / 'train_state'}: cannot read the saved train state ({reason}); {fix}") from None
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
     trainer = read_trainer_state(path)
     scheduler.load_state_dict(trainer["scheduler"])
     # the train state reshards to any world size (DCP); RNG states are per rank, restored where one was saved
     rng_file = path / f"rng_rank{dist.get_rank() if dist.is_initialized() else 0}.pt"
     if rng_file.exists():
-        rng = torch.load(rng_file, weights_only=True)
+        try:
+            rng = torch.load(rng_file, weights_only=True)
+        except Exception:
+            raise CheckpointError(f"{rng_file}: cannot read (damaged); resume from an earlier step_N by deleting "
+                                  f"{path}") from None
         torch.set_rng_state(rng["cpu"])
         random.setstate(rng["python"])
         if rng["cuda"] and torch.cuda.is_available():

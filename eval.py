@@ -34,10 +34,11 @@ import torch
 from tqdm import tqdm
 
 import judge
-from checkpoint import CheckpointError, load_comet, load_pretrained, load_tokenizer
+from checkpoint import CheckpointError, load_comet, load_pretrained, load_tokenizer, read_config
 from data import LANGUAGES, DataError
 from judge import RewardError
 from rundir import RunDirError, check_eval_out, fingerprint, jsonl, load_rows, replace_file, segments_path
+from plan import device_memory_bytes, kv_bytes_per_token
 from sampler import Sampler
 from testsets import PAPER_SETS, TestSet, check_set_flags, load_sets
 
@@ -397,6 +398,23 @@ def model_labels(paths: list[str]) -> dict[str, str]:
             return dict(zip(labels, paths))
 
 
+def check_cache_fits(args, models: dict[str, str], judged: bool):
+    """The sampler's KV cache holds --batch-size rows of prompt + --max-new-tokens positions (the judge's budget
+    for the self-judge). Even without the prompts, a cache larger than this device's memory is refused now, in
+    one line, not as an allocation failure after the model loaded."""
+    on_gpu = args.device != "cpu"
+    available = device_memory_bytes(on_gpu)
+    budgets = [("--max-new-tokens", args.max_new_tokens)] + ([("--judge-max-new-tokens", args.judge_max_new_tokens)]
+                                                              if judged else [])
+    for label, path in models.items():
+        per_token = kv_bytes_per_token(read_config(path), 2 if on_gpu else 4)  # bf16 on GPU, fp32 on CPU
+        for flag, tokens in budgets:
+            if (need := args.batch_size * tokens * per_token) > available:
+                raise EvalError(f"{flag} {tokens}: {label}'s KV cache for --batch-size {args.batch_size} rows of "
+                                f"{tokens} positions needs {need / 2**30:.0f} GiB, more than the "
+                                f"{available / 2**30:.0f} GiB of this device; lower {flag} or --batch-size")
+
+
 def check_args(args) -> tuple[dict[str, str], list[Metric], dict[str, dict]]:
     """Every flag and combination, right after parsing: seconds, no model loaded, nothing written. Each problem
     is one EvalError (or testsets' TestSetError) naming the flag and what would be valid. Returns models by label,
@@ -415,6 +433,7 @@ def check_args(args) -> tuple[dict[str, str], list[Metric], dict[str, dict]]:
     models = (model_labels(args.model) if args.model else {}) | plain
     args.labels, args.plain_labels = list(models), set(plain)
     fingerprints = {label: fingerprint(path) for label, path in models.items()}
+    check_cache_fits(args, models, judged=any(m.label == SELF_JUDGE for m in metrics))
     check_eval_out(Path(args.out), translation_settings(args), models, fingerprints)
     return models, metrics, fingerprints
 

@@ -106,6 +106,7 @@ ADVICE = {  # a row of the plan -> the flags that shrink it
     "trainer": "shard the trainer over more GPUs (torchrun --nproc-per-node/--nnodes) with --dist fsdp",
     "DDP": "use --dist fsdp", "autocast": "use --dist fsdp",
     "KV cache": "lower --sampler-batch-size, --max-new-tokens or --judge-max-new-tokens",
+    "activations: layer inputs": "lower --micro-batch-size",  # --grad-checkpointing is on: no advice to turn it on
     "activations": "lower --micro-batch-size or turn on --grad-checkpointing",
     "reference": "set --kl-beta 0 (no reference model)", "external judge": "drop --judge-model",
     "COMET": "set --w-comet 0 or use a smaller --comet-model",

@@ -46,10 +46,16 @@ class RunDirError(ValueError):
 
 
 def replace_file(path: Path, text: str):
-    """Write through a temporary file and os.replace, so an interrupt leaves either the old or the new file."""
+    """Write through a temporary file and os.replace, so an interrupt leaves either the old or the new file. A
+    write that fails (a full disk) leaves the old file and no temporary one, and says so in one line."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise RunDirError(f"cannot rewrite {path} ({e.strerror}); it is unchanged: free some space there and run "
+                          f"the same command again") from None
 
 
 
@@ -306,11 +312,31 @@ def load_rows(path: Path, ts: TestSet) -> list[dict]:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
             raise RunDirError(f"{path}:{n}: not JSON; delete the file to translate this set again") from None
+        if problem := segment_row_problem(rows[-1]):
+            raise RunDirError(f"{path}:{n}: not a segment row eval.py wrote ({problem}); delete the file to translate "
+                              f"this set again")
     if len(rows) > len(ts.srcs) or any(r.get("i") != i or r.get("src") != ts.srcs[i] or r.get("ref") != ts.refs[i]
                                        for i, r in enumerate(rows)):
         raise RunDirError(f"{path}: holds other segments than {ts.name} ({ts.origin}) has now; use another --out or "
                         f"delete the file")
     return rows
+
+
+SEGMENT_FIELDS = {"i": int, "src": str, "ref": str, "hyp": str, "raw": str, "extracted": bool, "finish_reason": str,
+                  "scores": dict}
+
+
+def segment_row_problem(row) -> str | None:
+    """What is wrong with a segments.jsonl row edited by hand (the fields eval.py reads, by type), or None."""
+    if not isinstance(row, dict):
+        return "not a JSON object"
+    for key, kind in SEGMENT_FIELDS.items():
+        if not isinstance(row.get(key), kind) or (kind is int and isinstance(row[key], bool)):
+            return f"'{key}' missing or not a {kind.__name__}"
+    for metric, score in row["scores"].items():
+        if isinstance(score, bool) or not isinstance(score, (int, float)):
+            return f"score '{metric}' is {score!r}, not a number"
+    return None
 
 
 def fingerprint(model_dir: str) -> dict:
@@ -366,7 +392,9 @@ def check_eval_out(out: Path, settings: dict, models: dict[str, str], fingerprin
     before = read_record(out / "settings.json", where)
     changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in settings.items()
                if before is not None and before.get(k) != v]
-    if changed:
+    # settings bind only what they made: a run that failed before writing a segment (too large a
+    # --max-new-tokens) leaves a settings.json that must not refuse the corrected rerun
+    if changed and any(p.stat().st_size for p in out.rglob("segments.jsonl")):
         raise RunDirError(f"{where}: holds outputs made with other settings ({'; '.join(changed)}); use another --out")
     for label, fp in fingerprints.items():
         folder, flag = out / label, f"--model {models[label]}"

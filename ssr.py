@@ -37,7 +37,8 @@ from tqdm import tqdm
 import grpo
 import judge
 import rundir
-from checkpoint import CheckpointError, load_comet, load_pretrained, load_tokenizer, read_config
+from checkpoint import (CheckpointError, load_comet, load_pretrained, load_tokenizer, read_config,
+                        tokenizer_difference)
 from distributed import (init_distributed, load_frozen_model, load_train_state, load_trainer_model, newest_checkpoint,
                          read_trainer_state, sampler_copy, save_checkpoint, sync_sampler, unwrap)
 from data import DataError, check_direction, parse_jsonl, read_bytes
@@ -148,12 +149,17 @@ class ConfigError(ValueError):
     """Flags that cannot work together (said before any model is loaded)."""
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line `ssr: error: ...` and exit status 2 from main, not a usage block
+        raise ConfigError(message)
+
+
 FLAG_GROUPS = {"model": "model and data", "reward": "reward", "prompts_per_step": "rollouts", "lr": "GRPO",
                "steps": "run", "plan": "memory plan"}
 
 
 def parse_args(argv=None) -> Config:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="ssr.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser
     for f in dataclasses.fields(Config):
         if f.name in FLAG_GROUPS:  # --help lists the flags under the same headings as the Config fields
@@ -187,7 +193,9 @@ CHECKS = [
     ("judge_samples", lambda c: c.judge_samples >= 1, "at least 1"),
     ("judge_temperature", lambda c: c.judge_samples == 1 or 0 < c.judge_temperature < math.inf,
      "> 0 when --judge-samples > 1"),
-    ("w_self", lambda c: c.w_self >= 0 and c.w_comet >= 0 and (c.w_self + c.w_comet > 0 or c.reward),
+    ("w_self", lambda c: 0 <= c.w_self < math.inf, "finite and >= 0"),
+    ("w_comet", lambda c: 0 <= c.w_comet < math.inf, "finite and >= 0"),
+    ("w_self", lambda c: c.w_self + c.w_comet > 0 or c.reward,
      ">= 0, like --w-comet, and not both 0 (nothing would reward a translation) unless --reward is given"),
     ("format_penalty", lambda c: math.isfinite(c.format_penalty), "a finite number"),
     ("format_credit", lambda c: 0 <= c.format_credit < math.inf, ">= 0 (0: off)"),
@@ -195,6 +203,7 @@ CHECKS = [
     ("warmup_steps", lambda c: c.warmup_steps >= 0, ">= 0"),
     ("weight_decay", lambda c: 0 <= c.weight_decay < math.inf, ">= 0"),
     ("max_grad_norm", lambda c: 0 < c.max_grad_norm, "> 0"),
+    ("seed", lambda c: 0 <= c.seed < 2**32, "in [0, 2**32): the sampler's seeds are built from it in 64 bits"),
     ("clip_low", lambda c: 0 <= c.clip_low < 1, "in [0, 1)"),
     ("clip_high", lambda c: 0 <= c.clip_high < math.inf, ">= 0"),
     ("kl_beta", lambda c: 0 <= c.kl_beta < math.inf, ">= 0"),
@@ -216,6 +225,11 @@ def validate(cfg: Config, world: int):
     for name, ok, valid in CHECKS:
         if not ok(cfg):
             raise ConfigError(f"{flag(name)} {getattr(cfg, name)!r}: must be {valid}")
+    if not cfg.out_dir.strip():  # an unset "$OUT" would write into the current directory
+        raise ConfigError("--out-dir '': give a directory")
+    if cfg.preset not in ("", "smoke") and not cfg.model:
+        raise ConfigError(f"--preset {cfg.preset} is a recipe for a real model: pass --model (without it the run "
+                          f"would be a smoke run on a tiny random model)")
     if world > 1 and cfg.dist == "none":
         raise ConfigError("--dist none: several ranks need --dist ddp or --dist fsdp")
     per_rank = cfg.prompts_per_step // world * cfg.group_size
@@ -234,6 +248,8 @@ def validate(cfg: Config, world: int):
     if cfg.w_comet > 0 and looks_like_path(cfg.comet_model) and not Path(cfg.comet_model).expanduser().exists():
         raise ConfigError(f"--comet-model {cfg.comet_model}: no such COMET checkpoint directory")
     rundir.check_writable(Path(cfg.out_dir))
+    if cfg.judge_model and cfg.model and not cfg.plan:
+        check_judge_tokenizer(cfg)
     if cfg.wandb:
         try:
             import wandb  # noqa: F401
@@ -243,6 +259,17 @@ def validate(cfg: Config, world: int):
 
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def check_judge_tokenizer(cfg: Config):
+    """--judge-model must speak the policy's language: its prompts are encoded, and its outputs decoded, with the
+    policy's tokenizer. A judge with another tokenizer would read garbage (every judgement failing, training on
+    all-zero rewards) or index past its vocabulary, so it is refused rather than given its own tokenizer: the
+    judge would then also need its own stop ids, prompt lengths and cache sizes, for an ablation's sake."""
+    difference = tokenizer_difference(load_tokenizer(cfg.model), load_tokenizer(cfg.judge_model))
+    if difference:
+        raise ConfigError(f"--judge-model {cfg.judge_model}: its tokenizer is not the policy's ({difference}); the "
+                          f"judge reads prompts in the policy's tokens: give a judge with --model's tokenizer")
 
 
 def looks_like_path(name: str) -> bool:
@@ -333,6 +360,8 @@ def setup(cfg: Config) -> Run:
     newest = claim_out_dir(cfg, out, smoke, rank)
     if smoke:
         prepare_smoke_model(cfg, out, rank, device)
+        if cfg.judge_model:  # validate() could not compare with a model not yet built
+            check_judge_tokenizer(cfg)
     check_memory(cfg, world, mode, device, rank)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -464,6 +493,9 @@ def check_resume(cfg: Config, newest: Path, data_sha256: str, rank: int) -> Path
     """--resume: the checkpoint to continue from, once its saved flags and data fingerprint match ours (or the
     differences are named in --resume-override) and it is not past --steps."""
     trainer = read_trainer_state(newest)
+    if trainer["step"] > cfg.steps:
+        raise ConfigError(f"--steps {cfg.steps}: {newest} is already past it (step {trainer['step']}); pass a larger "
+                          f"--steps to continue that run")
     overrides = {k.strip().replace("-", "_") for k in cfg.resume_override.split(",") if k.strip()}
     changed = rundir.config_changes(trainer["config"], run_config(cfg, data_sha256), overrides)
     if rank == 0 and changed:
@@ -767,9 +799,9 @@ def log_step(run: Run, step: int, rollouts: list[Rollout], stats: dict, judged: 
 
 
 def main(argv=None):
-    cfg = parse_args(argv)
-    release = None
+    release = cfg = None
     try:
+        cfg = parse_args(argv)
         validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         if cfg.plan_world:  # a plan for another world size is refused exactly as a run of that size would be
             validate(cfg, cfg.plan_world)
@@ -784,7 +816,8 @@ def main(argv=None):
         print(f"ssr: error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print(rundir.interrupted_message(Path(cfg.out_dir), newest_checkpoint(cfg.out_dir)), file=sys.stderr)
+        if cfg is not None:
+            print(rundir.interrupted_message(Path(cfg.out_dir), newest_checkpoint(cfg.out_dir)), file=sys.stderr)
         sys.exit(130)
     finally:
         if release is not None:

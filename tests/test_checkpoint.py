@@ -1,6 +1,7 @@
 """checkpoint.py: HF checkpoints that load both ways (sharded too), the tokenizer, and one clear error for
 every broken directory."""
 import json
+import re
 import shutil
 
 import pytest
@@ -155,3 +156,45 @@ def test_missing_tokenizer(tmp_path, tiny_model_dir):
     (path / "tokenizer.json").unlink()
     with pytest.raises(CheckpointError, match="tokenizer.json: no such file"):
         load_tokenizer(path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    ([1, 2], "not a JSON object"),
+    ({"num_attention_heads": 0}, "num_attention_heads is 0; it must be a whole number >= 1"),
+    ({"hidden_size": "64"}, "hidden_size is '64'; it must be a whole number >= 1"),
+    ({"num_hidden_layers": 2.5}, "num_hidden_layers is 2.5; it must be a whole number >= 1"),
+    ({"vocab_size": True}, "vocab_size is True; it must be a whole number >= 1"),
+    ({"rope_theta": "1e6"}, "rope_theta is '1e6'; it must be a finite number > 0"),
+    ({"rms_norm_eps": -1}, "rms_norm_eps is -1; it must be a finite number > 0"),
+    ({"num_key_value_heads": 3}, "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+    ({"hidden_size": 66, "head_dim": None}, "hidden_size 66 is not a multiple of num_attention_heads 4"),
+    ({"rope_scaling": "yes"}, "rope_scaling is 'yes'; it must be a JSON object"),
+    ({"architectures": "Qwen2ForCausalLM"}, "architectures is 'Qwen2ForCausalLM'; it must be a list"),
+])
+def test_malformed_config_values_are_one_line(tmp_path, tiny_model_dir, edit, message):
+    """A hand-edited config.json: its type or range named in one line by read_config (which every program reads
+    first, before any weight), never a traceback from inside the model."""
+    from checkpoint import read_config
+
+    path = copy_dir(tiny_model_dir, tmp_path / "m")
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(edit if isinstance(edit, list) else cfg | edit))
+    with pytest.raises(CheckpointError, match=f"config.json: {re.escape(message)}") as err:
+        read_config(path)
+    assert "\n" not in str(err.value)
+
+
+def test_convert_gguf_cli_errors_are_one_line(tmp_path, capsys):
+    """A file that is not GGUF is named before transformers or gguf read it; argparse errors are one line too."""
+    from checkpoint import main
+
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"PK\x03\x04 a zip, not a GGUF file")
+    for argv, line in ((["convert-gguf", "--gguf", str(fake), "--out", str(tmp_path / "o")],
+                        f"checkpoint.py: error: {fake}: not a GGUF file (it does not start with the bytes 'GGUF')"),
+                       (["convert-gguf", "--gguf", str(fake)],
+                        "checkpoint.py: error: the following arguments are required: --out")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [line]
+    assert not (tmp_path / "o").exists()

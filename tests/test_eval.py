@@ -382,6 +382,8 @@ def bad_flag_cases(tmp_path, model):
         ("--seed < 0", run("--seed", "-1"), "--seed -1: must be an integer in [0, 2**63)"),
         ("--template", run("--template", "x"), "argument --template: invalid choice"),
         ("--device", run("--device", "tpu"), "--device tpu: expected cpu, cuda or cuda:N"),
+        ("--max-new-tokens too large for memory", run("--max-new-tokens", str(10**12)),
+         "--max-new-tokens 1000000000000: "),
     ]
     (tmp_path / "locked").mkdir(mode=0o500)  # root writes there all the same: the test below denies it to root too
     cases.append(("--out not writable", run(out=tmp_path / "locked" / "out"), "locked is not writable"))
@@ -452,3 +454,27 @@ def test_another_checkpoint_under_the_same_label_is_refused(tmp_path, monkeypatc
     # the second checkpoint in an --out of its own: its own translations
     assert ev.main(["--model", str(second), *flags[:-1], str(tmp_path / "out2")]) == 0
     assert len(generated) == len(SRCS) and [r["src"] for r in read_segments(tmp_path / "out2", "step_6")] == SRCS
+
+
+def test_damaged_segments_and_the_settings_of_a_run_that_wrote_none(tiny_model_dir, tmp_path, capsys):
+    """settings.json binds only the outputs made with it: a run that failed before writing a segment does not
+    refuse the corrected rerun. A segments.jsonl row edited by hand is named by file and line, with the fix."""
+    out, label = tmp_path / "out", Path(tiny_model_dir).name
+    argv = ["--model", str(tiny_model_dir), *write_local(tmp_path, SRCS[:2], REFS[:2]), "--metrics", "bleu",
+            "--out", str(out), "--batch-size", "2", "--max-new-tokens", "4", "--device", "cpu"]
+    out.mkdir()
+    (out / "settings.json").write_text(json.dumps({"max_new_tokens": 10**12}))  # left by a failed run
+    assert ev.main(argv) == 0
+    segments = out / label / "test" / "segments.jsonl"
+    rows = read_segments(out, label)
+    for damage, problem in ((lambda r: r.pop("scores"), "'scores' missing or not a dict"),
+                            (lambda r: r.update(hyp=None), "'hyp' missing or not a str"),
+                            (lambda r: r["scores"].update(bleu="12"), "score 'bleu' is '12', not a number")):
+        damaged = [dict(r, scores=dict(r["scores"])) for r in rows]
+        damage(damaged[1])
+        segments.write_text("".join(json.dumps(r) + "\n" for r in damaged))
+        capsys.readouterr()
+        assert ev.main(argv) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"eval: error: {segments}:2: not a segment row eval.py wrote ({problem}); delete the file to translate "
+            f"this set again")

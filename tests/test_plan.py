@@ -110,3 +110,15 @@ def test_cli_plan_7b_on_one_gpu_does_not_fit(config_only_dir):
     lines = proc.stdout.strip().splitlines()
     assert lines[-1].endswith("GiB per GPU of 80 GiB: does not fit")
     assert "--dist fsdp" in lines[-2]  # names what to change: the trainer state is the biggest row
+
+
+def test_advice_is_true_for_the_flags_in_force():
+    """Activations the largest row: with --grad-checkpointing already on, the advice is the micro-batch only."""
+    model = ModelConfig(arch="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                        num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, head_dim=128)
+    for flag, advice in (("--grad-checkpointing", "lower --micro-batch-size"),
+                         ("--no-grad-checkpointing", "lower --micro-batch-size or turn on --grad-checkpointing")):
+        cfg = ssr.parse_args(["--preset", "ssr-zero-7b", "--model", "m", "--micro-batch-size", "256", flag])
+        p = plan.memory_plan(cfg, model, 8, "fsdp", True, 80 * GIB)
+        assert max(p.rows, key=lambda r: r[1])[0].startswith("activations") and not p.fits()
+        assert p.advice() == advice

@@ -48,6 +48,16 @@ from test_ssr import (ROOT, SMALL, data_file, metrics, model_dir, run_ssr, two_r
     (["--w-comet", 0.5, "--comet-model", "/no/such/kiwi"], "--comet-model /no/such/kiwi: no such COMET"),
     (["--out-dir", "{file}"], "is a file, not a directory"),
     (["--out-dir", "{file}/sub"], "cannot create or write there"),
+    (["--out-dir", ""], "--out-dir '': give a directory"),
+    (["--w-self", "nan"], "--w-self nan: must be finite and >= 0"),
+    (["--w-self", "inf"], "--w-self inf: must be finite and >= 0"),
+    (["--w-comet", "inf"], "--w-comet inf: must be finite and >= 0"),
+    (["--seed", 2**32], "--seed 4294967296: must be in [0, 2**32)"),
+    (["--seed", -1], "--seed -1: must be in [0, 2**32)"),
+    (["--preset", "ssr-zero-7b", "--model", ""], "--preset ssr-zero-7b is a recipe for a real model: pass --model"),
+    (["--group-size", "x"], "argument --group-size: invalid int value: 'x'"),
+    (["--bogus", "1"], "unrecognized arguments: --bogus 1"),
+    (["--dist", "mpi"], "argument --dist: invalid choice: 'mpi'"),
 ])
 def test_bad_flags_stop_before_any_work(tmp_path, model_dir, data_file, monkeypatch, capsys, args, message):
     """In-process through ssr.main (the CLI's own entry point): the model loader is booby-trapped, so a check
@@ -193,6 +203,16 @@ def test_partial_metrics_line_and_truncated_state_on_resume(tmp_path, model_dir,
     proc = run_ssr(*common(model_dir, data_file, out, "--steps", 4, "--resume"), expect_ok=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert f"{trainer}: cannot read" in proc.stderr and "resume from an earlier step_N" in proc.stderr
+    # a DCP shard cut short (a copy interrupted): named, with its size and the size its metadata needs
+    shard = out / "step_2" / "train_state" / "__0_0.distcp"
+    size = shard.stat().st_size
+    shard.write_bytes(shard.read_bytes()[:size // 2])
+    model = distributed.load_trainer_model(out / "step_2", "none", torch.device("cpu"))
+    optimizer, scheduler = ssr.make_optimizer(ssr.Config(model="m"), model)
+    with pytest.raises(distributed.CheckpointError) as err:
+        distributed.load_train_state(out / "step_2", model, optimizer, scheduler)
+    assert str(err.value) == (f"{shard}: cut short ({size // 2} of its {size} bytes); resume from an earlier step_N by "
+                              f"deleting {out / 'step_2'}")
 
 
 def test_failed_save_leaves_newest_checkpoint_intact(tmp_path, model_dir, data_file):
@@ -455,3 +475,123 @@ def test_full_disk_while_taking_the_lock_leaves_no_lock(tmp_path):
     assert list((tmp_path / "o").iterdir()) == []
     rundir.lock(tmp_path / "o")()  # the next run takes it (and releases it)
     assert list((tmp_path / "o").iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------------------
+# --judge-model must speak the policy's language
+
+
+@pytest.fixture(scope="module")
+def tokenizer_models(tmp_path_factory):
+    """A policy, a judge with the same tokenizer and other weights, one whose tokenizer has the same size but
+    another vocabulary (trained on other text), and one with a smaller vocabulary (bytes only)."""
+    from checkpoint import make_tiny_model
+
+    root = tmp_path_factory.mktemp("tokenizers")
+    english = ["the cat sleeps on the mat, and the dog sits by the door"] * 20
+    other = ["今天很冷，我们在家里读书，喝茶，听音乐。" + "quick brown fox jumps"] * 20
+    return {name: make_tiny_model(root / name, corpus=corpus, vocab_size=size, seed=seed)
+            for name, corpus, size, seed in (("policy", english, 280, 0), ("same", english, 280, 1),
+                                             ("other", other, 280, 0), ("smaller", None, 280, 0))}
+
+
+@pytest.mark.parametrize("judge_name, message", [("other", "(vocabulary of 280 tokens, not 280; e.g. "),
+                                                 ("smaller", "(vocabulary of 259 tokens, not 280; e.g. ")])
+def test_judge_with_another_tokenizer_is_refused_before_any_work(tokenizer_models, data_file, tmp_path, monkeypatch,
+                                                                capsys, judge_name, message):
+    from checkpoint import load_tokenizer
+
+    assert load_tokenizer(tokenizer_models["policy"]).vocab_size == 280  # the case: same size, other tokens
+    monkeypatch.setattr(ssr, "load_trainer_model", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(ssr, "load_pretrained", lambda *a, **k: 1 / 0)
+    judge_dir = tokenizer_models[judge_name]
+    with pytest.raises(SystemExit) as exit_info:
+        ssr.main(["--model", str(tokenizer_models["policy"]), "--judge-model", str(judge_dir), "--data",
+                  str(data_file), "--out-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"ssr: error: --judge-model {judge_dir}: its tokenizer is not the policy's {message}"), err
+    assert not (tmp_path / "o").exists()
+
+
+def test_judge_with_the_same_tokenizer_is_accepted(tokenizer_models, data_file, tmp_path):
+    cfg = ssr.parse_args(["--model", str(tokenizer_models["policy"]), "--judge-model", str(tokenizer_models["same"]),
+                          "--data", str(data_file), "--out-dir", str(tmp_path / "o")])
+    ssr.validate(cfg, 1)
+
+
+def test_plan_validates_as_a_run_of_that_size_would(model_dir, data_file, tmp_path, capsys):
+    """--plan --plan-world 3 is refused where a 3-rank run is: 64 prompts do not split over 3 ranks."""
+    with pytest.raises(SystemExit) as exit_info:
+        ssr.main(["--plan", "--plan-world", "3", "--model", str(model_dir), "--data", str(data_file),
+                  "--out-dir", str(tmp_path / "o")])
+    err = capsys.readouterr()
+    assert exit_info.value.code == 2 and "fits" not in err.out
+    assert err.err.strip().splitlines() == ["ssr: error: --prompts-per-step 64: must be a multiple of the 3 ranks, and "
+                                            "each rank's rollouts (168) must split into --mini-batches 1"]
+
+
+def in_process(args, monkeypatch, capsys) -> tuple[int, str]:
+    """ssr.main(args) with the model loaders booby-trapped: (exit status, stderr) of a refusal before any load."""
+    monkeypatch.setattr(ssr, "load_trainer_model", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(ssr, "load_pretrained", lambda *a, **k: 1 / 0)
+    with pytest.raises(SystemExit) as exit_info:
+        ssr.main(list(map(str, args)))
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_resume_with_steps_below_the_checkpoint_is_refused(tmp_path, model_dir, data_file, monkeypatch, capsys):
+    out = fake_run(tmp_path / "run", "", str(model_dir), step=3)
+    code, err = in_process(["--model", model_dir, "--data", data_file, "--out-dir", out, "--resume", "--steps", 2],
+                           monkeypatch, capsys)
+    assert code == 2 and err.strip().splitlines() == [
+        f"ssr: error: --steps 2: {out / 'step_3'} is already past it (step 3); pass a larger --steps to continue that run"]
+
+
+def test_data_that_is_not_valid_unicode_once_decoded(tmp_path, model_dir, monkeypatch, capsys):
+    """Valid UTF-8 and valid JSON, but a \\ud800 escape decodes to a lone surrogate no tokenizer can encode."""
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"src": "ok", "src_lang": "en", "tgt_lang": "zh"}\n{"src": "bad \\ud800 text", "src_lang": "en", '
+                    '"tgt_lang": "zh"}\n')
+    code, err = in_process(["--model", model_dir, "--data", data, "--out-dir", tmp_path / "o"], monkeypatch, capsys)
+    assert code == 2 and err.strip().splitlines() == [
+        f"ssr: error: {data}:2: not valid Unicode once decoded ('\\ud800': a lone surrogate \\u escape)"]
+
+
+def test_malformed_model_config_is_one_line_before_any_load(tmp_path, model_dir, data_file, monkeypatch, capsys):
+    import shutil
+
+    bad = shutil.copytree(model_dir, tmp_path / "m")
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(config | {"num_attention_heads": 0}))
+    code, err = in_process(["--model", bad, "--data", data_file, "--out-dir", tmp_path / "o"], monkeypatch, capsys)
+    assert code == 2 and err.strip().splitlines() == [
+        f"ssr: error: {bad / 'config.json'}: num_attention_heads is 0; it must be a whole number >= 1"]
+
+
+def test_damaged_trainer_state_advice_is_true(tmp_path, model_dir, data_file, monkeypatch, capsys):
+    """A trainer.pt of garbage: torch's own message would suggest weights_only=False (unpickling a damaged file,
+    and code execution, for nothing); the line says it is damaged and how to go on."""
+    out = fake_run(tmp_path / "run", "", str(model_dir), step=3)
+    (out / "step_3" / "trainer.pt").write_bytes(b"garbage text\n")
+    code, err = in_process(["--model", model_dir, "--data", data_file, "--out-dir", out, "--resume", "--steps", 4],
+                           monkeypatch, capsys)
+    assert code == 2 and err.strip().splitlines() == [
+        f"ssr: error: {out / 'step_3' / 'trainer.pt'}: cannot read (damaged: not a trainer state ssr wrote); resume "
+        f"from an earlier step_N by deleting {out / 'step_3'}"]
+    assert "weights_only" not in err
+
+
+def test_full_disk_while_trimming_logs(tmp_path):
+    """A resume rewrites the logs through a temp file: a write that fails leaves the old file and one line."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    code = ("import resource, signal, sys, rundir; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (4, 4))\n"
+            "try: rundir.trim_logs(rundir.Path(sys.argv[1]), 1)\nexcept rundir.RunDirError as e: print(e); sys.exit(2)")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stderr == "", proc
+    assert proc.stdout.strip() == (f"cannot rewrite {tmp_path / 'metrics.jsonl'} (File too large); it is unchanged: "
+                                   f"free some space there and run the same command again")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'
