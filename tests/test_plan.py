@@ -122,3 +122,39 @@ def test_advice_is_true_for_the_flags_in_force():
         p = plan.memory_plan(cfg, model, 8, "fsdp", True, 80 * GIB)
         assert max(p.rows, key=lambda r: r[1])[0].startswith("activations") and not p.fits()
         assert p.advice() == advice
+
+
+QWEN25_7B_MODEL = dict(arch="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, head_dim=128)
+
+
+@pytest.mark.parametrize("flags, slots", [
+    ([], 64),  # 64 prompts x 8 rollouts / 8 ranks: 64 live sequences
+    (["--judge-samples", "2"], 128),  # every rollout judged twice at once
+    (["--judge-samples", "8"], 256),  # 512 judge sequences, capped by --sampler-batch-size 256
+    (["--judge-samples", "4", "--judge-mode", "group"], 64),  # 8 group prompts x 4 = 32: the rollouts are more
+    (["--judge-samples", "16", "--judge-mode", "group"], 128),  # 8 group prompts x 16 judgements
+])
+def test_sampler_slots_by_hand(flags, slots):
+    """The cache is sized for what a rank can have live: its rollouts, or its judge prompts times the judge
+    samples (one prompt per group in group mode); the KV row follows: slots x 2432 positions x 56 KiB."""
+    cfg = ssr.parse_args(["--preset", "ssr-zero-7b", "--model", "m", *flags])
+    assert plan.sampler_slots(cfg, world=8) == slots
+    p = plan.memory_plan(cfg, ModelConfig(**QWEN25_7B_MODEL), 8, "fsdp", True, 80 * GIB)
+    assert rows(p)["KV cache"] == slots * 2432 * 56 * 1024
+
+
+def test_fsdp2_gradient_row_by_hand():
+    """FSDP2's unsharded gradients during backward: the root's and one layer's, in bf16, plus on GPU the fp32
+    copy that the reduce-scatter (reduce_dtype fp32) takes as input: 2 + 4 bytes a parameter. On CPU the
+    training dtype is fp32 and there is no separate reduce copy: 4 bytes."""
+    model = ModelConfig(**QWEN25_7B_MODEL)
+    layer = 3584 * 3584 * 2 + 2 * 3584 * 512 + 3584 + 2 * 512 + 3 * 3584 * 18944 + 2 * 3584
+    root = 2 * 152064 * 3584 + 3584
+    cfg = ssr.parse_args(["--preset", "ssr-zero-7b", "--model", "m"])
+    gpu = rows(plan.memory_plan(cfg, model, 8, "fsdp", True, 80 * GIB))
+    assert gpu["FSDP2 unsharded grads"] == (root + layer) * (2 + 4)  # 2.99 GiB
+    assert gpu["FSDP2 gathered params"] == (root + 2 * layer) * 2
+    cpu = rows(plan.memory_plan(cfg, model, 8, "fsdp", False, 80 * GIB))
+    assert cpu["FSDP2 unsharded grads"] == (root + layer) * 4
+    assert "FSDP2 unsharded grads" not in rows(plan.memory_plan(cfg, model, 8, "ddp", True, 80 * GIB))

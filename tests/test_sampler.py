@@ -518,3 +518,57 @@ def test_bf16_cuda_logprobs_close_to_full_forward(tiny_model_dir):
         ref = full_logits(fp32, prompts[i // 4], o.tokens).log_softmax(-1)
         ref = ref.gather(-1, torch.tensor(o.tokens)[:, None])[:, 0]
         assert (torch.tensor(o.logprobs) - ref).abs().max() < 0.05
+
+
+# ----------------------------------------------------------------------------------------------------
+# the exact draw's corners
+
+def test_short_last_block_draws_at_the_token_rates():
+    """V = 10 in blocks of 4: the last block holds tokens 8 and 9 and two padding slots. All the mass sits there,
+    1 : 2. Padding that kept a weight (the clamped column is token 9) would make token 9 win 6 of 7 draws."""
+    from sampler import block_size
+
+    V = 10
+    assert block_size(V) == 4 and V % 4  # a short last block
+    probs = torch.zeros(1, V)
+    probs[0, 8], probs[0, 9] = 1.0, 2.0
+    n = 30_000
+    gen = torch.Generator().manual_seed(0)
+    draws = draw_blocked(probs.expand(n, -1), blocked_sums(probs).expand(n, -1), gen)
+    counts = torch.bincount(draws, minlength=V) / n
+    assert counts[:8].sum() == 0
+    assert abs(counts[9].item() - 2 / 3) < 0.015, counts  # sd 0.0027; the bug gives 0.857
+
+
+def test_race_draws_in_fp64(monkeypatch):
+    """White-box: every exponential the draw takes is fp64. On CUDA fp32 exponentials come from 24-bit uniforms,
+    on a 2^-24 grid near 0, exactly where a token of relative weight 1e-8 is decided (on CPU torch rounds fp64
+    draws, so no frequency measured here could tell). Through sample(), the sampler's own entry point."""
+    dtypes = []
+    exponential = torch.Tensor.exponential_
+
+    def spy(self, *args, **kwargs):
+        dtypes.append(self.dtype)
+        return exponential(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "exponential_", spy)
+    logits = torch.randn(4, 1000, generator=torch.Generator().manual_seed(0))
+    sample(logits, temperature=0.7, top_k=0, top_p=1.0, generator=torch.Generator().manual_seed(1))
+    assert dtypes and set(dtypes) == {torch.float64}, dtypes
+
+
+def test_stop_string_completed_by_a_token_that_carries_text_past_it(tmp_path):
+    """One stop string, "</answer>", completed by the token ">." (it holds text past the stop string): the
+    pre-check must look for the last character anywhere in the token, not only at its end."""
+    path = make_tiny_model(tmp_path, corpus=["ok </answer>. and </answer>. so", "answer answer ans wer"] * 20,
+                           vocab_size=300)
+    tok = load_tokenizer(path)
+    ids = tok.encode("ok</answer>. bye")
+    pieces = [tok.decode([t]) for t in ids]
+    assert ">." in pieces and ">" not in pieces, pieces
+    prompt = tok.encode("Q")
+    model = scripted(path, "cpu", prompt + ids)
+    sampler = Sampler(model, max_batch_size=2, max_seq_len=32, device="cpu", dtype=torch.float32)
+    o = sampler.generate([prompt], max_new_tokens=len(ids) + 2, temperature=0, stop_strings=("</answer>",),
+                         tokenizer=tok)[0]
+    assert tok.decode(o.tokens) == "ok</answer>." and o.finish_reason == "stop"

@@ -381,3 +381,32 @@ def test_format_credit_grades_malformed_responses():
                     for text in responses]
         ssr.assign_rewards(run, rollouts)
         assert [r.reward.reward for r in rollouts] == pytest.approx(expected)
+
+
+def one_real_step(tmp_path, model_dir, data_file, monkeypatch, *flags):
+    """One step of the loop (sample, reward, update) on the smoke model, the advantages it trained on captured."""
+    cfg = ssr.parse_args(list(map(str, ["--model", model_dir, "--data", data_file, "--out-dir", tmp_path / "run", *SMALL,
+                                        "--reward", "judge:letter_share_reward", "--group-size", 8, *flags])))
+    run = ssr.setup(cfg)
+    rollouts = ssr.sample_translations(run, ssr.step_sources(run.rows, 0, cfg, 0, 1), seed=0)
+    ssr.assign_rewards(run, rollouts)
+    seen = []
+    build = ssr.grpo.build_rollouts
+    monkeypatch.setattr(ssr.grpo, "build_rollouts", lambda *a, **k: seen.append(a[2].clone()) or build(*a, **k))
+    stats = ssr.update_policy(run, rollouts)
+    rewards = torch.tensor([r.reward.reward for r in rollouts]).view(-1, 8)
+    return rewards, seen[0].view(-1, 8), stats
+
+
+def test_adv_std_off_reaches_the_loop(tmp_path, model_dir, data_file, monkeypatch):
+    """--adv-std off (Dr.GRPO): a real step trains on r - mean of the group, not divided by its std."""
+    rewards, advantages, _ = one_real_step(tmp_path, model_dir, data_file, monkeypatch, "--adv-std", "off")
+    assert (rewards.std(-1) > 0.01).any()  # groups with a spread: dividing by their std would show
+    torch.testing.assert_close(advantages, (rewards - rewards.mean(-1, keepdim=True)).to(advantages.dtype))
+
+
+def test_sampling_temperature_reaches_the_trainer(tmp_path, model_dir, data_file, monkeypatch):
+    """At T = 0.5 the trainer's log-probs are of softmax(logits / 0.5), the sampler's distribution: on CPU (same
+    fp32 weights) their gap kl_sampler is ~0. A trainer left at T = 1 would be far from it."""
+    _, _, stats = one_real_step(tmp_path, model_dir, data_file, monkeypatch, "--temperature", 0.5)
+    assert 0 <= stats["kl_sampler"] < 1e-6, stats["kl_sampler"]
