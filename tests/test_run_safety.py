@@ -18,8 +18,7 @@ from safetensors.torch import load_file
 import distributed
 import rundir
 import ssr
-from test_ssr import (ROOT, SMALL, data_file, metrics, model_dir, run_ssr, two_rows, verdict_model_dir,  # noqa: F401
-                      write_jsonl)
+from test_ssr import ROOT, SMALL, metrics, run_ssr, write_jsonl
 
 # ----------------------------------------------------------------------------------------------------
 # every bad flag: exit 2, one line naming it, no traceback, nothing loaded

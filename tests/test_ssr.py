@@ -16,61 +16,9 @@ import judge
 import smoke
 import ssr
 from checkpoint import load_pretrained, load_tokenizer
+from conftest import GROUP_SCORES, VERDICTS, write_jsonl  # noqa: F401 (the fixtures live there too)
 
 ROOT = Path(__file__).resolve().parent.parent
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    rows = [{"src": s, "src_lang": "en", "tgt_lang": "zh"} for s in
-            ["The cat sleeps.", "It is raining today.", "We love music.", "Open the door, please."]]
-    rows += [{"src": s, "src_lang": "zh", "tgt_lang": "en"} for s in ["今天很冷。", "我喜欢读书。", "他在跑步。", "请坐。"]]
-    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", rows)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """The smoke run's tiny model: its BPE tokenizer makes prompts short, so the loop runs fast on CPU."""
-    return smoke.make_smoke_model(tmp_path_factory.mktemp("smoke_model"), str(ROOT / "data" / "sample.jsonl"))
-
-
-# The verdict model's behaviour, fixed by fine-tuning (on two_rows' sources only). As an actor it answers
-# "90" or "80", about half and half, so groups hold both; as a pointwise judge it scores each translation by
-# its content, in two spellings of the score grammar; as a group judge it scores the first translation of the
-# prompt 90 and the second 60, so a rollout's group reward says where its translation was numbered.
-VERDICTS = {"90": ("Score: 90/100", 90.0), "80": ("**60**", 60.0)}  # translation -> pointwise verdict, its score
-GROUP_SCORES = (90.0, 60.0)
-
-
-@pytest.fixture(scope="module")
-def two_rows(tmp_path_factory):
-    return write_jsonl(tmp_path_factory.mktemp("data") / "two.jsonl",
-                       [{"src": "The cat sleeps.", "src_lang": "en", "tgt_lang": "zh"},
-                        {"src": "今天很冷。", "src_lang": "zh", "tgt_lang": "en"}])
-
-
-@pytest.fixture(scope="module")
-def verdict_model_dir(tmp_path_factory, model_dir, two_rows):
-    """The tiny model fine-tuned (smoke.fine_tune) to VERDICTS and GROUP_SCORES: the judge and group paths of
-    the loop then run for real, with outputs we can predict."""
-    out = tmp_path_factory.mktemp("verdict")
-    shutil.copytree(model_dir, out, dirs_exist_ok=True)
-    response = lambda answer: f" <think></think> <answer>{answer}</answer>"
-    examples = []
-    for r in ssr.load_data(str(two_rows))[0]:
-        langs = r["src_lang"], r["tgt_lang"]
-        for answer, (verdict, _) in VERDICTS.items():
-            examples.append((judge.actor_prompt(r["src"], *langs), response(answer)))
-            examples.append((judge.judge_prompt(r["src"], answer, *langs), response(verdict)))
-        for group in (["90"], ["80"], ["90", "80"], ["80", "90"]):
-            verdict = "\n".join(f"{i}: {score:.0f}" for i, score in enumerate(GROUP_SCORES[:len(group)], 1))
-            examples.append((judge.group_judge_prompt(r["src"], group, *langs), response(verdict)))
-    loss = smoke.fine_tune(out, examples, steps=150, lr=5e-3, batch_size=len(examples))
-    assert loss < 0.05, loss  # the floor is ~0.016: the actor's 50/50 choice of answer
-    return out
 
 
 def expected_self_scores(rows):
@@ -253,7 +201,7 @@ def test_custom_reward_rises(tmp_path, model_dir, data_file):
 def test_resume_is_bit_exact(tmp_path, model_dir, data_file):
     # warm-up then cosine: a resume that forgot the LR schedule would show in the weights and the logged lr
     common = ["--model", model_dir, "--data", data_file, *SMALL, "--reward", "judge:letter_share_reward",
-              "--save-every", 2, "--warmup-steps", 2, "--lr-schedule", "cosine"]
+              "--save-every", 2, "--warmup-steps", 1, "--lr-schedule", "cosine"]
     run_ssr(*common, "--out-dir", tmp_path / "straight", "--steps", 3)
     run_ssr(*common, "--out-dir", tmp_path / "resumed", "--steps", 3)
     # a crash after step 3 was logged but before it was saved: resume from step_2 redoes step 3
