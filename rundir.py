@@ -101,10 +101,10 @@ def lock(out: Path):
             owner = parse_lock(seen[0])
             if owner and (owner.get("host") != me["host"] or pid_alive(owner.get("pid"))):
                 elsewhere = owner.get("host") != me["host"]
-                raise RunDirError(
-                    f"--out-dir {out} is in use by pid {owner.get('pid')} on {owner.get('host')} (since "
-                    f"{owner.get('started')}{'; another host: its pid cannot be checked from here' if elsewhere else ''}"
-                    f"); use another --out-dir, or delete {path} if that run is dead")
+                raise RunDirError(f"--out-dir {out} is in use by pid {owner.get('pid')} on {owner.get('host')} (since "
+                                  f"{owner.get('started')}"
+                                  f"{'; another host: its pid cannot be checked from here' if elsewhere else ''}); use "
+                                  f"another --out-dir, or delete {path} if that run is dead")
             if take_over(path, mine, seen, out):
                 what = (f"a stale lock of pid {owner.get('pid')} (started {owner.get('started')}), which is no longer "
                         f"running" if owner else "an unreadable lock (no ssr wrote it)")

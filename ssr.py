@@ -397,8 +397,8 @@ def setup(cfg: Config) -> Run:
     ref_model = load_frozen_model(cfg.model, mode, device, gen_dtype) if cfg.kl_beta > 0 else None
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and mode != "fsdp"
                 else torch.autocast("cpu", enabled=False))
-    return Run(cfg, rank, world, device, out, tok, rows, data_sha256, model, optimizer, scheduler, sampler, judge_sampler,
-               ref_model, comet, custom_reward, autocast, start, wandb_run)
+    return Run(cfg, rank, world, device, out, tok, rows, data_sha256, model, optimizer, scheduler, sampler,
+               judge_sampler, ref_model, comet, custom_reward, autocast, start, wandb_run)
 
 
 def dist_mode(cfg: Config, world: int) -> str:
@@ -411,10 +411,10 @@ def plan_only(cfg: Config, world: int, mode: str, device: torch.device, rank: in
     """--plan: print the memory plan and exit (0 fits, 2 not). It writes nothing anywhere it does not own: the
     smoke run's model, which exists only in its out-dir, is built in a temporary directory for its shape."""
     if cfg.model:
-        check_memory(cfg, world, mode, device, rank)
-    with tempfile.TemporaryDirectory(prefix="ssr-plan-") as tmp:
+        check_memory(cfg, world, mode, device, rank)  # exits
+    with tempfile.TemporaryDirectory(prefix="ssr-plan-") as tmp:  # removed on the way out of the exit below
         cfg.model = str(make_smoke_model(Path(tmp), cfg.data, cfg.seed))
-        check_memory(cfg, world, mode, device, rank)
+        check_memory(cfg, world, mode, device, rank)  # exits
 
 
 def check_memory(cfg: Config, world: int, mode: str, device: torch.device, rank: int):

@@ -386,7 +386,8 @@ def test_divergence_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path,
                            "--keep-last", 1), expect_ok=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     (line,) = proc.stderr.strip().splitlines()
-    assert line.startswith("ssr: error: step 2: training diverged (loss nan") and f"{out / 'step_1'} is the newest" in line
+    assert line.startswith("ssr: error: step 2: training diverged (loss nan")
+    assert f"{out / 'step_1'} is the newest checkpoint: resume from it with a lower learning rate" in line
     assert sorted(p.name for p in out.glob("*step_*")) == ["step_1"]
     weights = load_file(out / "step_1" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
@@ -544,7 +545,8 @@ def test_resume_with_steps_below_the_checkpoint_is_refused(tmp_path, model_dir, 
     code, err = in_process(["--model", model_dir, "--data", data_file, "--out-dir", out, "--resume", "--steps", 2],
                            monkeypatch, capsys)
     assert code == 2 and err.strip().splitlines() == [
-        f"ssr: error: --steps 2: {out / 'step_3'} is already past it (step 3); pass a larger --steps to continue that run"]
+        f"ssr: error: --steps 2: {out / 'step_3'} is already past it (step 3); pass a larger --steps to continue that "
+        f"run"]
 
 
 def test_data_that_is_not_valid_unicode_once_decoded(tmp_path, model_dir, monkeypatch, capsys):
