@@ -35,10 +35,11 @@ from checkpoint import CheckpointError, iter_checkpoint, load_pretrained, read_c
 from model import Transformer, empty_model
 
 
-def init_distributed(timeout_minutes: float = 60):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python ssr.py` is one process. The timeout is how
-    long a rank waits in a collective for the others (one writing a checkpoint file, a long judge batch)
-    before the job fails. Returns (rank, world size, this rank's device)."""
+def init_distributed(timeout_minutes: float = 60, one_rank_group: bool = False):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python ssr.py` is one process, with no process group
+    unless one_rank_group (FSDP2 needs one, even for one rank). The timeout is how long a rank waits in a
+    collective for the others (one writing a checkpoint file, a long judge batch) before the job fails.
+    Returns (rank, world size, this rank's device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
@@ -46,13 +47,15 @@ def init_distributed(timeout_minutes: float = 60):
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if world > 1:
+    if world > 1 or one_rank_group:
         # NCCL alone serves CUDA tensors only, and we keep it so (not "cuda:nccl,cpu:gloo"): every collective of
         # ours takes a tensor on `device` (tests/test_distributed.py checks each one on the 2-rank gloo run), so a
         # CPU backend would serve nothing but a mistake, and would serve it quietly: over TCP, on every step, with
         # a second set of connections between all ranks. Without it such a mistake raises where it is made.
+        # one process outside torchrun has no rendezvous address: it meets itself in an in-memory store
+        alone = {} if "MASTER_ADDR" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+                                timeout=datetime.timedelta(minutes=timeout_minutes), **alone)
     return rank, world, device
 
 

@@ -111,7 +111,7 @@ class Config:
     resume_override: str = arg("", "with --resume: comma-separated flags you change on purpose (e.g. lr,data); "
                                "other changes to what the run means are refused")
     seed: int = arg(0, "seed of data order, sampling and the tiny model")
-    dist: str = arg("auto", "data parallelism under torchrun (auto: ddp if several ranks)",
+    dist: str = arg("auto", "data parallelism under torchrun (auto: ddp if several ranks; fsdp also on one process)",
                     choices=["auto", "none", "ddp", "fsdp"])
     grad_checkpointing: bool = arg(True, "recompute each layer in backward (activation checkpointing)")
     log_samples: int = arg(4, "full rollouts per step written to samples.jsonl")
@@ -349,7 +349,7 @@ class Run:
 
 
 def setup(cfg: Config) -> Run:
-    rank, world, device = init_distributed(cfg.dist_timeout)
+    rank, world, device = init_distributed(cfg.dist_timeout, one_rank_group=cfg.dist == "fsdp")
     mode = dist_mode(cfg, world)
     out = Path(cfg.out_dir)
     if cfg.plan:
@@ -402,9 +402,11 @@ def setup(cfg: Config) -> Run:
 
 
 def dist_mode(cfg: Config, world: int) -> str:
-    """none (one process: nothing to shard or average), ddp (replicas) or fsdp (shards). validate() has refused
-    --dist none for several ranks; a plan for several ranks (--plan-world) reads it as the default, ddp."""
-    return "none" if world == 1 else cfg.dist if cfg.dist in ("ddp", "fsdp") else "ddp"
+    """none (one process: nothing to shard or average), ddp (replicas) or fsdp (shards; --dist fsdp on one process
+    too, over a one-rank group: FSDP2, its collectives and DCP as on many ranks, which is how scripts/gpu_checks.sh
+    checks NCCL on one GPU). validate() has refused --dist none for several ranks; a plan for several ranks
+    (--plan-world) reads it as the default, ddp."""
+    return "fsdp" if cfg.dist == "fsdp" else "none" if world == 1 else "ddp"
 
 
 def plan_only(cfg: Config, world: int, mode: str, device: torch.device, rank: int):

@@ -77,7 +77,8 @@ def test_bad_flags_stop_before_any_work(tmp_path, model_dir, data_file, monkeypa
 
 def test_rank_checks_use_the_world_size(model_dir, data_file, tmp_path):
     """Under torchrun validate() sees the world size: --dist none cannot spread over ranks, and the sources of a
-    step must split evenly between them. A memory plan for more ranks (--plan-world) reads --dist none as ddp."""
+    step must split evenly between them. A memory plan for more ranks (--plan-world) reads --dist none as ddp;
+    --dist fsdp is FSDP2 on one process too."""
     base = ["--model", str(model_dir), "--data", str(data_file), "--out-dir", str(tmp_path / "o")]
     with pytest.raises(ssr.ConfigError, match="--dist none: several ranks need --dist ddp or --dist fsdp"):
         ssr.validate(ssr.parse_args(base + ["--dist", "none"]), world=2)
@@ -86,7 +87,7 @@ def test_rank_checks_use_the_world_size(model_dir, data_file, tmp_path):
     ssr.validate(ssr.parse_args(base + ["--prompts-per-step", "4"]), world=2)
     assert [ssr.dist_mode(ssr.parse_args(base + ["--dist", d]), w) for d, w in
             (("none", 1), ("auto", 1), ("fsdp", 1), ("none", 8), ("auto", 8), ("fsdp", 8))] == \
-        ["none", "none", "none", "ddp", "ddp", "fsdp"]
+        ["none", "none", "fsdp", "ddp", "ddp", "fsdp"]
 
 
 def test_bad_flag_through_a_real_subprocess(tmp_path, model_dir, data_file):
