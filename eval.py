@@ -39,7 +39,7 @@ from data import LANGUAGES, DataError
 from judge import RewardError
 from rundir import RunDirError, check_eval_out, fingerprint, jsonl, load_rows, replace_file, segments_path
 from plan import device_memory_bytes, kv_bytes_per_token
-from sampler import Sampler
+from sampler import DECODE_MODES, Sampler
 from testsets import PAPER_SETS, TestSet, check_set_flags, load_sets
 
 
@@ -146,7 +146,8 @@ def respond(model, tok, prompts: dict[int, list[int]], max_new_tokens: int, temp
     weight = next(model.parameters())
     # the KV cache is sized for the longest prompt, so no segment is cut or refused
     sampler = Sampler(model, max_batch_size=min(args.batch_size, len(prompts)), device=weight.device,
-                      dtype=weight.dtype, max_seq_len=max(map(len, prompts.values())) + max_new_tokens)
+                      dtype=weight.dtype, max_seq_len=max(map(len, prompts.values())) + max_new_tokens,
+                      decode=args.decode)
     todo = list(prompts)
     with tqdm(total=done + len(todo), initial=done, desc=desc, unit="seg") as bar:
         for start in range(0, len(todo), args.batch_size):
@@ -501,6 +502,11 @@ def parse_args(argv=None):
                    help="segments per COMET forward, >= 1 (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N: the translation models and COMET (default: %(default)s)")
+    p.add_argument("--decode", default="auto", choices=DECODE_MODES,
+                   help="how the sampler runs a decode step: compiled (torch.compile + CUDA graphs + the Triton "
+                        "decode kernel), kernel (eager + the kernel), sdpa (eager PyTorch); auto: compiled on CUDA, "
+                        "sdpa on CPU. The others are fallbacks for a GPU where the default breaks (default: "
+                        "%(default)s)")
     return p.parse_args(argv)
 
 

@@ -196,12 +196,13 @@ def pack_shared_prompts(ids: torch.Tensor, response_mask: torch.Tensor):
 
 
 def policy_logprobs(model, ids: torch.Tensor, response_mask: torch.Tensor, temperature: float = 1.0,
-                    return_entropy: bool = False):
+                    return_entropy: bool = False, logprob_backend: str = "auto"):
     """log p (b, w) fp32 of each response target under `model` (column-aligned with response_mask; 0 off it),
-    and with return_entropy the entropies (b, w), detached: one forward over the packed micro-batch."""
+    and with return_entropy the entropies (b, w), detached: one forward over the packed micro-batch.
+    logprob_backend: who runs the fused head (kernels.LOGPROB_BACKENDS; --logprob-backend)."""
     packed_ids, positions, targets, attention, where = pack_shared_prompts(ids, response_mask)
     out = model(packed_ids, positions=positions, kv_cache=attention, targets=targets, temperature=temperature,
-                return_entropy=return_entropy)
+                return_entropy=return_entropy, logprob_backend=logprob_backend)
     unpack = lambda o: torch.where(response_mask, o[0][where], 0.0)  # (1, T) -> (b, w)
     return tuple(map(unpack, out)) if return_entropy else unpack(out)
 
@@ -212,7 +213,8 @@ def model_device(model) -> torch.device:
 
 
 @torch.no_grad()
-def sequence_logprobs(model, rollouts: Rollouts, micro_batch_size: int, temperature: float = 1.0) -> torch.Tensor:
+def sequence_logprobs(model, rollouts: Rollouts, micro_batch_size: int, temperature: float = 1.0,
+                      logprob_backend: str = "auto") -> torch.Tensor:
     """Log-probs (N, T) fp32 of each response token under `model` (old or reference log-probs), aligned with
     rollouts.response_mask, on rollouts' device; 0 off the mask (the head runs at response tokens only).
 
@@ -225,7 +227,8 @@ def sequence_logprobs(model, rollouts: Rollouts, micro_batch_size: int, temperat
     for start in range(0, len(rollouts), micro_batch_size):
         mb = rollouts.rows(start, start + micro_batch_size)
         ids = mb.input_ids.to(device)  # (b, w)
-        logp = policy_logprobs(model, ids, mb.response_mask.to(device), temperature)  # (b, w) fp32
+        logp = policy_logprobs(model, ids, mb.response_mask.to(device), temperature,
+                               logprob_backend=logprob_backend)  # (b, w) fp32
         out[start:start + len(mb), :ids.shape[1]] = logp.to(out.device)
     if hasattr(model, "reshard"):  # FSDP2 keeps the root's parameters gathered after a forward, expecting a
         model.reshard()            # backward; with none coming, free them (embedding + head: 2 GiB at 7B)
@@ -299,14 +302,15 @@ def loss_weights(response_mask, loss_agg: str, n_tokens: float, n_seqs: float,
 
 def micro_batch_backward(model, mb: Rollouts, n_tokens: float, n_seqs: float, world: int, *, clip_low: float,
                          clip_high: float, kl_beta: float, loss_agg: str, max_response_len: int | None,
-                         temperature: float, tis_cap: float) -> torch.Tensor:
+                         temperature: float, tis_cap: float, logprob_backend: str = "auto") -> torch.Tensor:
     """Forward and backward of one micro-batch's share of the global objective (n_tokens / n_seqs: the
     global mini-batch's normalisers). Returns this micro-batch's sums (6,) fp64: loss, clipped tokens,
     kl_old, kl_ref, entropy, kl_sampler."""
     device = model_device(model)
     ids = mb.input_ids.to(device)  # (b, w)
     mask = mb.response_mask.to(device)  # (b, w)
-    logp, entropy = policy_logprobs(model, ids, mask, temperature, return_entropy=True)  # (b, w)
+    logp, entropy = policy_logprobs(model, ids, mask, temperature, return_entropy=True,
+                                    logprob_backend=logprob_backend)  # (b, w)
     old = mb.old_logprobs.to(device) if mb.old_logprobs is not None else logp.detach()
     ref = mb.ref_logprobs.to(device) if kl_beta > 0 else None
     sampler = mb.sampler_logprobs.to(device) if mb.sampler_logprobs is not None else None
@@ -344,7 +348,7 @@ def check_update(rollouts: Rollouts, mini_batches: int, loss_agg: str, max_respo
 def grpo_update(model, optimizer, rollouts: Rollouts, *, micro_batch_size: int, mini_batches: int = 1,
                 clip_low: float = 0.2, clip_high: float = 0.2, kl_beta: float = 0.0, loss_agg: str = "token-mean",
                 max_response_len: int | None = None, temperature: float = 1.0, tis_cap: float = 0.0,
-                max_grad_norm: float = 1.0, progress=None) -> dict:
+                max_grad_norm: float = 1.0, logprob_backend: str = "auto", progress=None) -> dict:
     """Policy update(s) on one rollout batch: `mini_batches` optimizer steps, each on a contiguous 1/M of
     the rows, each accumulated over micro-batches of `micro_batch_size` rows (forward -> loss -> backward),
     then grad-norm clipping, optimizer.step() and zero_grad(). LR schedulers are the caller's.
@@ -358,6 +362,7 @@ def grpo_update(model, optimizer, rollouts: Rollouts, *, micro_batch_size: int, 
 
     max_response_len: the constant of seq-mean-token-sum-norm (the generation budget), required by it.
     tis_cap > 0: truncated importance weights on the token loss (token_losses), needs sampler_logprobs.
+    logprob_backend: who runs the fused log-prob head (kernels.LOGPROB_BACKENDS).
     progress: anything with .update(n) (a tqdm bar), told the rows of each finished micro-batch.
     Returns stats (floats, over the global batch): loss (mean over the steps), clip_frac, kl_old,
     kl_ref (when kl_beta > 0), kl_sampler (when rollouts carry sampler_logprobs), entropy (token means over
@@ -370,7 +375,8 @@ def grpo_update(model, optimizer, rollouts: Rollouts, *, micro_batch_size: int, 
     world = dist.get_world_size() if distributed else 1
     mini = N // mini_batches
     objective = dict(clip_low=clip_low, clip_high=clip_high, kl_beta=kl_beta, loss_agg=loss_agg,
-                     max_response_len=max_response_len, temperature=temperature, tis_cap=tis_cap)
+                     max_response_len=max_response_len, temperature=temperature, tis_cap=tis_cap,
+                     logprob_backend=logprob_backend)
 
     # Global normalisers, one (tokens, rollouts) pair per mini-batch, summed over ranks in one collective.
     # Rollouts count when they have a token in the loss (--mask-truncated leaves some out entirely).

@@ -42,9 +42,10 @@ from checkpoint import (CheckpointError, load_comet, load_pretrained, load_token
 from distributed import (init_distributed, load_frozen_model, load_train_state, load_trainer_model, newest_checkpoint,
                          read_trainer_state, sampler_copy, save_checkpoint, sync_sampler, unwrap)
 from data import DataError, check_direction, parse_jsonl, read_bytes
+from kernels import LOGPROB_BACKENDS
 from model import Transformer
 from plan import GIB, cache_positions, comet_checkpoint_bytes, device_memory_bytes, memory_plan, sampler_slots
-from sampler import Completion, Sampler
+from sampler import DECODE_MODES, Completion, Sampler
 from smoke import make_smoke_model, warm_up
 
 
@@ -119,6 +120,12 @@ class Config:
     keep_last: int = arg(3, "keep only the newest N step_* checkpoints (0: keep all)")
     dist_timeout: float = arg(60.0, "minutes a rank waits for the others in a collective (a save, a long judge "
                               "batch) before the job fails")
+    # --- GPU paths: the defaults are the fast path; the others are fallbacks for a GPU where it breaks (README)
+    decode: str = arg("auto", "how the sampler runs a decode step: compiled (torch.compile + CUDA graphs + the "
+                      "Triton decode kernel), kernel (eager + the kernel), sdpa (eager PyTorch); auto: compiled on "
+                      "CUDA, sdpa on CPU", choices=list(DECODE_MODES))
+    logprob_backend: str = arg("auto", "who computes the trainer's log-probs in the fused head: triton, or torch "
+                               "(chunked, no Triton); auto: triton on CUDA, torch on CPU", choices=list(LOGPROB_BACKENDS))
     # --- memory plan
     plan: bool = arg(False, "print the memory plan (needs only the model's config.json) and exit: 0 fits, 2 not")
     plan_world: int = arg(0, "plan for this many ranks (0: this job's world size)")
@@ -155,7 +162,7 @@ class Parser(argparse.ArgumentParser):
 
 
 FLAG_GROUPS = {"model": "model and data", "reward": "reward", "prompts_per_step": "rollouts", "lr": "GRPO",
-               "steps": "run", "plan": "memory plan"}
+               "steps": "run", "decode": "GPU paths", "plan": "memory plan"}
 
 
 def parse_args(argv=None) -> Config:
@@ -238,6 +245,11 @@ def validate(cfg: Config, world: int):
                           f"each rank's rollouts ({per_rank}) must split into --mini-batches {cfg.mini_batches}")
     if cfg.resume_override and not cfg.resume:
         raise ConfigError("--resume-override only means something with --resume")
+    triton_runs = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    for name, value in (("decode", "kernel"), ("logprob_backend", "triton")):
+        if getattr(cfg, name) == value and not triton_runs:
+            raise ConfigError(f"{flag(name)} {value}: Triton runs on CUDA, or on CPU in its interpreter "
+                              "(TRITON_INTERPRET=1); here use auto")
     needs = ("config.json",) if cfg.plan else ("config.json", "tokenizer.json")  # --plan reads config.json only
     for name in ("model", "judge_model"):
         path = Path(getattr(cfg, name))
@@ -390,7 +402,7 @@ def setup(cfg: Config) -> Run:
     gen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     # one cache slot per sequence this rank can have live at once: its rollouts, or its judge prompts
     sampler_args = dict(max_batch_size=sampler_slots(cfg, world), max_seq_len=cache_positions(cfg), device=device,
-                        dtype=gen_dtype)
+                        dtype=gen_dtype, decode=cfg.decode)
     sampler = Sampler(sampler_copy(model, device, gen_dtype), **sampler_args)
     judge_sampler = (Sampler(load_pretrained(cfg.judge_model, device, gen_dtype).eval(), **sampler_args)
                      if cfg.judge_model else sampler)
@@ -659,14 +671,16 @@ def update_policy(run: Run, rollouts: list[Rollout]) -> dict:
         # ratio is exactly 1 before the first update. With one update per batch that is all they are:
         # grpo_update then uses its own detached log-probs and we skip a forward pass over the batch.
         if cfg.mini_batches > 1:
-            batch.old_logprobs = grpo.sequence_logprobs(run.model, batch, cfg.micro_batch_size, cfg.temperature)
+            batch.old_logprobs = grpo.sequence_logprobs(run.model, batch, cfg.micro_batch_size, cfg.temperature,
+                                                        cfg.logprob_backend)
         if run.ref_model is not None:
-            batch.ref_logprobs = grpo.sequence_logprobs(run.ref_model, batch, cfg.micro_batch_size, cfg.temperature)
+            batch.ref_logprobs = grpo.sequence_logprobs(run.ref_model, batch, cfg.micro_batch_size, cfg.temperature,
+                                                        cfg.logprob_backend)
         stats = grpo.grpo_update(run.model, run.optimizer, batch, micro_batch_size=cfg.micro_batch_size,
                                  mini_batches=cfg.mini_batches, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                                  kl_beta=cfg.kl_beta, loss_agg=cfg.loss_agg, max_response_len=cfg.max_new_tokens,
                                  temperature=cfg.temperature, tis_cap=cfg.tis_cap, max_grad_norm=cfg.max_grad_norm,
-                                 progress=progress)
+                                 logprob_backend=cfg.logprob_backend, progress=progress)
     run.model.eval()
     stats["lr"] = run.optimizer.param_groups[0]["lr"]  # the LR this update used
     run.scheduler.step()

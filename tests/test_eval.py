@@ -295,7 +295,7 @@ def test_cli_end_to_end(tiny_model_dir, tiny_comet_dir, tmp_path):
     proc = subprocess.run(
         [sys.executable, "eval.py", "--model", str(tiny_model_dir), *write_local(tmp_path, SRCS[:2], REFS[:2]),
          "--metrics", f"bleu,chrf,{tiny_comet_dir},self-judge", "--out", str(out), "--batch-size", "2",
-         "--max-new-tokens", "6", "--judge-max-new-tokens", "4", "--device", "cpu"],
+         "--max-new-tokens", "6", "--judge-max-new-tokens", "4", "--device", "cpu", "--decode", "sdpa"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     results = json.loads((out / "results.json").read_text())

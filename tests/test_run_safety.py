@@ -75,6 +75,14 @@ def test_bad_flags_stop_before_any_work(tmp_path, model_dir, data_file, monkeypa
     assert len(err.strip().splitlines()) == 1 and err.startswith("ssr: error: ") and message in err, err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="Triton runs here")
+@pytest.mark.parametrize("args", [["--decode", "kernel"], ["--logprob-backend", "triton"]])
+def test_triton_paths_refused_where_triton_cannot_run(tmp_path, model_dir, data_file, monkeypatch, capsys, args):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # test files of the kernels set it for themselves
+    test_bad_flags_stop_before_any_work(tmp_path, model_dir, data_file, monkeypatch, capsys, args,
+                                        f"{' '.join(args)}: Triton runs on CUDA, or on CPU in its interpreter")
+
+
 def test_rank_checks_use_the_world_size(model_dir, data_file, tmp_path):
     """Under torchrun validate() sees the world size: --dist none cannot spread over ranks, and the sources of a
     step must split evenly between them. A memory plan for more ranks (--plan-world) reads --dist none as ddp;
@@ -183,8 +191,9 @@ def test_resume_refuses_changed_meaning_and_accepts_steps_and_overrides(tmp_path
     data_changed = run_ssr(*common(model_dir, other_data, out, "--warmup-steps", 4, "--steps", 3, "--resume"),
                            expect_ok=False)
     assert "--data" in data_changed.stderr and "the data file's contents" in data_changed.stderr
-    # --steps may change; a learning-rate change is applied from the resumed step on, when asked for
-    run("--steps", 3, "--resume", "--resume-override", "lr", "--lr", 2e-4)
+    # --steps and the GPU paths may change; a learning-rate change is applied from the resumed step on, when asked for
+    run("--steps", 3, "--resume", "--resume-override", "lr", "--lr", 2e-4, "--decode", "sdpa", "--logprob-backend",
+        "torch")
     lrs = [m["lr"] for m in metrics(out)]
     assert lrs == pytest.approx([1e-4 * 1 / 4, 1e-4 * 2 / 4, 2e-4 * 3 / 4])
     state = torch.load(out / "step_3" / "trainer.pt", weights_only=True)

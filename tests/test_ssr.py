@@ -55,7 +55,7 @@ def test_help_shows_every_flag_with_defaults():
                  "--judge-model", "--dist", "--preset", "--group-size", "--prompts-per-step", "--micro-batch-size",
                  "--max-new-tokens", "--temperature", "--top-p", "--kl-beta", "--clip-low", "--clip-high",
                  "--loss-agg", "--adv-std", "--lr", "--w-comet", "--judge-samples", "--judge-mode", "--check-script",
-                 "--tis-cap", "--mask-truncated"):
+                 "--tis-cap", "--mask-truncated", "--decode", "--logprob-backend"):
         assert flag in proc.stdout, flag
     assert "(default: 8)" in proc.stdout  # group size
 
@@ -196,6 +196,33 @@ def test_custom_reward_rises(tmp_path, model_dir, data_file):
     rewards = [m["reward_mean"] for m in metrics(out)]
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last > 2 * first and last > first + 0.05, rewards
+
+
+def test_gpu_path_flags_reach_every_sampler_and_the_log_prob_head(tmp_path, model_dir, data_file, monkeypatch):
+    """--decode and --logprob-backend, the fallbacks for a GPU where the fast path breaks, reach the actor's and the
+    judge's samplers and every log-prob forward of the update: the new, old (--mini-batches 2) and reference
+    (--kl-beta) log-probs. (On CPU both values are what auto picks, so the test reads what each call was given.)"""
+    import kernels
+
+    decodes, backends = [], []
+    real_sampler, real_head = ssr.Sampler, kernels.linear_token_logprobs
+
+    def sampler(*args, **kwargs):
+        decodes.append(kwargs.get("decode"))
+        return real_sampler(*args, **kwargs)
+
+    def head(*args, **kwargs):
+        backends.append(kwargs["backend"] if "backend" in kwargs else args[5])  # it calls itself positionally
+        return real_head(*args, **kwargs)
+
+    monkeypatch.setattr(ssr, "Sampler", sampler)
+    monkeypatch.setattr(kernels, "linear_token_logprobs", head)  # model.py imports it at each call
+    ssr.train(ssr.parse_args(list(map(str, [
+        "--model", model_dir, "--judge-model", model_dir, "--data", data_file, "--out-dir", tmp_path / "run", *SMALL,
+        "--steps", 1, "--mini-batches", 2, "--kl-beta", 0.1, "--decode", "sdpa", "--logprob-backend", "torch"]))))
+    assert decodes == ["sdpa", "sdpa"]  # the actor's sampler and the frozen judge's
+    # 2 micro-batches of 8 rows each for the old and the reference log-probs and the update
+    assert len(backends) >= 6 and set(backends) == {"torch"}, backends
 
 
 def test_resume_is_bit_exact(tmp_path, model_dir, data_file):
