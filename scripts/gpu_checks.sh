@@ -106,9 +106,10 @@ defaults() {
     local out="$work/defaults" model=()
     # the fsdp step's smoke model, when there is one: the smoke preset on it skips a second warm-up
     [ -f "$work/fsdp/tiny_model/config.json" ] && model=(--preset smoke --model "$work/fsdp/tiny_model")
-    if [ "$cpu" = 1 ]; then  # the CUDA defaults' twin: compiled decode step, Triton decode kernel and log-prob head
+    if [ "$cpu" = 1 ]; then  # the CUDA defaults' twin: compiled decode step, Triton decode kernel and log-prob head,
+        # on fewer and shorter rollouts (Triton's interpreter runs each kernel program in Python)
         smoke_run "${model[@]}" --out-dir "$out" --steps 2 --save-every 1 --decode compiled --logprob-backend triton \
-            || exit 1
+            --prompts-per-step 2 --group-size 2 --max-new-tokens 8 --judge-max-new-tokens 8 || exit 1
     else
         smoke_run "${model[@]}" --out-dir "$out" --steps 2 --save-every 1 || exit 1
     fi
