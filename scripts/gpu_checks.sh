@@ -142,9 +142,9 @@ export -f smoke_run tests metrics_steps fsdp defaults gpu_check bench
     step tests 100 900 tests
     step fsdp 60 900 fsdp
     step defaults 50 900 defaults
-    step decode 30 300 "gpu_check decode"
-    step graphs 30 300 "gpu_check graphs"
-    step memory 20 300 "gpu_check memory"
+    step decode 30 900 "gpu_check decode"
+    step graphs 30 900 "gpu_check graphs"
+    step memory 20 900 "gpu_check memory"
     if [ "$cpu" = 1 ] || [ "$core_only" = 1 ]; then
         echo "--- extended: not run ($([ "$cpu" = 1 ] && echo "--cpu: the benchmarks measure a GPU" || echo "--core"))"
     elif [ "$failed" != 0 ]; then
