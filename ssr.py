@@ -125,7 +125,8 @@ class Config:
                       "Triton decode kernel), kernel (eager + the kernel), sdpa (eager PyTorch); auto: compiled on "
                       "CUDA, sdpa on CPU", choices=list(DECODE_MODES))
     logprob_backend: str = arg("auto", "who computes the trainer's log-probs in the fused head: triton, or torch "
-                               "(chunked, no Triton); auto: triton on CUDA, torch on CPU", choices=list(LOGPROB_BACKENDS))
+                               "(chunked, no Triton); auto: triton on CUDA, torch on CPU",
+                               choices=list(LOGPROB_BACKENDS))
     # --- memory plan
     plan: bool = arg(False, "print the memory plan (needs only the model's config.json) and exit: 0 fits, 2 not")
     plan_world: int = arg(0, "plan for this many ranks (0: this job's world size)")
