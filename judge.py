@@ -7,8 +7,8 @@ One model plays two roles (README.md, "The training loop"):
   judge: judge_tasks(...) turns a step's valid translations into judge prompts (pointwise, deduplicated under
          greedy judging, or one per GRPO group with --judge-mode group) -> the same model's outputs ->
          read_verdict(...) -> one Judgement (a score, or why it failed to parse) per translation.
-score_rollouts(...) turns those (plus optional COMET scores) into one RewardParts per rollout, keeping every
-component apart for logging. CometScorer is SSR-X's CometKiwi reward and eval.py's COMET metric. A custom reward
+score_rollouts(...) turns those (plus optional COMET scores and reference metrics) into one RewardParts per rollout,
+keeping every component apart for logging. CometScorer is SSR-X's CometKiwi reward and eval.py's COMET metric. A custom reward
 (`--reward module:function`) replaces the whole reward.
 
 Everything here is plain Python on strings except CometScorer, which runs a COMET model checkpoint.load_comet
@@ -25,6 +25,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import sacrebleu
 import torch
 
 from data import language_name
@@ -387,6 +388,7 @@ class RewardParts:
     judged: int  # judgements of this rollout (0 when invalid, or when w_self = 0 and judging was skipped)
     comet: float | None  # COMET score as output (~0-1); None if not scored
     wrong_script: bool | None = None  # well formed but not in the target script; None when not checked
+    ref_metric: float | None = None  # sentence chrF/BLEU (0-100) against the row's reference; None if not scored
 
 
 def reward_stats(parts: list[RewardParts]) -> dict:
@@ -400,6 +402,7 @@ def reward_stats(parts: list[RewardParts]) -> dict:
     judged = sum(p.judged for p in parts)
     failures = [kind for p in parts for kind in p.failures]
     checked = [p.wrong_script for p in parts if p.wrong_script is not None]
+    ref_metrics = [p.ref_metric for p in parts if p.ref_metric is not None]
     return {
         "reward_mean": statistics.fmean(rewards),
         "reward_std": statistics.pstdev(rewards),
@@ -410,14 +413,28 @@ def reward_stats(parts: list[RewardParts]) -> dict:
         **{f"judge_fail_{kind}": failures.count(kind) / judged if judged else None for kind in FAILURE_KINDS},
         "comet_mean": statistics.fmean(comets) if comets else None,
         "self_comet_spearman": spearman(*zip(*pairs)) if len(pairs) > 1 else None,
+        "ref_metric_mean": statistics.fmean(ref_metrics) if ref_metrics else None,
     }
+
+
+def reference_score(answer: str, ref: str, metric: str, tgt_lang: str) -> float:
+    """sacrebleu's sentence-level chrF (its defaults) or BLEU of a translation against its reference, 0-100.
+    BLEU counts word n-grams and Chinese has no spaces: 13a would make a whole sentence one "word"."""
+    if metric == "chrf":
+        return sacrebleu.sentence_chrf(answer, [ref]).score
+    if metric == "bleu":
+        return sacrebleu.sentence_bleu(answer, [ref], tokenize="zh" if tgt_lang == "zh" else "13a").score
+    raise RewardError(f"unknown reference metric {metric!r} (chrf or bleu)")
 
 
 def score_rollouts(responses: list[str], judgements: list[list[Judgement]] | None = None,
                    comet_scores: list[float | None] | None = None, w_self: float = 1.0, w_comet: float = 0.0,
-                   format_penalty: float = -1.0, tgt_langs: list[str] | None = None) -> list[RewardParts]:
+                   format_penalty: float = -1.0, tgt_langs: list[str] | None = None,
+                   refs: list[str] | None = None, w_ref: float = 0.0, ref_metric: str = "chrf",
+                   ref_langs: list[str] | None = None) -> list[RewardParts]:
     """Rewards for one batch of rollouts: format_penalty when the format is invalid, else
-    w_self * self/100 + w_comet * comet (SSR: w_self=1, w_comet=0; SSR-X: 0.5, 0.5).
+    w_self * self/100 + w_comet * comet + w_ref * metric/100 (SSR: w_self=1, w_comet=0, w_ref=0; SSR-X: 0.5, 0.5,
+    0; MT-R1-Zero-style reference reward, the positive control: 0, 0, 1).
 
     judgements[i] holds what the judge said of rollout i (one Judgement when greedy, `judge_samples` when
     sampled; [] for an invalid rollout, which is never judged). The self score averages the judgements that
@@ -425,11 +442,15 @@ def score_rollouts(responses: list[str], judgements: list[list[Judgement]] | Non
     than counted as 0; when none parses the self score is 0 for the reward (and None in the log). Every failure
     is counted by kind. comet_scores[i] is None for rollouts that were not scored (invalid format); both inputs
     may be None when their weight is 0 and the trainer skipped that work. tgt_langs (--check-script): each
-    rollout's target language; an answer not in its script is a format failure, counted apart.
+    rollout's target language; an answer not in its script is a format failure, counted apart. refs[i] and
+    ref_langs[i] (needed when w_ref != 0): rollout i's reference translation and target language; every valid
+    answer gets ref_metric's sentence score against it (reference_score).
     """
     n = len(responses)
-    if any(x is not None and len(x) != n for x in (judgements, comet_scores, tgt_langs)):
-        raise RewardError(f"score_rollouts: {n} responses but judgements/comet_scores/tgt_langs of another length")
+    if any(x is not None and len(x) != n for x in (judgements, comet_scores, tgt_langs, refs, ref_langs)):
+        raise RewardError(f"score_rollouts: {n} responses but judgements/comet_scores/tgt_langs/refs of another length")
+    if w_ref != 0 and (refs is None or ref_langs is None):
+        raise RewardError("score_rollouts: w_ref != 0 needs every rollout's reference and target language")
     out = []
     for i, response in enumerate(responses):
         answer, wrong_script = checked_answer(response, tgt_langs[i] if tgt_langs is not None else None)
@@ -437,6 +458,8 @@ def score_rollouts(responses: list[str], judgements: list[list[Judgement]] | Non
         comet = comet_scores[i] if comet_scores is not None and answer is not None else None
         scores = [j.score for j in verdicts if j.score is not None]
         self_score = statistics.fmean(scores) if scores else None
+        metric = reference_score(answer, refs[i], ref_metric, ref_langs[i]) if refs is not None and answer is not None \
+            else None
         if answer is None:
             reward = format_penalty
         else:
@@ -444,10 +467,11 @@ def score_rollouts(responses: list[str], judgements: list[list[Judgement]] | Non
                 raise RewardError(f"score_rollouts: rollout {i} has a valid answer but no judgement")
             if w_comet != 0 and comet is None:
                 raise RewardError(f"score_rollouts: rollout {i} has a valid answer but no COMET score")
-            reward = w_self * (self_score or 0.0) / 100 + (w_comet * comet if w_comet != 0 else 0.0)
+            reward = (w_self * (self_score or 0.0) / 100 + (w_comet * comet if w_comet != 0 else 0.0)
+                      + (w_ref * metric / 100 if w_ref != 0 else 0.0))
         out.append(RewardParts(reward, answer is not None, answer, self_score,
                                [j.failure for j in verdicts if j.score is None], len(verdicts), comet,
-                               wrong_script if tgt_langs is not None else None))
+                               wrong_script if tgt_langs is not None else None, metric))
     return out
 
 

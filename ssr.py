@@ -3,7 +3,8 @@
 Each step, for a batch of monolingual source sentences:
   1. sample   the current policy (actor) translates every source `group_size` times;
   2. judge    the *same current weights* score each well-formed translation 0-100, no reference;
-  3. reward   format penalty, or w_self * score/100 (+ w_comet * CometKiwi for SSR-X), or a custom fn;
+  3. reward   format penalty, or w_self * score/100 (+ w_comet * CometKiwi for SSR-X, + w_ref * chrF/BLEU against a
+              reference: the positive control), or a custom fn;
   4. update   group-relative advantages and a clipped policy-gradient step (grpo.py);
   5. sync     copy the new weights into the sampler's copy; then log, and checkpoint.
 
@@ -72,6 +73,9 @@ class Config:
     w_self: float = arg(1.0, "weight of the self-judge score (score/100); 0 skips judging")
     w_comet: float = arg(0.0, "weight of the COMET QE score (SSR-X: 0.5 with w_self 0.5)")
     comet_model: str = arg("Unbabel/wmt22-cometkiwi-da", "COMET QE checkpoint name or local path (SSR-X)")
+    w_ref: float = arg(0.0, "weight of a reference metric (metric/100; needs a 'ref' on every data row): the "
+                            "MT-R1-Zero-style reward, the positive control of RESULTS.md")
+    ref_metric: str = arg("chrf", "sentence-level sacrebleu metric of --w-ref", choices=["chrf", "bleu"])
     format_penalty: float = arg(-1.0, "reward of a response that is not <think>..</think> <answer>..</answer>")
     format_credit: float = arg(0.0, "graded format reward: a malformed response gets format_penalty + format_credit"
                                     " x the share of the four tags it holds exactly once (0: off; RESULTS.md)")
@@ -203,8 +207,8 @@ CHECKS = [
      "> 0 when --judge-samples > 1"),
     ("w_self", lambda c: 0 <= c.w_self < math.inf, "finite and >= 0"),
     ("w_comet", lambda c: 0 <= c.w_comet < math.inf, "finite and >= 0"),
-    ("w_self", lambda c: c.w_self + c.w_comet > 0 or c.reward,
-     ">= 0, like --w-comet, and not both 0 (nothing would reward a translation) unless --reward is given"),
+    ("w_self", lambda c: c.w_self + c.w_comet + c.w_ref > 0 or c.reward,
+     ">= 0, like --w-comet and --w-ref, and not all 0 (nothing would reward a translation) unless --reward is given"),
     ("format_penalty", lambda c: math.isfinite(c.format_penalty), "a finite number"),
     ("format_credit", lambda c: 0 <= c.format_credit < math.inf, ">= 0 (0: off)"),
     ("lr", lambda c: 0 < c.lr < torch.finfo(torch.float32).max, "> 0 and finite in fp32"),
@@ -293,9 +297,11 @@ def looks_like_path(name: str) -> bool:
 # ----------------------------------------------------------------------------------------------------
 # data
 
-def load_data(path: str, prompt_len=None, max_prompt_tokens: int = 0) -> tuple[list[dict], str]:
+def load_data(path: str, prompt_len=None, max_prompt_tokens: int = 0,
+              need_ref: bool = False) -> tuple[list[dict], str]:
     """Read and validate the jsonl; every problem is reported with its file and line. With `prompt_len`
-    (row -> tokens of its actor prompt), a prompt over max_prompt_tokens is a problem too. Returns the rows and
+    (row -> tokens of its actor prompt), a prompt over max_prompt_tokens is a problem too. With need_ref
+    (--w-ref), every row needs a non-empty 'ref'; a row's 'ref' is kept whenever it has one. Returns the rows and
     the SHA-256 of the very bytes they were read from: what every checkpoint records and a resume compares
     (hashing the file again at a save would record a file rewritten mid-run, not the data trained on)."""
     if not Path(path).is_file():
@@ -303,11 +309,12 @@ def load_data(path: str, prompt_len=None, max_prompt_tokens: int = 0) -> tuple[l
     raw = read_bytes(path)
     rows = []
     for where, row in parse_jsonl(path, raw):
-        for key in ("src", "src_lang", "tgt_lang"):
+        for key in ("src", "src_lang", "tgt_lang") + (("ref",) if need_ref else ()):
             if not isinstance(row.get(key), str) or not row[key].strip():
-                raise DataError(f"{where}: missing or empty '{key}'")
+                raise DataError(f"{where}: missing or empty '{key}'" + (" (--w-ref needs a reference on every row)"
+                                                                         if key == "ref" else ""))
         check_direction(where, row["src_lang"], row["tgt_lang"])
-        row = {k: row[k] for k in ("src", "src_lang", "tgt_lang")}
+        row = {k: row[k] for k in ("src", "src_lang", "tgt_lang", "ref") if k in row}
         if prompt_len is not None and (n := prompt_len(row)) > max_prompt_tokens:
             raise DataError(f"{where}: the actor prompt is {n} tokens, over --max-prompt-tokens {max_prompt_tokens}")
         rows.append(row)
@@ -384,7 +391,7 @@ def setup(cfg: Config) -> Run:
     tok = load_tokenizer(cfg.model)
     prompt_len = lambda r: len(tok.encode(judge.actor_prompt(r["src"], r["src_lang"], r["tgt_lang"], cfg.template,
                                                              cfg.think_prefill)))
-    rows, data_sha256 = load_data(cfg.data, prompt_len, cfg.max_prompt_tokens)
+    rows, data_sha256 = load_data(cfg.data, prompt_len, cfg.max_prompt_tokens, need_ref=cfg.w_ref != 0)
     resume_dir = check_resume(cfg, newest, data_sha256, rank) if cfg.resume else None
 
     comet = (judge.CometScorer(load_comet(cfg.comet_model), cfg.comet_model, device=device) if cfg.w_comet > 0
@@ -555,7 +562,7 @@ def apply_schedule(cfg: Config, optimizer, scheduler):
 class Rollout:
     """One sampled translation and what the step learns about it, filled in phase by phase. A step's
     rollouts are prompt-major: rollouts[i * group_size + j] is sample j of source i."""
-    source: dict  # {src, src_lang, tgt_lang}
+    source: dict  # {src, src_lang, tgt_lang} (+ ref when the data has one)
     prompt: list[int]  # the actor prompt's token ids, shared by the group
     completion: Completion  # sample: the response's token ids (stopping token included), log-probs, why it ended
     response: str  # sample: the decoded response, special tokens skipped
@@ -637,13 +644,17 @@ def judge_translations(run: Run, rollouts: list[Rollout], seed: int) -> dict:
 
 
 def assign_rewards(run: Run, rollouts: list[Rollout]):
-    """3. reward: format penalty, else w_self * self/100 + w_comet * COMET; a custom reward replaces it."""
+    """3. reward: format penalty, else w_self * self/100 + w_comet * COMET + w_ref * metric/100; a custom reward
+    replaces it."""
     cfg = run.cfg
     parts = judge.score_rollouts([r.response for r in rollouts],
                                  [r.judgements for r in rollouts] if cfg.w_self != 0 else None,
                                  [r.comet for r in rollouts] if run.comet is not None else None,
                                  w_self=cfg.w_self, w_comet=cfg.w_comet, format_penalty=cfg.format_penalty,
-                                 tgt_langs=[r.source["tgt_lang"] for r in rollouts] if cfg.check_script else None)
+                                 tgt_langs=[r.source["tgt_lang"] for r in rollouts] if cfg.check_script else None,
+                                 refs=[r.source["ref"] for r in rollouts] if cfg.w_ref != 0 else None,
+                                 w_ref=cfg.w_ref, ref_metric=cfg.ref_metric,
+                                 ref_langs=[r.source["tgt_lang"] for r in rollouts] if cfg.w_ref != 0 else None)
     if cfg.format_credit:  # partial credit: a signal among malformed responses, which otherwise all tie
         parts = [p if p.format_valid else dataclasses.replace(p, reward=p.reward + cfg.format_credit
                                                                  * judge.format_progress(r.response))
@@ -804,10 +815,11 @@ def log_step(run: Run, step: int, rollouts: list[Rollout], stats: dict, judged: 
         for r in rollouts[:cfg.log_samples]:
             f.write(json.dumps(r.sample_dict() | {"step": step + 1, "judge_outputs": r.judge_outputs,
                                                   "self_score": r.reward.self_score, "comet": r.reward.comet,
-                                                  "reward": r.reward.reward}, ensure_ascii=False) + "\n")
-    self_score = record["self_score_mean"]
+                                                  "ref_metric": r.reward.ref_metric, "reward": r.reward.reward}, ensure_ascii=False) + "\n")
+    self_score, ref = record["self_score_mean"], record["ref_metric_mean"]
     print(f"step {step + 1}/{cfg.steps} | reward {record['reward_mean']:.3f} "
           f"| valid {record['format_valid_rate']:.2f} | self {'-' if self_score is None else f'{self_score:.1f}'} "
+          + (f"| {cfg.ref_metric} {'-' if ref is None else f'{ref:.1f}'} " if cfg.w_ref != 0 else "") +
           f"| len {record['response_len_mean']:.0f} "
           f"| loss {stats['loss']:.4f} | gnorm {stats['grad_norm']:.3f} "
           f"| sample {times['sample']:.1f}s judge {times['judge']:.1f}s update {times['update']:.1f}s", flush=True)

@@ -2,12 +2,14 @@
 import json
 import math
 import shutil
+import statistics
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+import sacrebleu
 
 import judge
 from checkpoint import CheckpointError, load_comet
@@ -325,6 +327,37 @@ def test_ssr_x_weights():
     # COMET alone: the trainer may skip judging entirely
     only = score_rollouts([GOOD, BAD], None, comet_scores=[0.25, None], w_self=0.0, w_comet=1.0)
     assert column(only, "reward") == [0.25, -1.0] and column(only, "self_score") == [None, None] and column(only, "judged") == [0, 0]
+
+
+def test_reference_reward_is_sacrebleus_sentence_score():
+    """--w-ref: a well-formed answer's reward is w_ref x sacrebleu's own sentence chrF (defaults) or BLEU (13a;
+    "zh" tokenization for Chinese targets) against the row's reference, / 100; a malformed one keeps the penalty."""
+    good = ["<think>x</think> <answer>Il fait beau aujourd'hui.</answer>",
+            "<think>x</think> <answer>Le temps est beau.</answer>", "<think>x</think> <answer>今天天气很好。</answer>"]
+    refs = ["Il fait beau aujourd'hui.", "Il fait beau aujourd'hui.", "今天天气不错。"]
+    langs = ["fr", "fr", "zh"]
+    chrf = score_rollouts(good + [BAD], None, w_self=0.0, refs=refs + ["Il pleut."], w_ref=1.0, ref_metric="chrf",
+                          ref_langs=langs + ["fr"])
+    expected = [sacrebleu.sentence_chrf(extract_answer(g), [r]).score for g, r in zip(good, refs)]
+    assert column(chrf, "ref_metric")[:3] == pytest.approx(expected) and column(chrf, "ref_metric")[3] is None
+    assert column(chrf, "reward") == pytest.approx([e / 100 for e in expected] + [-1.0])
+    assert expected[0] == pytest.approx(100.0) and 0 < expected[1] < 100  # the scores differ: the test can fail
+    bleu = score_rollouts(good, None, w_self=0.0, refs=refs, w_ref=0.5, ref_metric="bleu", ref_langs=langs)
+    expected = [sacrebleu.sentence_bleu(extract_answer(g), [r], tokenize="zh" if lang == "zh" else "13a").score
+                for g, r, lang in zip(good, refs, langs)]
+    assert column(bleu, "ref_metric") == pytest.approx(expected)
+    assert column(bleu, "reward") == pytest.approx([0.5 * e / 100 for e in expected])
+    # 13a would make the whole Chinese sentence one word (BLEU 0 against a different sentence)
+    assert expected[2] > 0 and sacrebleu.sentence_bleu("今天天气很好。", ["今天天气不错。"]).score == 0
+    # next to the self-judge: each component apart, the reward their weighted sum
+    mixed = score_rollouts(good[:1], [verdicts("<answer>40</answer>")], w_self=0.5, refs=refs[:1], w_ref=0.5,
+                           ref_langs=langs[:1])
+    assert column(mixed, "reward") == pytest.approx([0.5 * 0.4 + 0.5 * 1.0])
+    assert column(mixed, "self_score") == [40.0] and column(mixed, "ref_metric") == pytest.approx([100.0])
+    assert reward_stats(chrf)["ref_metric_mean"] == pytest.approx(statistics.fmean(column(chrf, "ref_metric")[:3]))
+    assert reward_stats(mixed)["ref_metric_mean"] == pytest.approx(100.0)
+    with pytest.raises(RewardError, match="w_ref != 0 needs every rollout's reference"):
+        score_rollouts(good, None, w_self=0.0, w_ref=1.0)
 
 
 def test_judge_samples_average_parsed_judgements():

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import sacrebleu
 import torch
 from safetensors.torch import load_file
 
@@ -104,6 +105,45 @@ def test_frozen_external_judge(tmp_path, verdict_model_dir, two_rows):
             *VERDICT_RUN)
     rows = samples(out)
     assert [r["reward"] for r in rows] == pytest.approx([s / 100 if s else -1.0 for s in expected_self_scores(rows)])
+
+
+def test_reference_reward_in_the_loop_skips_the_judge(tmp_path, verdict_model_dir):
+    """--w-self 0 --w-ref 1 (the positive control): every well-formed answer is rewarded by its sentence chrF
+    against the row's reference, and the judge never runs."""
+    data = write_jsonl(tmp_path / "refs.jsonl", [{"src": "The cat sleeps.", "ref": "90", "src_lang": "en", "tgt_lang": "zh"},
+                                                 {"src": "今天很冷。", "ref": "80", "src_lang": "zh", "tgt_lang": "en"}])
+    out = tmp_path / "run"
+    proc = run_ssr("--model", verdict_model_dir, "--data", data, "--out-dir", out, *VERDICT_RUN, "--w-self", 0,
+                   "--w-ref", 1, "--ref-metric", "chrf")
+    assert "| chrf " in proc.stdout
+    (m,) = metrics(out)
+    rows = samples(out)
+    refs = {"The cat sleeps.": "90", "今天很冷。": "80"}
+    expected = [None if r["answer"] is None else sacrebleu.sentence_chrf(r["answer"], [refs[r["src"]]]).score
+                for r in rows]
+    assert m["format_valid_rate"] > 0.5 and {0.0, 100.0} <= set(expected)  # right and wrong answers both occur
+    assert [r["ref_metric"] for r in rows] == pytest.approx(expected)
+    assert [r["reward"] for r in rows] == pytest.approx([-1.0 if e is None else e / 100 for e in expected])
+    assert m["ref_metric_mean"] == pytest.approx(statistics.fmean(e for e in expected if e is not None))
+    assert all(r["judge_outputs"] == [] and r["self_score"] is None for r in rows)
+    assert m["judge_parse_failure_rate"] is None and m["judge_saved_share"] is None
+
+
+def test_reference_reward_refuses_rows_without_a_reference(tmp_path, model_dir):
+    """--w-ref needs a non-empty 'ref' on every training row: refused with one line naming file and line,
+    before any model loads (exit 2, no traceback)."""
+    data = write_jsonl(tmp_path / "train.jsonl", [{"src": "hi", "ref": "你好", "src_lang": "en", "tgt_lang": "zh"},
+                                                  {"src": "bye", "ref": " ", "src_lang": "en", "tgt_lang": "zh"}])
+    proc = run_ssr("--model", model_dir, "--data", data, "--out-dir", tmp_path / "o", "--w-ref", 1, expect_ok=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"ssr: error: {data}:2: missing or empty 'ref' "
+                                                f"(--w-ref needs a reference on every row)"]
+    assert not (tmp_path / "o").exists()
+    write_jsonl(data, [{"src": "hi", "src_lang": "en", "tgt_lang": "zh"}])
+    proc = run_ssr("--model", model_dir, "--data", data, "--out-dir", tmp_path / "o", "--w-ref", 1, expect_ok=False)
+    assert proc.returncode == 2 and f"{data}:1: missing or empty 'ref'" in proc.stderr
+    # without --w-ref a row needs no reference, and one that has it is kept
+    assert ssr.load_data(str(data)) == [{"src": "hi", "src_lang": "en", "tgt_lang": "zh"}]
 
 
 def samples(out_dir):
