@@ -1,0 +1,121 @@
+"""A training run's curves as one PNG: metrics.jsonl (one line a step, written by ssr.py) drawn as a grid of
+small panels, several runs overlaid and labelled by their directory.
+
+    python plot.py out/smollm2-judge out/smollm2-ref --out curves.png
+
+matplotlib is a dev dependency (requirements-dev.txt), not a training one: only this file imports it.
+A metric a run did not log (an SSR run has no ref_metric_mean; a step with nothing judged logs null) is
+left out of that run's line; a panel no run has a value for is left out of the grid.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from judge import FAILURE_KINDS
+
+# panel title -> the metrics.jsonl keys it draws (several keys: one line each, told apart by line style)
+PANELS = {
+    "reward (mean)": ["reward_mean"],
+    "format valid rate": ["format_valid_rate"],
+    "judge parse failures": ["judge_parse_failure_rate", *(f"judge_fail_{kind}" for kind in FAILURE_KINDS)],
+    "self-score (mean, 0-100)": ["self_score_mean"],
+    "reference metric (mean, 0-100)": ["ref_metric_mean"],
+    "zero-spread groups": ["zero_spread_groups"],
+    "response tokens (mean)": ["response_len_mean"],
+    "kl_sampler": ["kl_sampler"],
+    "grad norm": ["grad_norm"],
+}
+STYLES = ["-", "--", ":", "-.", (0, (1, 3)), (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))]  # enough for every key
+
+
+class PlotError(ValueError):
+    """A missing or unreadable metrics.jsonl; the message names the file and line."""
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise PlotError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PlotError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            raise PlotError(f"{path}:{lineno}: expected a JSON object with an integer 'step'")
+        rows.append(row)
+    if not rows:
+        raise PlotError(f"{path}: no steps logged")
+    return rows
+
+
+def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one metric, steps where it is missing or not a finite number left out."""
+    points = [(r["step"], r[key]) for r in rows
+              if isinstance(r.get(key), (int, float)) and not isinstance(r[key], bool) and math.isfinite(r[key])]
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def plot(run_dirs: list[Path], out: Path):
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display on a training box
+    import matplotlib.pyplot as plt
+
+    if not out.parent.is_dir():
+        raise PlotError(f"--out {out}: no such directory {out.parent}")
+    runs = {str(d): read_metrics(d) for d in run_dirs}
+    panels = {title: keys for title, keys in PANELS.items()
+              if any(series(rows, k)[0] for rows in runs.values() for k in keys)}
+    if not panels:
+        raise PlotError(f"{', '.join(runs)}: no metric to draw")
+    cols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 2.8 * nrows), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (title, keys) in zip(axes.flat, panels.items()):
+        for i, (label, rows) in enumerate(runs.items()):
+            for style, key in zip(STYLES, keys):
+                steps, values = series(rows, key)
+                if steps:
+                    name = label if len(keys) == 1 else f"{label}: {key.removeprefix('judge_')}"
+                    ax.plot(steps, values, linestyle=style, color=colors[i % len(colors)], label=name, lw=1.3)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        if len(keys) > 1 or len(runs) > 1:
+            ax.legend(fontsize=6)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    # written to a temporary name, then renamed: a reader never sees half a PNG
+    tmp = out.with_name(out.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+    os.replace(tmp, out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="plot", description="draw runs' metrics.jsonl as PNG curves")
+    p.add_argument("runs", nargs="+", type=Path, help="run directories (ssr.py --out-dir), each with metrics.jsonl")
+    p.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    args = p.parse_args(argv)
+    try:
+        plot(args.runs, args.out)
+    except PlotError as e:
+        p.exit(2, f"plot: error: {e}\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

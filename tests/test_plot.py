@@ -1,0 +1,65 @@
+"""plot.py: runs' metrics.jsonl drawn as one PNG; a bad or missing metrics.jsonl is one clear line, exit 2."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def run_plot(*args):
+    return subprocess.run([sys.executable, str(ROOT / "plot.py"), *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+
+
+def write_run(path, rows):
+    path.mkdir()
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_two_runs_drawn_as_a_png(tmp_path):
+    pytest.importorskip("matplotlib")  # a dev dependency (requirements-dev.txt)
+    from PIL import Image  # matplotlib's own dependency
+
+    ssr_run = write_run(tmp_path / "ssr", [
+        {"step": s, "reward_mean": -0.8 + 0.1 * s, "format_valid_rate": s / 5, "self_score_mean": None if s < 3 else 90.0,
+         "judge_parse_failure_rate": 0.5, "judge_fail_no_tags": 0.5, "zero_spread_groups": 0.25,
+         "response_len_mean": 50 - s, "kl_sampler": 1e-7, "grad_norm": 3.0} for s in range(1, 6)])
+    ref_run = write_run(tmp_path / "ref", [{"step": s, "reward_mean": 0.1 * s, "ref_metric_mean": 20.0 + s}
+                                           for s in range(1, 4)])
+    out = tmp_path / "curves.png"
+    proc = run_plot(ssr_run, ref_run, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    data = out.read_bytes()
+    assert data.startswith(PNG_SIGNATURE) and not (tmp_path / "curves.png.tmp").exists()
+    with Image.open(out) as image:
+        image.verify()  # a complete, decodable PNG
+    with Image.open(out) as image:
+        # 9 panels with a value in some run: a 3 x 3 grid at 80 dpi (4.2 x 2.8 inches a panel)
+        assert image.size == (3 * 336, 3 * 224)
+    only_ref = tmp_path / "ref.png"
+    assert run_plot(ref_run, "--out", only_ref).returncode == 0
+    with Image.open(only_ref) as image:  # the keys the run lacks are skipped: 2 panels in one row
+        assert image.size == (2 * 336, 224)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, ": cannot read (No such file or directory)"),
+    ('{"step": 1, "reward_mean": 0.5}\n{"step": 2, "rew', ":2: not valid JSON (Unterminated string"),
+    ('{"reward_mean": 0.5}\n', ":1: expected a JSON object with an integer 'step'"),
+    ("\n", ": no steps logged"),
+])
+def test_bad_metrics_file_is_one_line(tmp_path, content, message):
+    run = tmp_path / "run"
+    run.mkdir()
+    if content is not None:
+        (run / "metrics.jsonl").write_text(content)
+    proc = run_plot(run, "--out", tmp_path / "x.png")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"plot: error: {run / 'metrics.jsonl'}{message}"), line
+    assert not (tmp_path / "x.png").exists()
