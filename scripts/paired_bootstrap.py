@@ -1,0 +1,105 @@
+"""Paired bootstrap of corpus chrF and BLEU between eval.py outputs: is a system's gain over a baseline real?
+
+    python scripts/paired_bootstrap.py out/eval/step_40/en_fr_test/segments.jsonl \
+        out/eval/smollm2+plain/en_fr_test/segments.jsonl out/eval/smollm2/en_fr_test/segments.jsonl
+
+The first segments.jsonl is the system, every further one a baseline (all from one test set, rows in the same
+order). For each baseline: the system's corpus score minus the baseline's, a 95% interval of that difference
+and sacrebleu's own paired-bootstrap p-value (sacrebleu.significance.PairedTest, test_type "bs", as
+`sacrebleu --paired-bs`). The interval is read from the same kind of resamples sacrebleu draws (rows drawn with
+replacement, n_samples of them, seeded like sacrebleu with SACREBLEU_SEED's default 12345), each scored from
+sacrebleu's own sufficient statistics for both systems at once; the 2.5th and 97.5th percentiles of the
+differences. chrF uses sacrebleu's defaults, BLEU "13a" (--tokenize zh for a Chinese target), as eval.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from sacrebleu.metrics import BLEU, CHRF
+from sacrebleu.significance import PairedTest
+
+SEED = 12345  # sacrebleu's default SACREBLEU_SEED for its bootstrap tests
+
+
+class InputError(ValueError):
+    """A missing or malformed segments.jsonl; the message names the file and line."""
+
+
+def read_segments(path: Path) -> tuple[list[str], list[str]]:
+    """(hypotheses, references) of one eval.py segments.jsonl, in row order."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    rows = []
+    for lineno, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("hyp", "ref")):
+            raise InputError(f"{path}:{lineno}: expected an object with string 'hyp' and 'ref'")
+        rows.append(row)
+    if not rows:
+        raise InputError(f"{path}: no segments")
+    rows.sort(key=lambda r: r.get("i", 0))  # eval.py appends per batch; "i" is the row of the test set
+    return [r["hyp"] for r in rows], [r["ref"] for r in rows]
+
+
+def difference_interval(metric, sys_hyps: list[str], base_hyps: list[str], refs: list[str],
+                        n_samples: int) -> tuple[float, float]:
+    """95% percentile interval of corpus(system) - corpus(baseline) over paired resamples of the rows."""
+    idxs = np.random.default_rng(SEED).choice(len(refs), size=(n_samples, len(refs)), replace=True)
+    sys_stats = np.array(metric._extract_corpus_statistics(sys_hyps, [refs]), dtype="float32")
+    base_stats = np.array(metric._extract_corpus_statistics(base_hyps, [refs]), dtype="float32")
+    diffs = np.array([metric._compute_score_from_stats(sys_stats[i].sum(0)).score
+                      - metric._compute_score_from_stats(base_stats[i].sum(0)).score for i in idxs])
+    return float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
+
+
+def compare(paths: list[Path], tokenize: str, n_samples: int) -> list[dict]:
+    systems = [(str(p.parent.parent.name), *read_segments(p)) for p in paths]
+    name, sys_hyps, refs = systems[0]
+    for p, (_, hyps, other_refs) in zip(paths[1:], systems[1:]):
+        if other_refs != refs:
+            raise InputError(f"{p}: not the same test set as {paths[0]} (references differ)")
+    metrics = {"chrF": CHRF(), "BLEU": BLEU(tokenize=tokenize)}
+    out = []
+    for base_name, base_hyps, _ in systems[1:]:
+        test = PairedTest([(base_name, base_hyps), (name, sys_hyps)], metrics, [refs], test_type="bs",
+                          n_samples=n_samples)
+        _, results = test()  # {"System": [names], then per metric, in the order given: [Result per system]}
+        per_metric = [v for k, v in results.items() if k != "System"]
+        for (metric_name, metric), (base, system) in zip(metrics.items(), per_metric):
+            lo, hi = difference_interval(metric, sys_hyps, base_hyps, refs, n_samples)
+            out.append({"system": name, "baseline": base_name, "metric": metric_name, "system_score": system.score,
+                        "baseline_score": base.score, "difference": system.score - base.score,
+                        "ci_low": lo, "ci_high": hi, "p_value": system.p_value})
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="paired_bootstrap", description=__doc__.split("\n\n")[0])
+    p.add_argument("segments", nargs="+", type=Path, help="eval.py segments.jsonl: the system, then baselines")
+    p.add_argument("--tokenize", default="13a", help="BLEU tokenizer (zh for Chinese targets)")
+    p.add_argument("--n-samples", type=int, default=1000, help="bootstrap resamples (sacrebleu's default 1000)")
+    args = p.parse_args(argv)
+    if len(args.segments) < 2:
+        p.exit(2, "paired_bootstrap: error: give the system's segments.jsonl and at least one baseline's\n")
+    try:
+        rows = compare(args.segments, args.tokenize, args.n_samples)
+    except InputError as e:
+        p.exit(2, f"paired_bootstrap: error: {e}\n")
+    print("| system | baseline | metric | system | baseline | difference | 95% interval | p (sacrebleu) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['system']} | {r['baseline']} | {r['metric']} | {r['system_score']:.2f} | {r['baseline_score']:.2f} "
+              f"| {r['difference']:+.2f} | [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}] | {r['p_value']:.4f} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
