@@ -207,6 +207,7 @@ CHECKS = [
      "> 0 when --judge-samples > 1"),
     ("w_self", lambda c: 0 <= c.w_self < math.inf, "finite and >= 0"),
     ("w_comet", lambda c: 0 <= c.w_comet < math.inf, "finite and >= 0"),
+    ("w_ref", lambda c: 0 <= c.w_ref < math.inf, "finite and >= 0"),
     ("w_self", lambda c: c.w_self + c.w_comet + c.w_ref > 0 or c.reward,
      ">= 0, like --w-comet and --w-ref, and not all 0 (nothing would reward a translation) unless --reward is given"),
     ("format_penalty", lambda c: math.isfinite(c.format_penalty), "a finite number"),
