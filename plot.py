@@ -70,6 +70,7 @@ def plot(run_dirs: list[Path], out: Path):
     import matplotlib
     matplotlib.use("Agg")  # files only: no display on a training box
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     if not out.parent.is_dir():
         raise PlotError(f"--out {out}: no such directory {out.parent}")
@@ -91,6 +92,7 @@ def plot(run_dirs: list[Path], out: Path):
                     ax.plot(steps, values, linestyle=style, color=colors[i % len(colors)], label=name, lw=1.3)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         if len(keys) > 1 or len(runs) > 1:
