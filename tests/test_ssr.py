@@ -121,7 +121,8 @@ def test_reference_reward_in_the_loop_skips_the_judge(tmp_path, verdict_model_di
     refs = {"The cat sleeps.": "90", "今天很冷。": "80"}
     expected = [None if r["answer"] is None else sacrebleu.sentence_chrf(r["answer"], [refs[r["src"]]]).score
                 for r in rows]
-    assert m["format_valid_rate"] > 0.5 and {0.0, 100.0} <= set(expected)  # right and wrong answers both occur
+    scored = [e for e in expected if e is not None]
+    assert m["format_valid_rate"] > 0.5 and max(scored) == 100.0 > min(scored)  # right and wrong answers both occur
     assert [r["ref_metric"] for r in rows] == pytest.approx(expected)
     assert [r["reward"] for r in rows] == pytest.approx([-1.0 if e is None else e / 100 for e in expected])
     assert m["ref_metric_mean"] == pytest.approx(statistics.fmean(e for e in expected if e is not None))
@@ -138,7 +139,7 @@ def test_reference_reward_refuses_rows_without_a_reference(tmp_path, model_dir):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [f"ssr: error: {data}:2: missing or empty 'ref' "
                                                 f"(--w-ref needs a reference on every row)"]
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()
     write_jsonl(data, [{"src": "hi", "src_lang": "en", "tgt_lang": "zh"}])
     proc = run_ssr("--model", model_dir, "--data", data, "--out-dir", tmp_path / "o", "--w-ref", 1, expect_ok=False)
     assert proc.returncode == 2 and f"{data}:1: missing or empty 'ref'" in proc.stderr
