@@ -23,7 +23,7 @@ def test_each_set_is_valid_training_data(name):
     """Every row passes the trainer's own checks (a reference on every row where the set has them), the
     sentences are short (4-14 words) and none repeats within its set."""
     least, with_refs = SETS[name]
-    rows = ssr.load_data(str(DATA / name), need_ref=with_refs)
+    rows, _ = ssr.load_data(str(DATA / name), need_ref=with_refs)
     assert len(rows) >= least
     assert all((r["src_lang"], r["tgt_lang"]) == ("en", "fr") for r in rows)
     assert all(4 <= len(r["src"].split()) <= 14 for r in rows)

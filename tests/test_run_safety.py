@@ -40,7 +40,7 @@ from test_ssr import ROOT, SMALL, metrics, run_ssr, write_jsonl
     (["--steps", 0], "--steps 0: must be at least 1"),
     (["--mini-batches", 3], "must split into --mini-batches 3"),
     (["--w-self", 0], "--w-self 0.0: must be >= 0, like --w-comet and --w-ref, and not all 0"),
-    (["--w-ref", -1], "--w-ref -1.0: must be >= 0"),
+    (["--w-ref", -1], "--w-ref -1.0: must be finite and >= 0"),
     (["--judge-samples", 2, "--judge-temperature", 0], "--judge-temperature 0.0: must be > 0 when"),
     (["--resume-override", "lr"], "--resume-override only means something with --resume"),
     (["--model", "/nonexistent/model"], "--model /nonexistent/model: not a model directory"),
