@@ -116,7 +116,8 @@ defaults() {
     steps=$(metrics_steps "$out")
     [ "$steps" = "1,2" ] && [ -f "$out/step_2/model.safetensors" ] || { echo "figure: logged steps $steps"; exit 1; }
     python -c 'import json, sys; m = [json.loads(l) for l in open(sys.argv[1])][-1]
-print(f"figure: 2 steps saved; step 2: {m[\"rollout_tokens_per_s\"]:.0f} rollout tokens/s, sample {m[\"sec_sample\"]:.1f} s, update {m[\"sec_update\"]:.1f} s")' "$out/metrics.jsonl"
+t, s, u = m["rollout_tokens_per_s"], m["sec_sample"], m["sec_update"]
+print(f"figure: 2 steps saved; step 2: {t:.0f} rollout tokens/s, sample {s:.1f} s, update {u:.1f} s")' "$out/metrics.jsonl"
 }
 gpu_check() {  # scripts/gpu_check.py SUBCOMMAND: its own PASS/FAIL line is the figure
     [ -f scripts/gpu_check.py ] || { echo "figure: scripts/gpu_check.py is missing"; exit 1; }
