@@ -13,6 +13,9 @@ Every flag is checked first, in seconds and before any model loads (check_args);
 `eval: error: ...`, exit status 2. OUT/<label>/model.json records which checkpoint made that label's translations;
 another checkpoint under the same label (say a second `step_6`) is refused, never credited with them.
 
+`--judge-quality K` measures instead how well a model judges translations: K plain-prompt candidates per source,
+judged with the training judge prompt, ranked against their reference chrF (judge_quality).
+
 A response with an invalid format (no single <think>..</think> <answer>..</answer>) keeps its raw text and is
 scored as an empty translation by every metric: dropping it would flatter the model. COMET and self-judge scores
 are x100, like BLEU and chrF.
@@ -21,8 +24,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
+import math
 import os
+import random
 import re
 import statistics
 import sys
@@ -128,79 +134,146 @@ def sentence_scores(row: dict, ts: TestSet) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------------
 # phase 1: translate (and self-judge) with each model
 
-def translation_prompt(src: str, ts: TestSet, args, plain: bool) -> str:
-    """What a model is asked to translate with: the training prompt (--template, --think-prefill), so eval
-    measures the task training optimized; for a --plain-model the plain prompt, whose whole response is the
-    translation. Every translation prompt is built here."""
-    if plain:
-        return judge.plain_prompt(src, ts.src_lang, ts.tgt_lang, args.template)
-    return judge.actor_prompt(src, ts.src_lang, ts.tgt_lang, args.template, args.think_prefill)
+def row_seed(seed: int, prompt: list[int]) -> int:
+    """The sampling seed of one prompt: a hash of --seed and the prompt's tokens. Every sampled output of eval is
+    then a function of the seed and its own input alone, never of the batch it shares, --batch-size, the set's
+    length or where a resumed run starts (the sampler gives each prompt its own generator)."""
+    return int.from_bytes(hashlib.sha256(json.dumps([seed, prompt]).encode()).digest()[:8], "little") >> 1
 
 
-def respond(model, tok, prompts: dict[int, list[int]], max_new_tokens: int, temperature: float, done: int,
-            desc: str, args):
-    """Generate for `prompts` (segment index -> prompt ids), `--batch-size` at a time, with a progress bar that
-    starts at `done`; yields (indices, response texts, finish reasons) per batch."""
-    if not prompts:
-        return
+def make_sampler(model, prompts: list[list[int]], batch_size: int, max_new_tokens: int, group_size: int = 1,
+                 decode: str = "auto"):
+    """A sampler for `prompts`: batch_size prompts x group_size samples at a time; the KV cache is sized for the
+    longest prompt plus its response (and the <answer> an expected score appends), so no prompt is cut or refused."""
     weight = next(model.parameters())
-    # the KV cache is sized for the longest prompt, so no segment is cut or refused
-    sampler = Sampler(model, max_batch_size=min(args.batch_size, len(prompts)), device=weight.device,
-                      dtype=weight.dtype, max_seq_len=max(map(len, prompts.values())) + max_new_tokens,
-                      decode=args.decode)
-    todo = list(prompts)
-    with tqdm(total=done + len(todo), initial=done, desc=desc, unit="seg") as bar:
-        for start in range(0, len(todo), args.batch_size):
-            batch = todo[start:start + args.batch_size]
-            # the seed follows the batch's position, so a resumed sampled run repeats an uninterrupted one
-            outs = sampler.generate([prompts[i] for i in batch], max_new_tokens=max_new_tokens, temperature=temperature,
-                                    stop_token_ids=tok.eos_ids, stop_strings=judge.STOP_STRINGS, tokenizer=tok,
-                                    seed=args.seed + batch[0])
+    return Sampler(model, max_batch_size=min(batch_size, len(prompts)) * group_size, device=weight.device,
+                   dtype=weight.dtype, max_seq_len=max(map(len, prompts)) + max_new_tokens + 16, decode=decode)
+
+
+def respond(sampler, tok, prompts: list[list[int]], max_new_tokens: int, temperature: float, seed: int,
+            batch_size: int, desc: str, group_size: int = 1, stop_strings=judge.STOP_STRINGS):
+    """Generate group_size responses to each prompt, batch_size prompts at a time, with a progress bar; yields
+    (first prompt index, response texts (prompt-major, group_size each), finish reasons) per batch."""
+    with tqdm(total=len(prompts), desc=desc, unit="seg") as bar:
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start:start + batch_size]
+            outs = sampler.generate(batch, group_size=group_size, max_new_tokens=max_new_tokens,
+                                    temperature=temperature, stop_token_ids=tok.eos_ids, stop_strings=stop_strings,
+                                    tokenizer=tok, seed=[row_seed(seed, p) for p in batch])
             # special tokens skipped, as in training: a trailing EOS ends the response, it is not part of its text
-            yield batch, [tok.decode(o.tokens, skip_special_tokens=True) for o in outs], [o.finish_reason for o in outs]
+            yield start, [tok.decode(o.tokens, skip_special_tokens=True) for o in outs], [o.finish_reason for o in outs]
             bar.update(len(batch))
 
 
-def translate(model, tok, ts: TestSet, path: Path, rows: list[dict], label: str, args):
-    """Translate the segments `rows` (read from `path`) lacks, appending each batch to both. The translation is
-    the <answer> of the training prompt's response, or a --plain-model's whole (stripped) response."""
-    plain = label in args.plain_labels
-    prefill = judge.think_prefill(args.template) if args.think_prefill and not plain else ""
-    prompts = {i: tok.encode(translation_prompt(ts.srcs[i], ts, args, plain)) for i in range(len(rows), len(ts.srcs))}
+def translate(model, tok, srcs: list[str], src_lang: str, tgt_lang: str, *, template: str = "r1",
+              think_prefill: bool = False, plain: bool = False, max_new_tokens: int = 256, temperature: float = 0.0,
+              seed: int = 0, batch_size: int = 64, group_size: int = 1, decode: str = "auto",
+              desc: str = "translate", on_batch=None) -> list[dict]:
+    """Translate `srcs` in memory: group_size translations of each (source-major), each a dict {src, hyp, raw,
+    extracted, finish_reason}. The translation is the <answer> of the training prompt's response (hyp "" and
+    extracted False when the format is invalid), or with `plain` the plain prompt's whole stripped response.
+    Sampled translations depend on (seed, source) alone. on_batch(rows) is called with each batch's new rows."""
+    if not srcs:
+        return []
+    prefill = judge.think_prefill(template) if think_prefill and not plain else ""
+    # every translation prompt is built here: the training prompt, so eval measures the task training optimized
+    prompts = [tok.encode(judge.plain_prompt(src, src_lang, tgt_lang, template) if plain
+                          else judge.actor_prompt(src, src_lang, tgt_lang, template, think_prefill)) for src in srcs]
+    sampler = make_sampler(model, prompts, batch_size, max_new_tokens, group_size, decode)
+    rows = []
+    for start, raws, reasons in respond(sampler, tok, prompts, max_new_tokens, temperature, seed, batch_size, desc,
+                                        group_size):
+        new = []
+        for k, (raw, reason) in enumerate(zip(raws, reasons)):
+            raw = prefill + raw  # the prefilled <think> is part of the response, as in training
+            answer = (raw.strip() or None) if plain else judge.extract_answer(raw)
+            new.append({"src": srcs[start + k // group_size], "hyp": answer or "", "raw": raw,
+                        "extracted": answer is not None, "finish_reason": reason})
+        if on_batch is not None:
+            on_batch(new)
+        rows += new
+    return rows
+
+
+def self_judge(model, tok, srcs: list[str], hyps: list[str], src_lang: str, tgt_lang: str, *,
+               groups: list[int] | None = None, mode: str = "pointwise", score: str = "text", template: str = "r1",
+               think_prefill: bool = False, max_new_tokens: int = 512, batch_size: int = 64, decode: str = "auto",
+               desc: str = "self-judge", on_batch=None) -> list[dict]:
+    """The model's judgement of each translation hyps[i] of srcs[i], in memory, as training judges: the training
+    judge prompt (pointwise, or --judge-mode group over the translations sharing a `groups` id), greedy, each
+    distinct prompt asked once. score "text": the number parsed from the judge's <answer> (judge.parse_judgement);
+    "expected": the mean of its distribution over 0-100 after <answer> (judge.expected_verdicts), which never
+    fails. Returns per translation {score (None when it failed), failure (a judge.FAILURE_KINDS kind or None),
+    raw (the judge's text)}; on_batch({index: that dict}) after each batch of prompts, for the translations it judged."""
+    sources = [{"src": s, "src_lang": src_lang, "tgt_lang": tgt_lang} for s in srcs]
+    tasks = judge.judge_tasks(sources, hyps, groups if groups is not None else list(range(len(hyps))), mode,
+                              dedup=True, template=template, prefill=think_prefill)
+    prompts = [tok.encode(t.prompt) for t in tasks]
+    out: list[dict | None] = [None] * len(hyps)
+    if not prompts:
+        return out
+    sampler = make_sampler(model, prompts, batch_size, max_new_tokens, decode=decode)
+    expected = score == "expected"
+    for start, raws, _ in respond(sampler, tok, prompts, max_new_tokens, 0.0, 0, batch_size, desc,
+                                  stop_strings=judge.ANSWER_STOP if expected else judge.STOP_STRINGS):
+        batch = range(start, start + len(raws))
+        if expected:
+            verdicts = judge.expected_verdicts(sampler.score, tok, [prompts[t] for t in batch], raws,
+                                               [tasks[t] for t in batch], sampler.max_seq_len)
+        else:
+            verdicts = [judge.read_verdict(tasks[t], raw) for t, raw in zip(batch, raws)]
+        done = {}
+        for t, raw, verdict in zip(batch, raws, verdicts):
+            for members, j in zip(tasks[t].members, verdict):
+                for i in members:
+                    out[i] = done[i] = {"score": j.score, "failure": j.failure, "raw": raw}
+        if on_batch is not None:
+            on_batch(done)
+    return out
+
+
+def translate_segments(model, tok, ts: TestSet, path: Path, rows: list[dict], label: str, args):
+    """translate() the segments `rows` (read from `path`) lacks, appending each batch to both: a rerun resumes."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
-        for batch, raws, reasons in respond(model, tok, prompts, args.max_new_tokens, args.temperature, len(rows),
-                                            f"{label} {ts.name}", args):
+        def save(batch: list[dict]):
             new = []
-            for i, raw, reason in zip(batch, raws, reasons):
-                raw = prefill + raw  # the prefilled <think> is part of the response, as in training
-                answer = (raw.strip() or None) if plain else judge.extract_answer(raw)
+            for i, r in enumerate(batch, len(rows)):
+                answer = r["hyp"] if r["extracted"] else None
                 # scored as written; --strip-quotes takes off the quotation marks of the paper's artifact
                 quoted = answer is not None and judge.answer_quoted(answer, ts.srcs[i])
                 hyp = judge.strip_quotes(answer, ts.srcs[i]) if quoted and args.strip_quotes else answer
-                new.append({"i": i, "src": ts.srcs[i], "ref": ts.refs[i], "hyp": hyp or "", "raw": raw,
-                            "extracted": answer is not None, "quoted": quoted, "finish_reason": reason,
+                new.append({"i": i, "src": ts.srcs[i], "ref": ts.refs[i], "hyp": hyp or "", "raw": r["raw"],
+                            "extracted": r["extracted"], "quoted": quoted, "finish_reason": r["finish_reason"],
                             "scores": {}})
             f.write(jsonl(new))  # appending is safe: load_rows drops a last line cut short by a kill
             f.flush()  # a batch on disk is a batch a rerun does not translate again
-            rows += new
+            rows.extend(new)
+
+        translate(model, tok, ts.srcs[len(rows):], ts.src_lang, ts.tgt_lang, template=args.template,
+                  think_prefill=args.think_prefill, plain=label in args.plain_labels,
+                  max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                  batch_size=args.batch_size, decode=args.decode, desc=f"{label} {ts.name}", on_batch=save)
 
 
-def self_judge(model, tok, ts: TestSet, path: Path, rows: list[dict], label: str, args):
-    """The model's own judge score of each translation: the training judge prompt, greedy, the training score
-    grammar. A failed extraction is judged as the empty translation it is scored as everywhere; a judgement that
-    does not parse scores 0 and is counted, its failure kind (judge.FAILURE_KINDS) kept in the segment's row.
-    Saved after every batch, like the translations."""
-    prompts = {i: tok.encode(judge.judge_prompt(r["src"], r["hyp"], ts.src_lang, ts.tgt_lang, args.template,
-                                                args.think_prefill))
-               for i, r in enumerate(rows) if SELF_JUDGE not in r["scores"]}
-    for batch, raws, _ in respond(model, tok, prompts, args.judge_max_new_tokens, 0.0, len(rows) - len(prompts),
-                                  f"{label} {ts.name} self-judge", args):
-        for i, raw in zip(batch, raws):
-            verdict = judge.parse_judgement(raw)
-            rows[i].update(judge_raw=raw, judge_parsed=verdict.score is not None, judge_failure=verdict.failure)
-            rows[i]["scores"][SELF_JUDGE] = verdict.score if verdict.score is not None else 0.0
+def judge_segments(model, tok, ts: TestSet, path: Path, rows: list[dict], label: str, args):
+    """The self-judge metric: self_judge() each translation the rows lack a score for. A failed extraction is
+    judged as the empty translation it is scored as everywhere; a judgement that does not parse scores 0 and
+    is counted, its failure kind (judge.FAILURE_KINDS) kept in the segment's row. Saved after every batch."""
+    todo = [i for i, r in enumerate(rows) if SELF_JUDGE not in r["scores"]]
+
+    def save(done: dict[int, dict]):
+        for k, result in done.items():
+            row = rows[todo[k]]
+            row.update(judge_raw=result["raw"], judge_parsed=result["score"] is not None,
+                       judge_failure=result["failure"])
+            row["scores"][SELF_JUDGE] = result["score"] if result["score"] is not None else 0.0
         replace_file(path, jsonl(rows))
+
+    self_judge(model, tok, [rows[i]["src"] for i in todo], [rows[i]["hyp"] for i in todo], ts.src_lang, ts.tgt_lang,
+               score=args.judge_score, template=args.template, think_prefill=args.think_prefill,
+               max_new_tokens=args.judge_max_new_tokens, batch_size=args.batch_size, decode=args.decode,
+               desc=f"{label} {ts.name} self-judge", on_batch=save)
 
 
 def free_memory():
@@ -225,9 +298,9 @@ def run_models(models: dict[str, str], sets: list[TestSet], metrics: list[Metric
         tok = load_tokenizer(model_dir)
         model = load_pretrained(model_dir, device=device, dtype=dtype).eval()
         for path, rows, ts in pending:  # each phase does only what the rows lack
-            translate(model, tok, ts, path, rows, label, args)
+            translate_segments(model, tok, ts, path, rows, label, args)
             if judged:
-                self_judge(model, tok, ts, path, rows, label, args)
+                judge_segments(model, tok, ts, path, rows, label, args)
         del model
         free_memory()
     return outputs
@@ -360,20 +433,183 @@ def report(models: dict[str, str], sets: list[TestSet], metrics: list[Metric], o
 
 
 # ----------------------------------------------------------------------------------------------------
+# judge quality (--judge-quality K): does the model's judge order translations as reference chrF does?
+
+def read_candidates(path: str, k: int) -> dict[str, list[str]]:
+    """--candidates FILE: jsonl {"src": ..., "candidates": [k strings]} -> {src: candidates}."""
+    found = {}
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise EvalError(f"--candidates {path}: cannot read it ({e.strerror})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise EvalError(f"{path}:{n}: not JSON") from None
+        if (not isinstance(row, dict) or not isinstance(row.get("src"), str) or not isinstance(row.get("candidates"), list)
+                or len(row["candidates"]) != k or not all(isinstance(c, str) for c in row["candidates"])):
+            raise EvalError(f"{path}:{n}: expected {{\"src\": string, \"candidates\": [{k} strings]}} "
+                            f"(--judge-quality {k})")
+        found[row["src"]] = row["candidates"]
+    return found
+
+
+def pair_counts(chrfs: list[float], scores: list[float | None]) -> dict[str, int]:
+    """One source's candidate pairs: agree/disagree (chrF and the judge both differ and order the pair alike or
+    not), chrf_ties (equal chrF: nothing to get right), judge_ties (equal judge scores, chrF differs), failed
+    (a judgement of the pair failed; left out of everything else, not counted as a score of 0)."""
+    counts = dict.fromkeys(("agree", "disagree", "chrf_ties", "judge_ties", "failed"), 0)
+    for i in range(len(chrfs)):
+        for j in range(i + 1, len(chrfs)):
+            if scores[i] is None or scores[j] is None:
+                counts["failed"] += 1
+            elif chrfs[i] == chrfs[j]:
+                counts["chrf_ties"] += 1
+            elif scores[i] == scores[j]:
+                counts["judge_ties"] += 1
+            else:
+                counts["agree" if (chrfs[i] > chrfs[j]) == (scores[i] > scores[j]) else "disagree"] += 1
+    return counts
+
+
+def kendall_tau_b(xs: list[float], ys: list[float]) -> float | None:
+    """Kendall's tau-b of two score lists (ties on either side corrected for); None when either is constant."""
+    concordant = discordant = x_ties = y_ties = 0
+    for i in range(len(xs)):
+        for j in range(i + 1, len(xs)):
+            dx, dy = xs[i] - xs[j], ys[i] - ys[j]
+            x_ties += dx == 0
+            y_ties += dy == 0
+            concordant += dx * dy > 0
+            discordant += dx * dy < 0
+    pairs = len(xs) * (len(xs) - 1) // 2
+    norm = math.sqrt((pairs - x_ties) * (pairs - y_ties))
+    return (concordant - discordant) / norm if norm > 0 else None
+
+
+BOOTSTRAP_SAMPLES = 2000
+
+
+def quality_stats(sources: list[dict]) -> dict:
+    """Pairwise accuracy, its 95% interval and Kendall's tau-b over sources [{chrf: [...], scores: [...]}].
+
+    accuracy = agree / (agree + disagree), over the pairs whose chrF and judge scores both differ. The interval
+    is a percentile bootstrap over sources (BOOTSTRAP_SAMPLES resamples, seeded): the pairs of one source share
+    its candidates and are not independent, so sources are what gets resampled. tau: tau-b per source over its
+    judged candidates, averaged over the sources where it is defined (neither side constant)."""
+    counts = [pair_counts(s["chrf"], s["scores"]) for s in sources]
+    total = {k: sum(c[k] for c in counts) for k in counts[0]} if counts else {}
+    pairs = total.get("agree", 0) + total.get("disagree", 0)
+    taus = []
+    for s in sources:
+        judged = [(c, x) for c, x in zip(s["chrf"], s["scores"]) if x is not None]
+        if len(judged) > 1 and (tau := kendall_tau_b(*map(list, zip(*judged)))) is not None:
+            taus.append(tau)
+    interval = None
+    if pairs:
+        rng = random.Random(0)
+        ratios = []
+        for _ in range(BOOTSTRAP_SAMPLES):
+            pick = [counts[rng.randrange(len(counts))] for _ in counts]
+            n = sum(c["agree"] + c["disagree"] for c in pick)
+            if n:
+                ratios.append(sum(c["agree"] for c in pick) / n)
+        ratios.sort()
+        interval = (ratios[int(0.025 * len(ratios))], ratios[min(len(ratios) - 1, int(0.975 * len(ratios)))])
+    failures: dict[str, int] = {}
+    for s in sources:
+        for kind in s.get("failures", []):
+            if kind is not None:
+                failures[kind] = failures.get(kind, 0) + 1
+    return {"accuracy": total["agree"] / pairs if pairs else None, "pairs": pairs, "interval": interval,
+            "tau_b": statistics.fmean(taus) if taus else None, "tau_sources": len(taus), **total,
+            "judgements": sum(len(s["scores"]) for s in sources), "failures": failures}
+
+
+def judge_quality(models: dict[str, str], sets: list[TestSet], out: Path, args):
+    """--judge-quality K: per model and set, K plain-prompt candidates per source (T = 1, one prefill and the
+    group fan-out; or --candidates), the model's judgement of each (--judge-mode, --judge-score), compared with
+    each candidate's sentence chrF against the reference. Writes OUT/<label>/<set>/candidates.jsonl (reusable as
+    --candidates) and judge-quality-<mode>-<score>.jsonl, prints the table."""
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    k, mode, score = args.judge_quality, args.judge_mode, args.judge_score
+    given = read_candidates(args.candidates, k) if args.candidates else None
+    rows, lines = [], []
+    for label, model_dir in models.items():
+        tok = load_tokenizer(model_dir)
+        model = load_pretrained(model_dir, device=device, dtype=dtype).eval()
+        for ts in sets:
+            folder = out / label / ts.name
+            folder.mkdir(parents=True, exist_ok=True)
+            if given is not None:
+                missing = [s for s in ts.srcs if s not in given]
+                if missing:
+                    raise EvalError(f"--candidates {args.candidates}: no candidates for {len(missing)} sources of "
+                                    f"{ts.name}, e.g. {missing[0]!r}")
+                candidates = [given[s] for s in ts.srcs]
+            else:
+                made = translate(model, tok, ts.srcs, ts.src_lang, ts.tgt_lang, template=args.template, plain=True,
+                                 max_new_tokens=args.max_new_tokens, temperature=1.0, seed=args.seed,
+                                 batch_size=args.batch_size, group_size=k, decode=args.decode,
+                                 desc=f"{label} {ts.name} candidates")
+                candidates = [[r["hyp"] for r in made[i * k:(i + 1) * k]] for i in range(len(ts.srcs))]
+            replace_file(folder / "candidates.jsonl", jsonl([{"src": s, "candidates": c}
+                                                              for s, c in zip(ts.srcs, candidates)]))
+            judged = self_judge(model, tok, [s for s in ts.srcs for _ in range(k)], [c for cs in candidates for c in cs],
+                                ts.src_lang, ts.tgt_lang, groups=[i for i in range(len(ts.srcs)) for _ in range(k)],
+                                mode=mode, score=score, template=args.template, think_prefill=args.think_prefill,
+                                max_new_tokens=args.judge_max_new_tokens, batch_size=args.batch_size,
+                                decode=args.decode, desc=f"{label} {ts.name} judge")
+            sources = []
+            for i, (src, ref, cs) in enumerate(zip(ts.srcs, ts.refs, candidates)):
+                verdicts = judged[i * k:(i + 1) * k]
+                sources.append({"src": src, "ref": ref, "candidates": cs,
+                                "chrf": [sacrebleu.sentence_chrf(c, [ref]).score for c in cs],
+                                "scores": [v["score"] for v in verdicts], "failures": [v["failure"] for v in verdicts],
+                                "judge_raw": [v["raw"] for v in verdicts]})
+            replace_file(folder / f"judge-quality-{mode}-{score}.jsonl", jsonl(sources))
+            # the trivial judge: the candidate whose length (characters) is closest to the source's is best
+            baseline = [{"chrf": s["chrf"], "scores": [-abs(len(c) - len(s["src"])) for c in s["candidates"]]}
+                        for s in sources]
+            stats = quality_stats(sources)
+            rows += [[label, ts.name, mode, score, stats],
+                     ["length closest to source", ts.name, "–", "–", quality_stats(baseline)]]
+            accuracy = "n/a" if stats["accuracy"] is None else f"{stats['accuracy']:.3f}"
+            lines.append(f"judge pairwise accuracy: {accuracy} over {stats['pairs']} pairs (mode {mode}, score {score})")
+        del model
+        free_memory()
+    cell = lambda v: "–" if v is None else f"{v:.3f}"
+    table = markdown(["Judge", "Set", "Mode", "Score", "Accuracy", "95% CI (bootstrap over sources)", "Pairs",
+                      "Kendall tau-b (mean over sources)", "chrF ties", "judge ties", "pairs with a failed judgement",
+                      "failures by kind"],
+                     [[who, name, m, sc, cell(st["accuracy"]),
+                       "–" if st["interval"] is None else f"{st['interval'][0]:.3f}–{st['interval'][1]:.3f}",
+                       st["pairs"], cell(st["tau_b"]), st["chrf_ties"], st["judge_ties"], st["failed"],
+                       ", ".join(f"{kind} {n}" for kind, n in sorted(st["failures"].items())) or "none"]
+                      for who, name, m, sc, st in rows])
+    replace_file(out / f"judge-quality-{mode}-{score}.json", json.dumps(
+        [{"judge": who, "set": name, "mode": m, "score": sc, **st} for who, name, m, sc, st in rows], indent=2) + "\n")
+    print(table + "\n" + "\n".join(lines))
+
+
+# ----------------------------------------------------------------------------------------------------
 # checks before any work: flags, models, --out
 
 # flag -> (least, bound, what is valid): a value is valid when least <= value < bound, which NaN never is
 COUNT = (1, float("inf"), "an integer >= 1")
 NUMBER_FLAGS = {"--batch-size": COUNT, "--max-new-tokens": COUNT, "--judge-max-new-tokens": COUNT,
                 "--comet-batch-size": COUNT, "--temperature": (0, float("inf"), "a finite number >= 0 (0 = greedy)"),
-                # the sampler's generator takes up to 64 bits; seed + segment index stays below
                 "--seed": (0, 2**63, "an integer in [0, 2**63)")}
 
 
 def translation_settings(args) -> dict:
     """What shapes the translations on disk; a rerun with other values would mix two runs in one file."""
     return {"template": args.template, "think_prefill": args.think_prefill, "temperature": args.temperature,
-            "seed": args.seed, "strip_quotes": args.strip_quotes,
+            "seed": args.seed, "strip_quotes": args.strip_quotes, "judge_score": args.judge_score,
             "max_new_tokens": args.max_new_tokens, "judge_max_new_tokens": args.judge_max_new_tokens}
 
 
@@ -433,9 +669,15 @@ def check_args(args) -> tuple[dict[str, str], list[Metric], dict[str, dict]]:
              if args.plain_model else {})
     models = (model_labels(args.model) if args.model else {}) | plain
     args.labels, args.plain_labels = list(models), set(plain)
+    if args.judge_quality and (args.judge_quality < 2 or plain):
+        raise EvalError(f"--judge-quality {args.judge_quality}: needs K >= 2 candidates per source and --model "
+                        f"(a judge asked with the training judge prompt), not --plain-model")
+    if (args.candidates or args.judge_mode != "pointwise") and not args.judge_quality:
+        raise EvalError("--candidates and --judge-mode are for --judge-quality K")
     fingerprints = {label: fingerprint(path) for label, path in models.items()}
-    check_cache_fits(args, models, judged=any(m.label == SELF_JUDGE for m in metrics))
-    check_eval_out(Path(args.out), translation_settings(args), models, fingerprints)
+    check_cache_fits(args, models, judged=any(m.label == SELF_JUDGE for m in metrics) or bool(args.judge_quality))
+    # --judge-quality recomputes everything and resumes nothing: its files never mix with a translation run's
+    check_eval_out(Path(args.out), {} if args.judge_quality else translation_settings(args), models, fingerprints)
     return models, metrics, fingerprints
 
 
@@ -490,7 +732,8 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.0, metavar="T",
                    help="sampling temperature, >= 0; 0 = greedy (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, metavar="N",
-                   help="sampling seed when --temperature > 0, in [0, 2**63) (default: %(default)s)")
+                   help="sampling seed when --temperature > 0 and of --judge-quality's candidates, in [0, 2**63); a "
+                        "sampled output depends on it and its own prompt alone (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, metavar="N",
                    help="segments translated (and saved) per batch, >= 1 (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=2048, metavar="N",
@@ -498,6 +741,25 @@ def parse_args(argv=None):
                         "paragraphs (default: %(default)s)")
     p.add_argument("--judge-max-new-tokens", type=int, default=1024, metavar="N",
                    help=f"token budget of one {SELF_JUDGE} judgement, >= 1 (default: %(default)s)")
+    p.add_argument("--judge-score", default="text", choices=judge.JUDGE_SCORES,
+                   help="how a judgement becomes a score (self-judge and --judge-quality), as training's --judge-score: "
+                        "text = the number parsed from the judge's <answer>; expected = the mean of the judge's "
+                        "probabilities over the integers 0-100 right after its <answer> (generation stops at <answer>, "
+                        "which is appended when the judge wrote none): never a parse failure (default: %(default)s)")
+    p.add_argument("--judge-quality", type=int, default=0, metavar="K",
+                   help="instead of translating: K >= 2 candidate translations per source from the model asked plainly "
+                        "(T = 1), judged by the model with the training judge prompt, and the judge's order compared "
+                        "with the candidates' reference chrF: pairwise accuracy over the candidate pairs whose chrF "
+                        "and judge scores both differ (pairs with equal chrF, equal judge scores, or a failed "
+                        "judgement are counted apart, never as agreement or a score of 0), a 95%% percentile "
+                        "bootstrap interval over sources, Kendall tau-b per source averaged, parse failures by kind; "
+                        "plus a trivial judge (length closest to the source's) on the same candidates")
+    p.add_argument("--judge-mode", default="pointwise", choices=["pointwise", "group"],
+                   help="--judge-quality: one candidate per judgement, or a source's K candidates in one group "
+                        "judgement, as training's --judge-mode (default: %(default)s)")
+    p.add_argument("--candidates", metavar="FILE",
+                   help="--judge-quality: read the candidates instead of sampling them, jsonl {\"src\": ..., "
+                        "\"candidates\": [K strings]} per source (a run writes OUT/<label>/<set>/candidates.jsonl)")
     p.add_argument("--comet-batch-size", type=int, default=16, metavar="N",
                    help="segments per COMET forward, >= 1 (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -517,6 +779,9 @@ def run(args):
     for label, fp in fingerprints.items():
         (out / label).mkdir(parents=True, exist_ok=True)
         replace_file(out / label / "model.json", json.dumps(fp, indent=2) + "\n")
+    if args.judge_quality:
+        judge_quality(models, sets, out, args)
+        return
     replace_file(out / "settings.json", json.dumps(translation_settings(args), indent=2) + "\n")
     outputs = run_models(models, sets, metrics, out, args)
     run_metrics(outputs, metrics, args)

@@ -375,6 +375,59 @@ def parse_group_judgement(judge_response: str, n: int) -> list[Judgement]:
 
 
 # ----------------------------------------------------------------------------------------------------
+# the expected score (--judge-score expected): the score read from the judge's probabilities, not its text
+
+JUDGE_SCORES = ("text", "expected")
+# expected: the judge's generation stops at its first <answer>; the score is then read from the model
+ANSWER_STOP = ("<answer>",)
+
+
+def reasoning(judge_text: str) -> str:
+    """What an expected-score judge wrote before its first <answer> (all of it when it wrote none: generation
+    cut by the token budget or ended by EOS; <answer> is then forced after it)."""
+    return judge_text.partition("<answer>")[0]
+
+
+def expected_verdicts(score, tok, prompts: list[list[int]], texts: list[str | None], tasks: list[JudgeTask],
+                      max_len: int) -> list[list[Judgement]]:
+    """--judge-score expected: for judge prompt prompts[t] (of tasks[t]) and its generated text texts[t], one
+    Judgement per translation of the task, each the mean of the judge's own distribution over the integers
+    0-100 at the position after <answer>: P(v) = the exact probability of the tokens of "{v}</answer>" (as the
+    tokenizer writes them) following the prefix, normalised over the 101. So no judgement fails to parse and
+    two scores almost never tie. texts[t] None: the prompt was too long to judge (too_long, as with text).
+
+    The prefix is prompt + reasoning(text) + "<answer>", tokenized in those two pieces after the prompt; a
+    reasoning that would push it past max_len (the scorer's cache) loses its last tokens. A group verdict
+    (task.group) is read entry by entry, as "1: s1\n2: s2\n...": entry k's integers follow "<answer>", the
+    earlier entries with their most probable integers, and "k: ", and end in "\n" (the last in </answer>).
+    score(prefixes, continuations) -> log-probs (len(prefixes), len(continuations)): Sampler.score."""
+    out: list[list[Judgement]] = [[Judgement(None, "too_long")] * len(task.members) for task in tasks]
+    live = [t for t, text in enumerate(texts) if text is not None]
+    heads = {t: tok.encode(reasoning(texts[t])) for t in live}
+    written = {t: "" for t in live}  # a group verdict's entries so far, "1: 85\n"
+    for k in range(1, max((len(tasks[t].members) for t in live), default=0) + 1):
+        for last in (False, True):
+            todo = [t for t in live if len(tasks[t].members) >= k and (len(tasks[t].members) == k) == last]
+            if not todo:
+                continue
+            prefixes = {}
+            for t in todo:
+                tail = tok.encode("<answer>" + written[t] + (f"{k}: " if tasks[t].group else ""))
+                room = max_len - 1 - len(prompts[t]) - len(tail)
+                if room >= 0:  # else not even the prompt and the answer's start fit: too_long stays
+                    prefixes[t] = prompts[t] + heads[t][:room] + tail
+            if not prefixes:
+                continue
+            end = "</answer>" if last else "\n"
+            logprobs = score(list(prefixes.values()), [tok.encode(f"{v}{end}") for v in range(101)])  # (n, 101)
+            for t, lp in zip(prefixes, logprobs):
+                p = lp.double().softmax(-1)
+                out[t][k - 1] = Judgement(float((p * torch.arange(101, dtype=torch.float64)).sum()))
+                written[t] += f"{k}: {int(p.argmax())}\n"
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
 # the reward
 
 @dataclass

@@ -168,6 +168,18 @@ class KernelDecodeView(DecodeView):
         return out[:, :, None]  # (b, H, 1, D)
 
 
+class TreeView:
+    """kv_cache for scoring a tree of continuations after the prefixes prefilled in slots 0..b-1 (Sampler.score):
+    the tree's K/V are attended next to the cached prefixes' positions 0..P-1, never written into the cache."""
+
+    def __init__(self, cache: KVCache, b: int, P: int):
+        self.cache, self.b, self.P = cache, b, P
+
+    def update(self, layer: int, k, v):  # k, v (b, Hkv, N, D) for the tree's N nodes
+        return (torch.cat([self.cache.k[layer, :self.b, :, :self.P], k], 2),  # (b, Hkv, P + N, D)
+                torch.cat([self.cache.v[layer, :self.b, :, :self.P], v], 2))
+
+
 def decode_step(model: Transformer, cache: KVCache, tok: torch.Tensor, pos: torch.Tensor, length: int,
                 num_splits: int | None) -> torch.Tensor:
     """One decode step of rows 0..b-1: tok (b,) at positions pos (b,), all < length -> logits (b, V) fp32.
@@ -250,7 +262,11 @@ def race(weights: torch.Tensor, generator) -> torch.Tensor:
     E near 0, where a token of relative weight r beats a dominant one when E_i < ~r: fp32 draws come from 24-bit
     uniforms, on a 2^-24 grid there, so a token of relative weight 1e-8 would win several times too often or
     never. fp64 draws resolve ~1e-16. The clamp only guards 0 / 0 against a zero draw (chance 2^-53)."""
-    e = torch.empty(weights.shape, dtype=torch.float64, device=weights.device).exponential_(generator=generator)
+    if isinstance(generator, list):  # one generator per row (generate's per-prompt seeds): row i draws from its own
+        e = torch.stack([torch.empty(weights.shape[1:], dtype=torch.float64, device=weights.device)
+                         .exponential_(generator=g) for g in generator])
+    else:
+        e = torch.empty(weights.shape, dtype=torch.float64, device=weights.device).exponential_(generator=generator)
     return (weights / e.clamp_(min=torch.finfo(torch.float64).tiny)).argmax(-1)
 
 
@@ -318,6 +334,7 @@ class Row:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
+    generator: torch.Generator | None = None  # its own, when generate was given one seed per prompt
 
     def accept(self, tokens: list[int], logprobs: list[float], stop: StopCheck):
         """Take newly sampled tokens until one ends the row; the rest (sampled past the end) are dropped."""
@@ -396,7 +413,8 @@ class Sampler:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], group_size: int = 1, max_new_tokens: int = 256,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop_token_ids=(),
-                 stop_strings=(), tokenizer=None, seed: int | None = None, progress=None) -> list[Completion]:
+                 stop_strings=(), tokenizer=None, seed: int | list[int] | None = None,
+                 progress=None) -> list[Completion]:
         """Sample `group_size` completions of each prompt (token-id lists); returns them prompt-major:
         out[i * group_size + j] is sample j of prompt i.
 
@@ -404,7 +422,10 @@ class Sampler:
         token in stop_token_ids or a token that completes one of stop_strings (decoded with `tokenizer`), that
         token included, or after max_new_tokens (fewer if prompt + completion would pass max_seq_len). seed
         makes the call reproducible (same seed, sampler and arguments, same outputs); None draws from torch's
-        global generator. progress: anything with .update(n) (a tqdm bar), told of each finished completion."""
+        global generator. A list of seeds, one per prompt, gives every completion a generator of its own:
+        prompt i's samples then depend on seed[i] and the prompt alone, not on the other prompts of the call,
+        their order or the batch size (eval.py; it costs two small draws per row and step instead of two per
+        step). progress: anything with .update(n) (a tqdm bar), told of each finished completion."""
         g = group_size
         if not 1 <= g <= self.max_batch_size:
             raise ValueError(f"group_size {g} must be between 1 and max_batch_size ({self.max_batch_size})")
@@ -415,7 +436,10 @@ class Sampler:
         for p in prompts:
             if not 1 <= len(p) < self.max_seq_len:
                 raise ValueError(f"a prompt of {len(p)} tokens does not fit: need 1 to {self.max_seq_len - 1}")
-        generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
+        per_row = isinstance(seed, list)
+        if per_row and len(seed) != len(prompts):
+            raise ValueError(f"{len(seed)} seeds for {len(prompts)} prompts: give one seed per prompt")
+        generator = None if seed is None or per_row else torch.Generator(self.device).manual_seed(seed)
         settings = dict(temperature=temperature, top_p=top_p, top_k=top_k, generator=generator)
         stop = StopCheck(stop_token_ids, stop_strings, tokenizer)
         out: list[Completion | None] = [None] * (len(prompts) * g)
@@ -423,12 +447,17 @@ class Sampler:
         rows: list[Row] = []  # live rows; rows[i] is in cache slot i
         while waiting or rows:
             new = self._admit(prompts, waiting, len(rows), g, max_new_tokens)
+            if per_row:
+                for r in new:  # sample j of prompt i: its own stream, a function of (seed[i], j)
+                    r.generator = torch.Generator(self.device).manual_seed(
+                        (seed[r.index // g] + r.index % g * 0x9E3779B97F4A7C15) % 2**64)
             if new:
                 # prefill the admitted prompts into the slots after the live rows; each group member samples
                 # its own first token from its prompt's last-position logits
                 first = len(rows)
                 logits = self._prefill([prompts[r.index // g] for r in new[::g]], first, g)  # (len(new) / g, V)
-                tok, lp = sample(logits.repeat_interleave(g, 0), **settings)
+                tok, lp = sample(logits.repeat_interleave(g, 0),
+                                 **settings | ({"generator": [r.generator for r in new]} if per_row else {}))
                 live = slice(first, first + len(new))
                 self.tok_in[live] = tok
                 self.pos_in[live] = torch.tensor([r.prompt_len for r in new], device=self.device)
@@ -439,7 +468,7 @@ class Sampler:
                 # decode until the next stop check; no row may run past its limit (its cache ends there)
                 steps = min(self.sync_every, min(r.limit - len(r.tokens) for r in rows))
                 toks, lps = self._decode(len(rows), steps, max(r.prompt_len + len(r.tokens) for r in rows),
-                                         settings)
+                                         settings | ({"generator": [r.generator for r in rows]} if per_row else {}))
                 for r, ts, ls in zip(rows, toks, lps):
                     r.accept(ts, ls, stop)
             for r in rows:
@@ -449,6 +478,59 @@ class Sampler:
                     if progress is not None:
                         progress.update(1)
             rows = self._compact(rows)
+        return out
+
+    @torch.no_grad()
+    def score(self, prefixes: list[list[int]], continuations: list[list[int]]) -> torch.Tensor:
+        """log P(continuation | prefix), exactly, for every prefix and every continuation (token-id lists):
+        (len(prefixes), len(continuations)) fp32. What the expected-score judge reads (judge.expected_score).
+
+        Each prefix is prefilled once, up to max_batch_size at a time, into the cache; the continuations then go
+        through the model together as one token tree, a trie sharing their common beginnings (the 101 integers
+        0-100 share their leading digits), each tree node attending to its prefix's cached K/V and to its own
+        ancestors: one forward of the trie's inner nodes per prefix, however many continuations. Uses the cache
+        slots, so never while a generate call runs."""
+        for p in prefixes:
+            if not 1 <= len(p) < self.max_seq_len:
+                raise ValueError(f"a prefix of {len(p)} tokens does not fit: need 1 to {self.max_seq_len - 1}")
+        if not all(continuations):
+            raise ValueError("every continuation needs at least one token")
+        # the trie's inner nodes: every proper beginning c[:t], t >= 1, of a continuation, numbered
+        nodes: dict[tuple[int, ...], int] = {}
+        for c in continuations:
+            for t in range(1, len(c)):
+                nodes.setdefault(tuple(c[:t]), len(nodes))
+        keys = list(nodes)
+        N, dev = len(keys), self.device
+        node_tok = torch.tensor([k[-1] for k in keys], dtype=torch.long, device=dev)  # (N,) the token a node feeds
+        depth = torch.tensor([len(k) for k in keys], device=dev)  # (N,) its position after the prefix, 1-based
+        # ancestors[i, j]: node j is node i or lies on its path from the root
+        ancestors = torch.tensor([[keys[i][:len(keys[j])] == keys[j] for j in range(N)] for i in range(N)],
+                                 dtype=torch.bool, device=dev).reshape(N, N)  # (N, N)
+        # continuation c's log-prob = root log-prob of c[0] + the log-prob at node c[:t] of c[t], t >= 1
+        first = torch.tensor([c[0] for c in continuations], device=dev)  # (C,)
+        pairs = [(ci, nodes[tuple(c[:t])], c[t]) for ci, c in enumerate(continuations) for t in range(1, len(c))]
+        if N:  # (pairs,) each: which continuation, at which node, which token
+            owner, at, tok = (torch.tensor(x, device=dev) for x in zip(*pairs))
+        out = torch.empty(len(prefixes), len(continuations), dtype=torch.float32)
+        # prefixes per forward: a prefill's token budget bounds the tree forward's activations too
+        per_call = max(1, min(self.max_batch_size, PREFILL_TOKENS // (max(map(len, prefixes), default=1) + N)))
+        for start in range(0, len(prefixes), per_call):
+            chunk = prefixes[start:start + per_call]
+            b, P = len(chunk), max(map(len, chunk))
+            root = self._prefill(chunk, 0, 1).log_softmax(-1)  # (b, V): K/V of prefix i now in slot i
+            lp = root[:, first]  # (b, C)
+            if N:
+                lengths = torch.tensor([len(p) for p in chunk], device=dev)
+                positions = lengths[:, None] + depth - 1  # (b, N): node at depth d continues the prefix
+                mask = torch.cat([(torch.arange(P, device=dev) < lengths[:, None])[:, None, :].expand(b, N, P),
+                                  ancestors.expand(b, N, N)], -1)[:, None]  # (b, 1, N, P + N)
+                h = self.model(node_tok.expand(b, N), positions=positions, kv_cache=TreeView(self.cache, b, P),
+                               attn_mask=mask, return_hidden=True)  # (b, N, hidden)
+                for i in range(b):  # one prefix's N x V logits at a time: memory stays at one tree's
+                    node_lp = head_logits(self.model, h[i]).log_softmax(-1)  # (N, V)
+                    lp[i].index_add_(0, owner, node_lp[at, tok])
+            out[start:start + b] = lp.cpu()
         return out
 
     def _admit(self, prompts: list[list[int]], waiting: deque, n_live: int, g: int, max_new_tokens: int) -> list[Row]:

@@ -84,6 +84,10 @@ class Config:
     judge_max_new_tokens: int = arg(512, "token budget of one judgement")
     judge_mode: str = arg("pointwise", "one translation per judgement (the paper), or a GRPO group's distinct "
                           "translations scored together", choices=["pointwise", "group"])
+    judge_score: str = arg("text", "text: the number parsed from the judge's <answer>; expected: the mean of its "
+                           "probabilities over the integers 0-100 right after <answer> (judging stops at <answer>, "
+                           "appended if the judge wrote none): no parse failures, almost no ties",
+                           choices=list(judge.JUDGE_SCORES))
     check_script: bool = arg(False, "an answer not in the target language's script is a format failure")
     # --- rollouts
     prompts_per_step: int = arg(64, "source sentences per step, across all ranks")
@@ -618,7 +622,7 @@ def judge_translations(run: Run, rollouts: list[Rollout], seed: int) -> dict:
         groups = [i // cfg.group_size for i, r in enumerate(rollouts) if r.answer is not None]
         tasks = judge.judge_tasks([r.source for r in valid], [r.answer for r in valid], groups, cfg.judge_mode,
                                   dedup=cfg.judge_samples == 1, template=cfg.template, prefill=cfg.think_prefill)
-        n = cfg.judge_samples
+        n, expected = cfg.judge_samples, cfg.judge_score == "expected"
         prompts = [tok.encode(t.prompt) for t in tasks]
         # a group prompt holds up to G translations and can outgrow the cache: its judgements fail (too_long)
         fit = [t for t, p in enumerate(prompts) if len(p) < run.judge_sampler.max_seq_len]
@@ -626,16 +630,23 @@ def judge_translations(run: Run, rollouts: list[Rollout], seed: int) -> dict:
             outs = run.judge_sampler.generate([prompts[t] for t in fit], group_size=n,
                                               max_new_tokens=cfg.judge_max_new_tokens,
                                               temperature=0.0 if n == 1 else cfg.judge_temperature,
-                                              stop_token_ids=tok.eos_ids, stop_strings=judge.STOP_STRINGS,
-                                              tokenizer=tok, seed=seed, progress=progress)
+                                              stop_token_ids=tok.eos_ids, tokenizer=tok, seed=seed,
+                                              stop_strings=judge.ANSWER_STOP if expected else judge.STOP_STRINGS,
+                                              progress=progress)
         texts = {t: [tok.decode(o.tokens, skip_special_tokens=True) for o in outs[k * n:(k + 1) * n]]
                  for k, t in enumerate(fit)}
-        for t, task in enumerate(tasks):
-            for text in texts.get(t, [None] * n):
-                for members, judgement in zip(task.members, judge.read_verdict(task, text)):
-                    for i in members:
-                        valid[i].judge_outputs.append(text or "")
-                        valid[i].judgements.append(judgement)
+        outputs = [(t, text) for t in range(len(tasks)) for text in texts.get(t, [None] * n)]
+        if expected:  # each output's score from the judge's probabilities after <answer>: one scoring pass
+            verdicts = judge.expected_verdicts(run.judge_sampler.score, tok, [prompts[t] for t, _ in outputs],
+                                               [text for _, text in outputs], [tasks[t] for t, _ in outputs],
+                                               run.judge_sampler.max_seq_len)
+        else:
+            verdicts = [judge.read_verdict(tasks[t], text) for t, text in outputs]
+        for (t, text), verdict in zip(outputs, verdicts):
+            for members, judgement in zip(tasks[t].members, verdict):
+                for i in members:
+                    valid[i].judge_outputs.append(text or "")
+                    valid[i].judgements.append(judgement)
         work = {"judge_sequences": len(fit) * n, "judgements": len(valid) * n}
     if run.comet is not None and valid:
         scores = run.comet.score([r.source["src"] for r in valid], [r.answer for r in valid])

@@ -478,3 +478,117 @@ def test_damaged_segments_and_the_settings_of_a_run_that_wrote_none(tiny_model_d
         assert capsys.readouterr().err.strip().splitlines()[-1] == (
             f"eval: error: {segments}:2: not a segment row eval.py wrote ({problem}); delete the file to translate "
             f"this set again")
+
+
+# ----------------------------------------------------------------------------------------------------
+# sampled outputs depend only on (seed, row); translate and self_judge in memory
+
+def test_sampled_outputs_depend_only_on_seed_and_row(tiny_model_dir, tmp_path):
+    """--temperature 1: the same translations under --batch-size 2 and 5 and for a shorter set, and from
+    translate() in memory; another --seed gives others."""
+    base = ["--model", str(tiny_model_dir), "--max-new-tokens", "8", "--metrics", "bleu,chrf", "--device", "cpu",
+            "--temperature", "1.0"]
+    label = Path(tiny_model_dir).name
+    runs = {}
+    for name, batch, srcs, seed in (("b2", 2, SRCS, 0), ("b5", 5, SRCS, 0), ("short", 2, SRCS[2:4], 0),
+                                    ("seed1", 5, SRCS, 1)):
+        (tmp_path / name).mkdir()
+        argv = base + write_local(tmp_path / name, srcs, REFS[:len(srcs)] if name != "short" else REFS[2:4])
+        assert ev.main(argv + ["--batch-size", str(batch), "--seed", str(seed), "--out", str(tmp_path / name / "out")]) == 0
+        runs[name] = [r["raw"] for r in read_segments(tmp_path / name / "out", label)]
+    assert runs["b2"] == runs["b5"] and runs["short"] == runs["b5"][2:4]
+    assert runs["seed1"] != runs["b5"]
+    tok, model = ev.load_tokenizer(tiny_model_dir), ev.load_pretrained(tiny_model_dir, device="cpu").eval()
+    rows = ev.translate(model, tok, SRCS[::-1], "en", "zh", max_new_tokens=8, temperature=1.0, seed=0, batch_size=3)
+    assert [r["raw"] for r in rows] == runs["b5"][::-1]
+    assert [r["src"] for r in rows] == SRCS[::-1]
+    # in-memory self_judge: one verdict per translation, each the text parse of its raw output
+    judged = ev.self_judge(model, tok, SRCS, [r["hyp"] for r in rows][::-1], "en", "zh", max_new_tokens=6,
+                           batch_size=2)
+    assert len(judged) == len(SRCS)
+    for j in judged:
+        assert (j["score"], j["failure"]) == tuple(judge.parse_judgement(j["raw"]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# --judge-quality
+
+def test_pair_counts_accuracy_and_tau_by_hand():
+    from scipy.stats import kendalltau
+
+    # source 1: chrF 10 < 20 < 30, judge 5 < 9 > 7: pairs (1,2) agree, (1,3) agree, (2,3) disagree
+    # source 2: chrF 10 = 10 < 40, judge 3, None, 3: (1,2) failed, (1,3) judge tie, (2,3) failed
+    # source 3: chrF 50 > 20, judge 1 < 2: disagree
+    sources = [{"chrf": [10, 20, 30], "scores": [5, 9, 7], "failures": [None] * 3},
+               {"chrf": [10, 10, 40], "scores": [3, None, 3], "failures": [None, "no_tags", None]},
+               {"chrf": [50, 20], "scores": [1, 2], "failures": [None, None]}]
+    assert ev.pair_counts(sources[1]["chrf"], sources[1]["scores"]) == {"agree": 0, "disagree": 0, "chrf_ties": 0,
+                                                                         "judge_ties": 1, "failed": 2}
+    stats = ev.quality_stats(sources)
+    assert (stats["agree"], stats["disagree"], stats["pairs"], stats["failed"], stats["judge_ties"]) == (2, 2, 4, 2, 1)
+    assert stats["accuracy"] == 0.5 and stats["failures"] == {"no_tags": 1} and stats["judgements"] == 8
+    lo, hi = stats["interval"]
+    assert 0 <= lo <= 0.5 <= hi <= 1
+    # tau-b per source over judged candidates, against scipy (its default variant is b), averaged
+    taus = [kendalltau([10, 20, 30], [5, 9, 7]).statistic, kendalltau([50, 20], [1, 2]).statistic]
+    assert stats["tau_sources"] == 2  # source 2: its two judged candidates tie on the judge's side
+    assert stats["tau_b"] == pytest.approx(statistics.fmean(taus))
+    assert ev.kendall_tau_b([1, 2, 2, 3], [1, 3, 2, 2]) == pytest.approx(kendalltau([1, 2, 2, 3], [1, 3, 2, 2]).statistic)
+
+
+def test_judge_quality_end_to_end(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Sampled candidates from one prefill per source (group fan-out), judged as a group by their text; then
+    written candidates (--candidates) judged pointwise by the expected score, chrF by sacrebleu, and the accuracy
+    line recomputed here by hand from the per-source file."""
+    calls = []
+    real_generate = Sampler.generate
+
+    def recording_generate(self, prompts, **kw):
+        calls.append((len(prompts), kw["group_size"], kw["temperature"]))
+        return real_generate(self, prompts, **kw)
+
+    monkeypatch.setattr(Sampler, "generate", recording_generate)
+    out = tmp_path / "out"
+    argv = ["--model", str(tiny_model_dir), *write_local(tmp_path), "--device", "cpu", "--max-new-tokens", "6",
+            "--judge-max-new-tokens", "4", "--batch-size", "2", "--judge-quality", "3"]
+    assert ev.main(argv + ["--judge-mode", "group", "--out", str(out)]) == 0
+    assert calls[:3] == [(2, 3, 1.0), (2, 3, 1.0), (1, 3, 1.0)]  # 5 sources, 2 a batch, 3 candidates each
+    assert all(group == 1 and temperature == 0.0 for _, group, temperature in calls[3:])  # the judge, greedy
+    label = Path(tiny_model_dir).name
+    sampled = [json.loads(line) for line in (out / label / "test" / "candidates.jsonl").read_text().splitlines()]
+    assert [r["src"] for r in sampled] == SRCS and all(len(r["candidates"]) == 3 for r in sampled)
+    # the tiny random model writes no tags: every judgement fails and every pair is left out, never a score of 0
+    assert capsys.readouterr().out.rstrip().splitlines()[-1] == ("judge pairwise accuracy: n/a over 0 pairs "
+                                                                 "(mode group, score text)")
+    result = json.loads((out / "judge-quality-group-text.json").read_text())[0]
+    assert result["failed"] == 5 * 3 and sum(result["failures"].values()) == 15 and result["accuracy"] is None
+
+    # written candidates: pieces of the reference, so their chrF differ
+    candidates = tmp_path / "candidates.jsonl"
+    candidates.write_text("".join(json.dumps({"src": s, "candidates": [r, r[:len(r) // 2], "猫"]}) + "\n"
+                                  for s, r in zip(SRCS, REFS)))
+    calls.clear()
+    assert ev.main(argv + ["--judge-score", "expected", "--candidates", str(candidates), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert all(group == 1 for _, group, _ in calls)  # no candidates sampled
+    rows = [json.loads(line) for line in
+            (out / label / "test" / "judge-quality-pointwise-expected.jsonl").read_text().splitlines()]
+    agree = pairs = 0
+    for r, ref in zip(rows, REFS):
+        assert r["candidates"] == [ref, ref[:len(ref) // 2], "猫"]
+        assert r["chrf"] == [sacrebleu.sentence_chrf(c, [ref]).score for c in r["candidates"]]
+        assert all(s is not None for s in r["scores"]) and r["failures"] == [None] * 3  # expected never fails
+        for i in range(3):
+            for j in range(i + 1, 3):
+                dc, ds = r["chrf"][i] - r["chrf"][j], r["scores"][i] - r["scores"][j]
+                if dc and ds:
+                    pairs += 1
+                    agree += (dc > 0) == (ds > 0)
+    assert pairs > 5
+    assert printed.rstrip().splitlines()[-1] == (f"judge pairwise accuracy: {agree / pairs:.3f} over {pairs} pairs "
+                                                 f"(mode pointwise, score expected)")
+    assert "| length closest to source | test |" in printed
+    # bad candidates: one line naming the file and line
+    candidates.write_text('{"src": "x", "candidates": ["a"]}\n')
+    assert ev.main(argv + ["--candidates", str(candidates), "--out", str(tmp_path / "bad")]) == 2
+    assert f"{candidates}:1: expected" in capsys.readouterr().err

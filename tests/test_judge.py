@@ -722,3 +722,49 @@ def test_answer_quoted(answer):
 def test_answer_not_quoted(answer):
     assert not judge.answer_quoted(answer, "The cat sleeps.")
     assert judge.strip_quotes(answer, "The cat sleeps.") == answer
+
+
+# ----------------------------------------------------------------------------------------------------
+# the expected score: the judge's probabilities over 0-100 after <answer>
+
+def test_expected_verdicts_equal_direct_log_probs(tiny_model_dir):
+    """judge.expected_verdicts (prefixes prefilled once, the 101 integers as one trie through the sampler's cache)
+    against a direct computation: a forward with no cache over each whole prefix + "{v}</answer>" (the tokenizer's
+    tokens), torch's log_softmax, summed, normalised over the 101, its mean; pointwise and group verdicts."""
+    import torch
+
+    from checkpoint import load_pretrained, load_tokenizer
+    from sampler import Sampler
+
+    tok, model = load_tokenizer(tiny_model_dir), load_pretrained(tiny_model_dir, device="cpu").eval()
+    point = judge.judge_tasks([{"src": "hi", "src_lang": "en", "tgt_lang": "zh"}], ["你好"], [0], "pointwise", True)[0]
+    group = judge.judge_tasks([{"src": "hi", "src_lang": "en", "tgt_lang": "zh"}] * 2, ["你好", "嗨"], [0, 0], "group",
+                              True)[0]
+    tasks = [point, point, group]
+    prompts = [tok.encode(t.prompt) for t in tasks]
+    # reasoning cut by the budget (no <answer>: appended), one that wrote <answer> and more after it, a group
+    texts = ["<think> fine", "<think>ok</think> <answer> 7", "<think>x</think>"]
+    sampler = Sampler(model, max_batch_size=2, max_seq_len=max(map(len, prompts)) + 64, device="cpu",
+                      dtype=torch.float32)
+    got = judge.expected_verdicts(sampler.score, tok, prompts, texts + [None], tasks + [point], sampler.max_seq_len)
+
+    @torch.no_grad()
+    def direct(prefix: list[int], end: str) -> torch.Tensor:  # (101,) P(v) normalised
+        lps = []
+        for v in range(101):
+            c = tok.encode(f"{v}{end}")
+            lp = model(torch.tensor([prefix + c]))[0].float().log_softmax(-1)[len(prefix) - 1:-1]
+            lps.append(lp.gather(-1, torch.tensor(c)[:, None]).sum())
+        return torch.stack(lps).double().softmax(-1)
+
+    mean = lambda p: float((p * torch.arange(101, dtype=torch.float64)).sum())
+    for t in (0, 1):
+        head = prompts[t] + tok.encode(texts[t].partition("<answer>")[0]) + tok.encode("<answer>")
+        assert got[t] == [judge.Judgement(pytest.approx(mean(direct(head, "</answer>")), abs=1e-5))]
+    reasoning = prompts[2] + tok.encode(texts[2])
+    first = direct(reasoning + tok.encode("<answer>1: "), "\n")
+    second = direct(reasoning + tok.encode(f"<answer>1: {int(first.argmax())}\n2: "), "</answer>")
+    assert got[2] == [judge.Judgement(pytest.approx(mean(first), abs=1e-5)),
+                      judge.Judgement(pytest.approx(mean(second), abs=1e-5))]
+    assert got[3] == [judge.Judgement(None, "too_long")]
+    assert all(0 <= j.score <= 100 for verdict in got[:3] for j in verdict)

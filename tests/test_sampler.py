@@ -572,3 +572,50 @@ def test_stop_string_completed_by_a_token_that_carries_text_past_it(tmp_path):
     o = sampler.generate([prompt], max_new_tokens=len(ids) + 2, temperature=0, stop_strings=("</answer>",),
                          tokenizer=tok)[0]
     assert tok.decode(o.tokens) == "ok</answer>." and o.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_prompt_seeds_make_samples_independent_of_the_batch(tiny_model_dir, device):
+    """seed=[one per prompt]: a prompt's samples depend on its seed alone, not on the other prompts of the call,
+    their order or the number of slots (what eval.py needs for outputs that depend only on (seed, row))."""
+    model = load(tiny_model_dir, device)
+    prompts = random_prompts([4, 7, 2, 5], model.config.vocab_size)
+    seeds = [11, 12, 13, 2**63 + 5]
+
+    def run(ps, ss, slots):
+        sampler = Sampler(model, max_batch_size=slots, max_seq_len=40, device=device, dtype=torch.float32)
+        outs = sampler.generate(ps, group_size=2, max_new_tokens=12, temperature=1.0, top_p=0.9, seed=ss)
+        # log-probs rounded: another batch shape may move the logits by an ulp, never the draws
+        return [(o.tokens, [round(lp, 4) for lp in o.logprobs]) for o in outs]
+
+    whole = run(prompts, seeds, 8)
+    pairs = [whole[2 * i:2 * i + 2] for i in range(4)]
+    for i in range(4):
+        assert run([prompts[i]], [seeds[i]], 2) == pairs[i]  # alone
+    assert run(prompts[::-1], seeds[::-1], 4) == [o for pair in pairs[::-1] for o in pair]  # reversed, fewer slots
+    assert pairs[0][0][0] != pairs[0][1][0]  # group members still draw apart
+    other = run(prompts, [21, *seeds[1:]], 8)
+    assert other[:2] != whole[:2] and other[2:] == whole[2:]
+    with pytest.raises(ValueError):
+        run(prompts, seeds[:3], 8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_score_equals_full_forward_log_probs(tiny_model_dir, device):
+    """Sampler.score (prefix prefilled into the cache, continuations as one trie through the model) against the
+    log-probs of each whole prefix + continuation from one forward with no cache, torch's log_softmax."""
+    model = load(tiny_model_dir, device)
+    V = model.config.vocab_size
+    prefixes = random_prompts([5, 1, 9, 3, 7], V, seed=3)
+    # shared beginnings, a single token, one continuation the prefix of another, a repeated token
+    continuations = [[7], [7, 8], [7, 8, 9], [7, 9, 9], [10, 11, 12, 13], [10, 11], [5, 5, 5]]
+    sampler = Sampler(model, max_batch_size=2, max_seq_len=16, device=device, dtype=torch.float32)  # 3 chunks
+    got = sampler.score(prefixes, continuations)
+    assert got.shape == (len(prefixes), len(continuations))
+    for i, p in enumerate(prefixes):
+        for j, c in enumerate(continuations):
+            lp = full_logits(model, p, c).log_softmax(-1)  # (len(c), V)
+            want = lp.gather(-1, torch.tensor(c, device=lp.device)[:, None]).sum()
+            assert abs(float(got[i, j]) - float(want)) < 1e-5, (i, j)
+    with pytest.raises(ValueError):
+        sampler.score([[1] * 16], continuations)

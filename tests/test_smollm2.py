@@ -179,3 +179,28 @@ def test_judge_on_real_translations(smollm2):
     assert stats["judge_parse_failure_rate"] == sum(s is None for s in scores) / 4
     for kind in judge.FAILURE_KINDS:  # why the judge failed, by kind, as metrics.jsonl logs it
         assert stats[f"judge_fail_{kind}"] == sum(v.failure == kind for v in verdicts) / 4
+
+
+def test_judge_quality_on_the_real_model(smollm2_dir, tmp_path):
+    """eval.py --judge-quality on the real model, 3 dev sentences x 2 candidates, judged by the expected score:
+    real French candidates from the plain prompt, every judgement a score in [0, 100] (the expected score never
+    fails), their chrF by sacrebleu, and the summary line the README promises."""
+    rows = [json.loads(line) for line in (ROOT / "data" / "en_fr_dev.jsonl").read_text().splitlines()[:3]]
+    test_set = tmp_path / "dev.jsonl"
+    test_set.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    out = tmp_path / "jq"
+    stdout = run_script("eval.py", "--model", smollm2_dir, "--src", test_set, "--template", "chat", "--think-prefill",
+                        "--judge-quality", 2, "--judge-score", "expected", "--max-new-tokens", 16,
+                        "--judge-max-new-tokens", 8, "--out", out, "--device", "cpu")
+    per_source = [json.loads(line) for line in
+                  (out / smollm2_dir.name / "dev" / "judge-quality-pointwise-expected.jsonl").read_text().splitlines()]
+    assert [s["src"] for s in per_source] == [r["src"] for r in rows]
+    for s in per_source:
+        assert all(any(ch.isalpha() for ch in c) for c in s["candidates"])  # real text
+        assert s["chrf"] == [sacrebleu.sentence_chrf(c, [s["ref"]]).score for c in s["candidates"]]
+        assert all(0 <= x <= 100 for x in s["scores"]) and s["failures"] == [None, None]
+    (result, baseline) = json.loads((out / "judge-quality-pointwise-expected.json").read_text())
+    assert result["failed"] == 0 and baseline["judge"] == "length closest to source"
+    assert stdout.rstrip().splitlines()[-1] == (f"judge pairwise accuracy: "
+                                                f"{'n/a' if result['accuracy'] is None else format(result['accuracy'], '.3f')}"
+                                                f" over {result['pairs']} pairs (mode pointwise, score expected)")

@@ -426,3 +426,25 @@ def test_sampling_temperature_reaches_the_trainer(tmp_path, model_dir, data_file
     fp32 weights) their gap kl_sampler is ~0. A trainer left at T = 1 would be far from it."""
     _, _, stats = one_real_step(tmp_path, model_dir, data_file, monkeypatch, "--temperature", 0.5)
     assert 0 <= stats["kl_sampler"] < 1e-6, stats["kl_sampler"]
+
+
+def test_expected_judge_score_in_the_loop(tmp_path, verdict_model_dir, two_rows):
+    """--judge-score expected: the judge stops at its <answer>, and every well-formed rollout gets the mean of the
+    judge's distribution over 0-100 there (no parse failure); the same as judging each copy on its own."""
+    cfg = ssr.parse_args([str(x) for x in ["--model", verdict_model_dir, "--data", two_rows, "--out-dir",
+                                           tmp_path / "run", *VERDICT_RUN, "--judge-score", "expected"]])
+    run = ssr.setup(cfg)
+    rollouts = ssr.sample_translations(run, ssr.step_sources(run.rows, 0, cfg, 0, 1), seed=0)
+    ssr.judge_translations(run, rollouts, seed=1)
+    ssr.assign_rewards(run, rollouts)
+    valid = [r for r in rollouts if r.answer is not None]
+    assert valid and all(len(r.judgements) == 1 and r.judgements[0].failure is None for r in valid)
+    assert all(r.judge_outputs[0].endswith("<answer>") for r in valid)  # the verdict model writes the tag
+    tok, sampler = run.tok, run.judge_sampler
+    for r in valid:
+        prompt = tok.encode(judge.judge_prompt(r.source["src"], r.answer, r.source["src_lang"], r.source["tgt_lang"]))
+        task = judge.JudgeTask("", [[0]], group=False)
+        alone = judge.expected_verdicts(sampler.score, tok, [prompt], [r.judge_outputs[0]], [task],
+                                        sampler.max_seq_len)[0][0]
+        assert r.judgements[0].score == pytest.approx(alone.score, abs=1e-4)
+        assert r.reward.reward == pytest.approx(r.judgements[0].score / 100)
