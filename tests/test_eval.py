@@ -137,7 +137,7 @@ class ScriptedSampler:
     answers from the scripts above, so every extraction and judgement outcome is known in advance."""
     calls = []
 
-    def __init__(self, model, max_batch_size, max_seq_len, device, dtype):
+    def __init__(self, model, max_batch_size, max_seq_len, device, dtype, decode="auto"):
         self.max_batch_size = max_batch_size
 
     def generate(self, prompts, group_size=1, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0,
