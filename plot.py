@@ -10,12 +10,12 @@ left out of that run's line; a panel no run has a value for is left out of the g
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 from pathlib import Path
 
+from data import DataError, read_jsonl
 from judge import FAILURE_KINDS
 
 # panel title -> the metrics.jsonl keys it draws (several keys: one line each, told apart by line style)
@@ -40,23 +40,15 @@ class PlotError(ValueError):
 def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise PlotError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PlotError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-            raise PlotError(f"{path}:{lineno}: expected a JSON object with an integer 'step'")
-        rows.append(row)
+        rows = read_jsonl(path)  # the data room's reader: unreadable file, bad UTF-8 or JSON named by line
+    except DataError as e:
+        raise PlotError(str(e)) from None
+    for where, row in rows:
+        if not isinstance(row.get("step"), int):
+            raise PlotError(f"{where}: expected a JSON object with an integer 'step'")
     if not rows:
         raise PlotError(f"{path}: no steps logged")
-    return rows
+    return [row for _, row in rows]
 
 
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
