@@ -43,7 +43,7 @@ import judge
 from checkpoint import CheckpointError, load_comet, load_pretrained, load_tokenizer, read_config
 from data import LANGUAGES, DataError
 from judge import RewardError
-from rundir import RunDirError, check_eval_out, fingerprint, jsonl, load_rows, replace_file, segments_path
+from rundir import RunDirError, check_eval_out, fingerprint, jsonl, load_rows, lock, replace_file, segments_path
 from plan import device_memory_bytes, kv_bytes_per_token
 from sampler import DECODE_MODES, Sampler
 from testsets import PAPER_SETS, TestSet, check_set_flags, load_sets
@@ -776,6 +776,15 @@ def run(args):
     models, metrics, fingerprints = check_args(args)
     sets = load_sets(args)  # reads (or downloads) the test data: still nothing written
     out = Path(args.out)
+    # two evals writing one --out would interleave its segment files: the --out is held like ssr's --out-dir
+    release = lock(out, "--out", "eval")
+    try:
+        write_outputs(models, metrics, fingerprints, sets, out, args)
+    finally:
+        release()
+
+
+def write_outputs(models, metrics, fingerprints, sets, out: Path, args):
     for label, fp in fingerprints.items():
         (out / label).mkdir(parents=True, exist_ok=True)
         replace_file(out / label / "model.json", json.dumps(fp, indent=2) + "\n")

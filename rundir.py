@@ -68,8 +68,9 @@ def check_writable(out: Path):
         raise RunDirError(f"--out-dir {out}: cannot create or write there (no write permission on {existing})")
 
 
-def lock(out: Path):
+def lock(out: Path, flag: str = "--out-dir", tool: str = "ssr"):
     """Take OUT/.lock for this process (call the returned release() at the end). Refuses if a live run holds it.
+    flag and tool name the directory in messages: ssr.py's --out-dir, or eval.py's --out.
 
     The lock file is written whole under a private name first and then hard-linked as OUT/.lock: one atomic
     step that fails if a lock exists, so no process ever sees an empty or half-written lock (a full disk fails
@@ -85,8 +86,8 @@ def lock(out: Path):
         try:
             mine.write_text(json.dumps(me))
         except OSError as e:
-            raise RunDirError(f"--out-dir {out}: cannot write its lock file ({e.strerror}); free some space there "
-                              f"or use another --out-dir") from None
+            raise RunDirError(f"{flag} {out}: cannot write its lock file ({e.strerror}); free some space there "
+                              f"or use another {flag}") from None
         for _ in range(3):  # the lock can vanish (released) or change (taken over) between our looks at it
             try:
                 os.link(mine, path)  # atomic: fails if a lock exists, else the whole record appears at once
@@ -94,23 +95,23 @@ def lock(out: Path):
             except FileExistsError:
                 pass
             except OSError as e:
-                raise RunDirError(f"--out-dir {out}: cannot take {path} ({e.strerror})") from None
+                raise RunDirError(f"{flag} {out}: cannot take {path} ({e.strerror})") from None
             seen = look(path)
             if seen is None:
                 continue  # released meanwhile
             owner = parse_lock(seen[0])
             if owner and (owner.get("host") != me["host"] or pid_alive(owner.get("pid"))):
                 elsewhere = owner.get("host") != me["host"]
-                raise RunDirError(f"--out-dir {out} is in use by pid {owner.get('pid')} on {owner.get('host')} (since "
+                raise RunDirError(f"{flag} {out} is in use by pid {owner.get('pid')} on {owner.get('host')} (since "
                                   f"{owner.get('started')}"
                                   f"{'; another host: its pid cannot be checked from here' if elsewhere else ''}); use "
-                                  f"another --out-dir, or delete {path} if that run is dead")
-            if take_over(path, mine, seen, out):
+                                  f"another {flag}, or delete {path} if that run is dead")
+            if take_over(path, mine, seen, f"{flag} {out}"):
                 what = (f"a stale lock of pid {owner.get('pid')} (started {owner.get('started')}), which is no longer "
                         f"running" if owner else "an unreadable lock (no ssr wrote it)")
-                print(f"ssr: {path}: took over {what}")
+                print(f"{tool}: {path}: took over {what}")
                 return lambda: release(path, me)
-        raise RunDirError(f"--out-dir {out}: could not take {path}: other runs are starting there at the same time")
+        raise RunDirError(f"{flag} {out}: could not take {path}: other runs are starting there at the same time")
     finally:
         mine.unlink(missing_ok=True)
 
@@ -134,13 +135,13 @@ def parse_lock(text: bytes) -> dict | None:
     return owner if isinstance(owner, dict) and isinstance(owner.get("pid"), int) and owner.get("host") else None
 
 
-def take_over(path: Path, mine: Path, seen: tuple[bytes, int, int], out: Path) -> bool:
+def take_over(path: Path, mine: Path, seen: tuple[bytes, int, int], where: str) -> bool:
     """Replace the stale lock `seen` by our record, if no other process is doing it; False if it changed."""
     claim = path.with_name(f".lock.takeover.{seen[1]}.{seen[2]}")
     try:
         os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:
-        raise RunDirError(f"--out-dir {out}: another process is taking over its stale lock right now (if none is, "
+        raise RunDirError(f"{flag} {out}: another process is taking over its stale lock right now (if none is, "
                           f"delete {claim})") from None
     try:
         # we hold the claim and the lock's owner is dead: if it is still the lock we judged, nobody else can

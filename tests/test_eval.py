@@ -311,6 +311,24 @@ def test_cli_end_to_end(tiny_model_dir, tiny_comet_dir, tmp_path):
     assert f"{label} test" in proc.stderr  # the progress bar names model and set
 
 
+def test_out_held_by_a_live_run_is_refused(tiny_model_dir, tmp_path, capsys):
+    """Two evals on one --out would interleave its segment files: the second is refused in one line, naming --out,
+    before any model loads; once the first releases it, the --out is free again (and its lock is gone)."""
+    import rundir
+
+    out = tmp_path / "out"
+    release = rundir.lock(out)  # this test process is the live eval holding --out
+    argv = ["--model", str(tiny_model_dir), *write_local(tmp_path, SRCS[:1], REFS[:1]), "--metrics", "chrf",
+            "--out", str(out), "--max-new-tokens", "4", "--device", "cpu", "--decode", "sdpa"]
+    assert ev.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"eval: error: --out {out} is in use by pid {os.getpid()}"), err  # after the set's line
+    assert not (out / "settings.json").exists()  # nothing written under another run's lock
+    release()
+    assert ev.main(argv) == 0
+    assert (out / "settings.json").exists() and not (out / ".lock").exists()
+
+
 def test_bad_input_is_one_line(tiny_model_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("FLORES_DIR", raising=False)
     for argv, message in [
