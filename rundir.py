@@ -141,7 +141,7 @@ def take_over(path: Path, mine: Path, seen: tuple[bytes, int, int], where: str) 
     try:
         os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:
-        raise RunDirError(f"{flag} {out}: another process is taking over its stale lock right now (if none is, "
+        raise RunDirError(f"{where}: another process is taking over its stale lock right now (if none is, "
                           f"delete {claim})") from None
     try:
         # we hold the claim and the lock's owner is dead: if it is still the lock we judged, nobody else can

@@ -438,6 +438,8 @@ def take_lock(rank, out, go, results):
         results.put(("won", os.getpid()))
     except rundir.RunDirError as e:
         results.put(("refused", str(e)))
+    except BaseException as e:  # a crash must reach the test as a result, not as a 60 s wait for one
+        results.put(("crashed", repr(e)))
 
 
 def test_stale_lock_is_taken_over_by_exactly_one_racer(tmp_path):
@@ -463,6 +465,20 @@ def test_stale_lock_is_taken_over_by_exactly_one_racer(tmp_path):
         assert len(winners) == 1, got
         assert json.loads((out / ".lock").read_text())["pid"] == winners[0]
         assert sorted(p.name for p in out.iterdir()) == [".lock"]  # no temp or claim file left behind
+
+
+def test_stale_lock_being_taken_over_by_another_process_is_refused(tmp_path):
+    """The racer that finds another's take-over claim is refused with a line naming the claim to delete."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / ".lock").write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid, "started": "earlier"}))
+    _, inode, mtime = rundir.look(tmp_path / ".lock")
+    claim = tmp_path / f".lock.takeover.{inode}.{mtime}"
+    claim.touch()
+    with pytest.raises(rundir.RunDirError, match=f"--out-dir {tmp_path}: another process is taking over its stale "
+                                                 f"lock right now \\(if none is, delete {claim}\\)"):
+        rundir.lock(tmp_path)
+    assert json.loads((tmp_path / ".lock").read_text())["pid"] == dead.pid
 
 
 def test_lock_of_another_host_is_refused_even_if_its_pid_is_dead_here(tmp_path):
