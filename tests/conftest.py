@@ -187,3 +187,16 @@ def verdict_model_dir(tmp_path_factory, model_dir, two_rows):
     loss = smoke.fine_tune(out, examples, steps=150, lr=5e-3, batch_size=len(examples))
     assert loss < 0.05, loss  # the floor is ~0.016: the actor's 50/50 choice of answer
     return out
+
+
+def write_sacrebleu_cache(cache, corpus, tarball, xml_path, src_lang, tgt_lang, srcs, refs):
+    """What sacrebleu leaves under $SACREBLEU after an online download: the tarball (any non-empty file:
+    sacrebleu only checks that it exists) and the extracted WMT XML."""
+    raw = cache / corpus / "raw"
+    (raw / xml_path).parent.mkdir(parents=True, exist_ok=True)
+    (raw / tarball).write_text("downloaded")
+    segs = lambda texts: "".join(f'<seg id="{i}">{t}</seg>' for i, t in enumerate(texts, 1))
+    (raw / xml_path).write_text(
+        f'<dataset id="test"><collection id="general"><doc id="d1" origlang="{src_lang}" domain="news">'
+        f'<src lang="{src_lang}"><p>{segs(srcs)}</p></src><ref lang="{tgt_lang}" translator="refA"><p>{segs(refs)}'
+        f'</p></ref></doc></collection></dataset>', encoding="utf-8")

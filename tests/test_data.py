@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import data
+from conftest import write_sacrebleu_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,19 +108,6 @@ def write_flores(root, en, zh):
     (devtest / "eng_Latn.devtest").write_text("\n".join(en) + "\n", encoding="utf-8")
     (devtest / "zho_Hans.devtest").write_text("\n".join(zh) + "\n", encoding="utf-8")
     return root
-
-
-def write_sacrebleu_cache(cache, corpus, tarball, xml_path, src_lang, tgt_lang, srcs, refs):
-    """What sacrebleu leaves under $SACREBLEU after an online download (see test_testsets.py): the tarball (any
-    non-empty file: sacrebleu only checks that it exists) and the extracted WMT XML."""
-    raw = cache / corpus / "raw"
-    (raw / xml_path).parent.mkdir(parents=True, exist_ok=True)
-    (raw / tarball).write_text("downloaded")
-    segs = lambda texts: "".join(f'<seg id="{i}">{t}</seg>' for i, t in enumerate(texts, 1))
-    (raw / xml_path).write_text(
-        f'<dataset id="test"><collection id="general"><doc id="d1" origlang="{src_lang}" domain="news">'
-        f'<src lang="{src_lang}"><p>{segs(srcs)}</p></src><ref lang="{tgt_lang}" translator="refA"><p>{segs(refs)}'
-        f'</p></ref></doc></collection></dataset>', encoding="utf-8")
 
 
 def offline_env(cache):
@@ -253,6 +241,6 @@ def test_readme_recipe_runs_up_to_the_first_gpu_step(tmp_path):
     proc = subprocess.run(["bash", "-c", script], cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     # rain (a WMT23 source) and the meeting (a WMT24 reference) are excluded
-    assert (f"data: wrote 4 rows to out/train.jsonl (en-zh: 2, zh-en: 2); dropped 3 duplicates, "
-            f"2 found in --exclude sets") in proc.stdout.splitlines()
+    assert ("data: wrote 4 rows to out/train.jsonl (en-zh: 2, zh-en: 2); dropped 3 duplicates, "
+            "2 found in --exclude sets") in proc.stdout.splitlines()
     assert proc.stdout.count(": fits") == 2 and len(read_out(work / "out" / "train.jsonl")) == 4

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import judge
 import smoke
 import ssr
-from checkpoint import load_pretrained, load_tokenizer
+from checkpoint import load_pretrained
 from conftest import GROUP_SCORES, VERDICTS, write_jsonl  # noqa: F401 (the fixtures live there too)
 
 ROOT = Path(__file__).resolve().parent.parent

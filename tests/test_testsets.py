@@ -10,6 +10,7 @@ import pytest
 
 import eval as ev
 import testsets
+from conftest import write_sacrebleu_cache
 from data import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,18 +91,12 @@ def test_flores_layouts(tmp_path, monkeypatch):
 
 
 def fake_sacrebleu_cache(monkeypatch, tmp_path, corpus, tarball, xml_path, srcs, refs):
-    """What sacrebleu leaves in its cache after an online download: the tarball (any non-empty file: sacrebleu
-    only checks that it exists) and the extracted WMT XML, in a tmp dir instead of ~/.sacrebleu."""
+    """sacrebleu's cache after an online download (conftest.write_sacrebleu_cache), in a tmp dir instead of
+    ~/.sacrebleu."""
     from sacrebleu.dataset import DATASETS
 
     raw = tmp_path / "sacrebleu" / corpus / "raw"
-    (raw / xml_path).parent.mkdir(parents=True)
-    (raw / tarball).write_text("downloaded")
-    segs = lambda texts: "".join(f'<seg id="{i}">{t}</seg>' for i, t in enumerate(texts, 1))
-    (raw / xml_path).write_text(
-        f'<dataset id="test"><collection id="general"><doc id="d1" origlang="en" domain="news">'
-        f'<src lang="en"><p>{segs(srcs)}</p></src><ref lang="zh" translator="refA"><p>{segs(refs)}</p></ref>'
-        f'</doc></collection></dataset>', encoding="utf-8")
+    write_sacrebleu_cache(tmp_path / "sacrebleu", corpus, tarball, xml_path, "en", "zh", srcs, refs)
     monkeypatch.setattr(DATASETS[corpus], "_outdir", str(raw.parent))
     monkeypatch.setattr(DATASETS[corpus], "_rawdir", str(raw))
 
