@@ -127,9 +127,10 @@ def check_decode(cpu: bool, device, dtype) -> bool:
                                 f"{len(buckets)} buckets, worst {worst:.4f}")
 
 
-def check_graphs(cpu: bool, device, dtype) -> bool:
+def check_graphs(cpu: bool, device, dtype, grid_size: tuple[int, int] | None = None) -> bool:
     """Every (batch bucket, length bucket) the 7B preset's sampler can run, on a 1-layer model with the same
-    bucket logic: unique compiled graphs <= GRAPH_BUDGET; then the grid again, where a recompile is an error."""
+    bucket logic: unique compiled graphs <= GRAPH_BUDGET; then the grid again, where a recompile is an error.
+    grid_size=(slots, positions) runs a smaller grid through the same code (the test suite's twin)."""
     import torch
     from torch._dynamo.utils import counters
 
@@ -138,7 +139,7 @@ def check_graphs(cpu: bool, device, dtype) -> bool:
     from sampler import GRAPH_LEN_STEP, Sampler, batch_buckets
 
     c = preset_7b()
-    slots, positions = sampler_slots(c, 8), cache_positions(c)
+    slots, positions = grid_size or (sampler_slots(c, 8), cache_positions(c))
     cfg = ModelConfig(arch="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, head_dim=16)
     sampler = Sampler(random_model(cfg, device, dtype), slots, positions, device, dtype, decode="compiled")

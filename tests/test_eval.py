@@ -295,9 +295,11 @@ def test_cli_end_to_end(tiny_model_dir, tiny_comet_dir, tmp_path):
     proc = subprocess.run(
         [sys.executable, "eval.py", "--model", str(tiny_model_dir), *write_local(tmp_path, SRCS[:2], REFS[:2]),
          "--metrics", f"bleu,chrf,{tiny_comet_dir},self-judge", "--out", str(out), "--batch-size", "2",
-         "--max-new-tokens", "6", "--judge-max-new-tokens", "4", "--device", "cpu", "--decode", "sdpa"],
+         "--max-new-tokens", "6", "--judge-max-new-tokens", "4", "--device", "cpu", "--decode", "sdpa",
+         "--template", "ssr"],  # the released checkpoints' prompt (its bytes: tests/test_judge.py)
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "settings.json").read_text())["template"] == "ssr"
     results = json.loads((out / "results.json").read_text())
     r = results["results"][label]["test"]
     assert set(r["scores"]) == {"bleu", "chrf", str(tiny_comet_dir), "self-judge"}

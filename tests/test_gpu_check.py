@@ -1,7 +1,8 @@
 """scripts/gpu_check.py, the sampler's GPU core checks, run here with --cpu's shapes and backends (aot_eager, the
 kernels in Triton's interpreter) so that the script is known to work before a GPU is ever lent: the 7B decode
-shape through the compiled step against eager SDPA, and the 7B cache against the memory plan. (`graphs --cpu`,
-the recompile budget over the 7B bucket grid, runs 160 steps: scripts/gpu_checks.sh --cpu runs it, not the suite.)"""
+shape through the compiled step against eager SDPA, the recompile budget, and the 7B cache against the memory
+plan. (`graphs --cpu` over the whole 7B bucket grid runs 160 steps: scripts/gpu_checks.sh --cpu runs it; the
+suite runs the same check over a smaller grid.)"""
 import os
 import subprocess
 import sys
@@ -38,6 +39,17 @@ def test_decode_at_the_7b_shape(cpu_backends, capsys):
     assert gpu_check.check_decode(True, CPU, torch.bfloat16)
     out = capsys.readouterr().out
     assert "38 splits" in out and "1 splits" in out and out.splitlines()[-1].startswith("PASS decode: ")
+
+
+def test_recompile_budget_over_a_bucket_grid(cpu_backends, capsys):
+    """The graphs check over 4 batch buckets (1, 2, 4, 5 slots) x 2 length buckets: unique compiled graphs within
+    GRAPH_BUDGET (batch 1 apart, every other bucket one dynamic graph), then the grid again under
+    error_on_recompile."""
+    torch._dynamo.reset()  # counters and cache entries from earlier tests must not count here
+    assert gpu_check.check_graphs(True, CPU, torch.float32, grid_size=(5, 2 * sampler_module.GRAPH_LEN_STEP))
+    out = capsys.readouterr().out
+    assert "over 8 buckets (4 batch x 2 length" in out, out
+    assert "PASS graphs: no recompile on a second pass: none" in out, out
 
 
 def test_memory_cli():

@@ -405,6 +405,24 @@ def test_divergence_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path,
     assert [m["step"] for m in metrics(out)] == [1]
 
 
+def test_a_non_finite_gradient_norm_alone_stops_the_run(tmp_path, model_dir, data_file, monkeypatch, capsys):
+    """A finite loss whose gradient norm overflowed (the clip then scales every gradient by 0 or NaN): the run
+    stops at that step, naming the gradient norm, before the sampler gets the weights or a checkpoint is written."""
+    out = tmp_path / "run"
+    real_update = ssr.update_policy
+
+    def update_with_overflowed_norm(run, rollouts):
+        return {**real_update(run, rollouts), "grad_norm": float("inf")}
+
+    monkeypatch.setattr(ssr, "update_policy", update_with_overflowed_norm)
+    monkeypatch.setattr(ssr, "sync_sampler", lambda *a, **k: 1 / 0)
+    with pytest.raises(SystemExit) as exit_info:
+        ssr.main(list(map(str, common(model_dir, data_file, out, "--steps", 1))))
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 1 and line.startswith("ssr: error: step 1: training diverged (grad_norm inf)")
+    assert not list(out.glob("*step_*")) and not (out / ".lock").exists()
+
+
 def test_non_finite_weights_are_never_saved(tmp_path, model_dir, data_file, monkeypatch, capsys):
     """An update that leaves an inf in the weights while its loss and gradient were finite: the save refuses."""
     out = tmp_path / "run"

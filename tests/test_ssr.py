@@ -64,6 +64,10 @@ def test_help_shows_every_flag_with_defaults():
 def test_presets_and_cli_override():
     cfg = ssr.parse_args(["--preset", "ssr-x-zero-7b", "--model", "m", "--lr", "2e-6"])
     assert (cfg.w_self, cfg.w_comet, cfg.dist, cfg.lr) == (0.5, 0.5, "fsdp", 2e-6)
+    # the released checkpoints' prompt (model card) is the 7B presets' template; the CLI can still pick r1
+    for preset in ("ssr-zero-7b", "ssr-x-zero-7b"):
+        assert ssr.parse_args(["--preset", preset, "--model", "m"]).template == "ssr"
+        assert ssr.parse_args(["--preset", preset, "--model", "m", "--template", "r1"]).template == "r1"
     assert ssr.parse_args([]).preset == "smoke"  # no model: the smoke run
     assert ssr.parse_args(["--model", "m"]).lr == 1e-6  # a real model gets the documented defaults
 
