@@ -67,13 +67,14 @@ def barrier():
 # ----------------------------------------------------------------------------------------------------
 # models
 
-def shard(model: Transformer, device: torch.device) -> Transformer:
+def shard(model: Transformer, compute_dtype: torch.dtype = torch.float32) -> Transformer:
     """FSDP2: every layer its own unit (gathered for its forward/backward, then freed), the root holding the
-    embedding, final norm and (tied) head. On GPU the compute runs in bf16 with fp32 gradient reduction."""
+    embedding, final norm and (tied) head. With a bf16 compute_dtype (--precision; the GPU default) the weights are
+    gathered and computed in bf16, the gradients reduced in fp32 into the fp32 shards."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-          if device.type == "cuda" else MixedPrecisionPolicy())
+          if compute_dtype == torch.bfloat16 else MixedPrecisionPolicy())
     for layer in model.layers:
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
@@ -81,7 +82,8 @@ def shard(model: Transformer, device: torch.device) -> Transformer:
 
 
 @torch.no_grad()
-def load_sharded(path, device: torch.device, dtype: torch.dtype, fill: bool = True) -> Transformer:
+def load_sharded(path, device: torch.device, dtype: torch.dtype, fill: bool = True,
+                 compute_dtype: torch.dtype = torch.float32) -> Transformer:
     """An FSDP2 model whose full weights never exist on any GPU: built on the meta device, sharded, given
     storage for this rank's shards only, then (fill=True) filled from the checkpoint a tensor at a time:
     every rank reads each tensor (host memory: one tensor) and keeps its own rows. FSDP2 shards dim 0
@@ -90,7 +92,7 @@ def load_sharded(path, device: torch.device, dtype: torch.dtype, fill: bool = Tr
     cfg = read_config(path)
     with torch.device("meta"):
         model = Transformer(cfg)
-    model = shard(model.to(dtype), device)
+    model = shard(model.to(dtype), compute_dtype)
     model.to_empty(device=device)
     if not fill:
         return model
@@ -106,10 +108,12 @@ def load_sharded(path, device: torch.device, dtype: torch.dtype, fill: bool = Tr
     return model
 
 
-def load_trainer_model(path, mode: str, device: torch.device, fill: bool = True):
-    """The policy being trained, in fp32 (the master weights), wrapped for `mode`: none, ddp or fsdp."""
+def load_trainer_model(path, mode: str, device: torch.device, fill: bool = True,
+                       compute_dtype: torch.dtype = torch.float32):
+    """The policy being trained, in fp32 (the master weights), wrapped for `mode`: none, ddp or fsdp. compute_dtype:
+    what FSDP2 gathers the weights in for the forward and backward (none/ddp: the caller's autocast decides)."""
     if mode == "fsdp":
-        return load_sharded(path, device, torch.float32, fill)
+        return load_sharded(path, device, torch.float32, fill, compute_dtype)
     model = load_pretrained(path, device=device, dtype=torch.float32)
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel

@@ -107,7 +107,12 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # One dtype into attention on every path. Under autocast (fp32 weights, bf16 compute: --dist none/ddp on GPU)
+        # q, k, v come out of their projections in bf16, but RoPE's fp32 tables promote q and k back to fp32. Plain
+        # SDPA would let autocast cast all three to bf16; an attention-bias object (causal_lower_right, the
+        # trainer's packed groups) dispatches before autocast and rejects mixed dtypes. So cast here, to v's dtype:
+        # exactly what autocast does to SDPA's inputs, and a no-op outside autocast.
+        q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if hasattr(kv_cache, "attend"):
             # the cache runs attention itself: the sampler's decode kernel, the trainer's shared-prompt packing

@@ -147,12 +147,14 @@ class Plan:
 
 
 def memory_plan(c, model: ModelConfig, world: int, mode: str, on_gpu: bool, device_bytes: float,
-                judge_model: ModelConfig | None = None, comet_bytes: int = 0) -> Plan:
-    """The plan for config `c` (ssr.Config) training `model` on `world` ranks in `mode` (none/ddp/fsdp)."""
+                judge_model: ModelConfig | None = None, comet_bytes: int = 0, bf16: bool | None = None) -> Plan:
+    """The plan for config `c` (ssr.Config) training `model` on `world` ranks in `mode` (none/ddp/fsdp); bf16: the
+    run's --precision (None: bf16 on GPU, fp32 on CPU, what auto means)."""
     from kernels import CHUNK_ELEMS
     from sampler import PREFILL_TOKENS
 
-    b = 2 if on_gpu else 4  # sampler and compute dtype: bf16 on GPU, fp32 on CPU
+    bf16 = on_gpu if bf16 is None else bf16
+    b = 2 if bf16 else 4  # sampler and compute dtype
     P = total_params(model)
     layer, root = param_counts(model)
     shards = world if mode == "fsdp" else 1
@@ -177,7 +179,7 @@ def memory_plan(c, model: ModelConfig, world: int, mode: str, on_gpu: bool, devi
                  ("external judge KV cache", slots * positions * kv_bytes_per_token(judge_model, b), "resident")]
     if c.w_comet > 0:
         rows.append(("COMET model (fp32)", comet_bytes, "resident"))
-    rows += update_rows(c, model, layer, root, b, mode, shards, P, on_gpu, CHUNK_ELEMS)
+    rows += update_rows(c, model, layer, root, b, mode, shards, P, bf16, CHUNK_ELEMS)
     rows.append(("AdamW step temporary (fp32, local shard)", 4 * P / shards, "optimizer"))
     rows.append((f"prefill activations ({PREFILL_TOKENS} tokens, one layer, causal: no P x P scores)",
                  PREFILL_TOKENS * (3 * model.intermediate_size + 4 * model.hidden_size) * b, "sample"))
@@ -188,12 +190,12 @@ def memory_plan(c, model: ModelConfig, world: int, mode: str, on_gpu: bool, devi
     host = [("saving (one weights file + one tensor)", min(5 * GIB, P * b) + largest_tensor),
             ("loading (one tensor at a time)", largest_tensor)]
     header = (f"memory plan: {model.arch} {P / 1e9:.2f}B params, {world} rank{'s' * (world > 1)} ({mode}), "
-              f"{'GPU bf16' if on_gpu else 'CPU fp32'}, micro-batch {c.micro_batch_size} x "
+              f"{'GPU' if on_gpu else 'CPU'} {'bf16' if bf16 else 'fp32'}, micro-batch {c.micro_batch_size} x "
               f"{c.max_prompt_tokens + c.max_new_tokens} tokens")
     return Plan(rows, host, peak, device_bytes, header)
 
 
-def update_rows(c, model: ModelConfig, layer: int, root: int, b: int, mode: str, shards: int, P: int, on_gpu: bool,
+def update_rows(c, model: ModelConfig, layer: int, root: int, b: int, mode: str, shards: int, P: int, bf16: bool,
                 chunk_elems: int) -> list[tuple[str, float, str]]:
     """The update's transient memory for one micro-batch (see the module docstring)."""
     tokens = c.micro_batch_size * (c.max_prompt_tokens + c.max_new_tokens)
@@ -207,10 +209,10 @@ def update_rows(c, model: ModelConfig, layer: int, root: int, b: int, mode: str,
             ("fused head: hidden, fp32 grads, a vocab chunk",
              tokens * H * (b + 4) + 2 * chunk_elems * b, "update")]
     if mode == "fsdp":
-        reduce = 4 if on_gpu else 0  # fp32 reduce-scatter input next to the bf16 gradient; none on CPU (fp32)
+        reduce = 4 if bf16 else 0  # fp32 reduce-scatter input next to the bf16 gradient; none when all is fp32
         rows += [("FSDP2 gathered params: root + 2 layers", (root + 2 * layer) * b, "update"),
                  ("FSDP2 unsharded grads: root + 1 layer", (root + layer) * (b + reduce), "update")]
-    elif on_gpu:
+    elif bf16:
         rows.append(("autocast bf16 copies of the weights", 2 * P, "update"))
     return rows
 

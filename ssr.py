@@ -135,6 +135,11 @@ class Config:
     logprob_backend: str = arg("auto", "who computes the trainer's log-probs in the fused head: triton, or torch "
                                "(chunked, no Triton); auto: triton on CUDA, torch on CPU",
                                choices=list(LOGPROB_BACKENDS))
+    precision: str = arg("auto", "bf16: the sampler, judge and reference hold bf16 copies and the update computes in "
+                         "bf16 on fp32 master weights (autocast for --dist none/ddp, FSDP2's param dtype for fsdp); "
+                         "fp32: everything fp32; auto: bf16 on CUDA, fp32 on CPU (bf16 on CPU runs a GPU run's "
+                         "precision policy: the CPU twin of tests and gpu_checks.sh --cpu)",
+                         choices=["auto", "bf16", "fp32"])
     # --- memory plan
     plan: bool = arg(False, "print the memory plan (needs only the model's config.json) and exit: 0 fits, 2 not")
     plan_world: int = arg(0, "plan for this many ranks (0: this job's world size)")
@@ -403,7 +408,9 @@ def setup(cfg: Config) -> Run:
              else None)
     # fp32 master weights, sharded from the start under FSDP2 (a resume fills them from the saved state); on GPU
     # the forward runs in bf16 (autocast for DDP, FSDP2's param_dtype)
-    model = load_trainer_model(resume_dir or cfg.model, mode, device, fill=resume_dir is None)
+    gen_dtype = compute_dtype(cfg, device)
+    model = load_trainer_model(resume_dir or cfg.model, mode, device, fill=resume_dir is None,
+                               compute_dtype=gen_dtype)
     unwrap(model).grad_checkpointing = cfg.grad_checkpointing
     optimizer, scheduler = make_optimizer(cfg, model)
     start = load_train_state(resume_dir, model, optimizer, scheduler) if resume_dir else 0
@@ -412,7 +419,6 @@ def setup(cfg: Config) -> Run:
         print(f"resumed from {resume_dir} at step {start}")
         rundir.trim_logs(out, start)
 
-    gen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     # one cache slot per sequence this rank can have live at once: its rollouts, or its judge prompts
     sampler_args = dict(max_batch_size=sampler_slots(cfg, world), max_seq_len=cache_positions(cfg), device=device,
                         dtype=gen_dtype, decode=cfg.decode)
@@ -420,10 +426,17 @@ def setup(cfg: Config) -> Run:
     judge_sampler = (Sampler(load_pretrained(cfg.judge_model, device, gen_dtype).eval(), **sampler_args)
                      if cfg.judge_model else sampler)
     ref_model = load_frozen_model(cfg.model, mode, device, gen_dtype) if cfg.kl_beta > 0 else None
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and mode != "fsdp"
-                else torch.autocast("cpu", enabled=False))
+    # bf16 compute on the fp32 masters: autocast for none/ddp; FSDP2 casts the gathered weights itself (shard)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=gen_dtype == torch.bfloat16 and mode != "fsdp")
     return Run(cfg, rank, world, device, out, tok, rows, data_sha256, model, optimizer, scheduler, sampler,
                judge_sampler, ref_model, comet, custom_reward, autocast, start, wandb_run)
+
+
+def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """--precision: bf16 (auto on CUDA) or fp32 (auto on CPU). The dtype of the sampler's, judge's and reference's
+    copies of the weights and of the update's compute; the trainer's master weights and AdamW stay fp32."""
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return torch.bfloat16 if bf16 else torch.float32
 
 
 def dist_mode(cfg: Config, world: int) -> str:
@@ -450,10 +463,11 @@ def check_memory(cfg: Config, world: int, mode: str, device: torch.device, rank:
         world = cfg.plan_world
         mode = dist_mode(cfg, world)
     on_gpu = device.type == "cuda" or cfg.gpu_gib > 0
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu)  # compute_dtype, for the planned device
     plan = memory_plan(cfg, read_config(cfg.model), world, mode, on_gpu,
                        cfg.gpu_gib * GIB or device_memory_bytes(on_gpu),
                        read_config(cfg.judge_model) if cfg.judge_model else None,
-                       comet_checkpoint_bytes(cfg.comet_model) if cfg.w_comet > 0 else 0)
+                       comet_checkpoint_bytes(cfg.comet_model) if cfg.w_comet > 0 else 0, bf16=bf16)
     if rank == 0:
         print(plan.table(), flush=True)
     if cfg.plan:

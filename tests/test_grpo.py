@@ -391,3 +391,42 @@ def test_two_rank_ddp_equals_one_process(tiny, tmp_path):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=loss_agg)
         for key in ("loss", "clip_frac", "kl_old", "kl_ref", "entropy", "grad_norm", "tokens"):
             assert got["stats"][key] == pytest.approx(want[key], rel=1e-5), (loss_agg, key)
+
+
+# ----------------------------------------------------------------------------------------------------
+# a GPU run's precision policy, on CPU: fp32 master weights under bf16 autocast (--dist none and ddp on CUDA)
+
+BF16_GRAD_TOL = 0.05  # max |g_bf16 - g_fp32| / max |g_fp32| per parameter: bf16 keeps 8 bits of mantissa
+
+
+@pytest.mark.parametrize("prompt_lens", [(6,), (4, 7)], ids=["one-prompt", "mixed-prompts"])
+def test_update_under_bf16_autocast_matches_fp32(tiny, prompt_lens):
+    """One update of a micro-batch holding one prompt's group (every prefix the same length: the packed attention
+    runs through causal_lower_right, an attention-bias object that dispatches before autocast casts anything and
+    refused fp32 q/k next to bf16 v, so every single-GPU run crashed at its first update) and one holding two
+    prompts of other lengths (a boolean mask). Under autocast("cpu", bf16) the attention gets one dtype, bf16, on
+    both paths, and the loss and gradients are fp32's within bf16 rounding."""
+    r = grouped_rollouts(load_pretrained(tiny).config.vocab_size, prompt_lens=prompt_lens, group=3)
+    seen = []
+
+    class SpyAttention(torch.overrides.TorchFunctionMode):  # a mode: it sees the call before the bias dispatches
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.nn.functional.scaled_dot_product_attention:
+                seen.append({t.dtype for t in args[:3]})
+            return func(*args, **(kwargs or {}))
+
+    results = {}
+    for precision, autocast in (("fp32", torch.autocast("cpu", enabled=False)),
+                                ("bf16", torch.autocast("cpu", dtype=torch.bfloat16))):
+        model = load_pretrained(tiny)  # fp32 master weights in both runs
+        opt = Capture(model)
+        seen.clear()
+        with autocast, SpyAttention():
+            stats = grpo_update(model, opt, r, micro_batch_size=len(r), temperature=0.9, max_grad_norm=1e9)
+        assert seen and all(s == {torch.float32 if precision == "fp32" else torch.bfloat16} for s in seen), seen
+        assert all(g.dtype == torch.float32 for g in opt.grads[0])  # gradients land on the fp32 masters
+        results[precision] = stats, opt.grads[0]
+    (fp32, g32), (bf16, g16) = results["fp32"], results["bf16"]
+    assert math.isfinite(bf16["loss"]) and abs(bf16["loss"] - fp32["loss"]) <= 0.05 * abs(fp32["loss"]) + 1e-3
+    for name, a, b in zip((n for n, _ in load_pretrained(tiny).named_parameters()), g16, g32):
+        assert (a - b).abs().max() <= BF16_GRAD_TOL * b.abs().max() + 1e-6, name

@@ -1,6 +1,7 @@
 """The training loop end to end on tiny models: learning, the judge and COMET paths, checkpoints, resume,
 torchrun DDP/FSDP on gloo, and one-line errors for bad input."""
 import json
+import math
 import os
 import shutil
 import statistics
@@ -306,10 +307,37 @@ def torchrun(out, model_dir, data_file, mode, *args, port=29400):
     return proc
 
 
+# A GPU run's precision is not the CPU's (README, "Precision"): --precision bf16 runs it here. The bf16 sampler then
+# samples from a slightly different policy than the trainer's, and kl_sampler measures the gap: above what fp32
+# rounding gives (so the bf16 copy is really in use) and below what would hurt training.
+BF16_KL_SAMPLER = (1e-9, 1e-2)
+
+
+def assert_bf16_policy(out):
+    gaps = [m["kl_sampler"] for m in metrics(out)]
+    assert all(BF16_KL_SAMPLER[0] < g < BF16_KL_SAMPLER[1] for g in gaps), gaps
+    assert all(math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) for m in metrics(out))
+
+
+def test_gpu_precision_policy_on_one_process(tmp_path, model_dir, data_file):
+    """--dist none as on one GPU: fp32 masters under bf16 autocast, micro-batches of one prompt's group (its
+    attention through causal_lower_right, which crashed every single-GPU run at its first update); then fp32, where
+    the sampler's copy is the trainer's to the last bit."""
+    one_group = ["--micro-batch-size", 4, "--reward", "judge:letter_share_reward", "--steps", 2, "--save-every", 2]
+    run_ssr("--model", model_dir, "--data", data_file, "--out-dir", tmp_path / "bf16", *SMALL, *one_group,
+            "--precision", "bf16")
+    assert_bf16_policy(tmp_path / "bf16")
+    run_ssr("--model", model_dir, "--data", data_file, "--out-dir", tmp_path / "fp32", *SMALL, *one_group)
+    assert all(m["kl_sampler"] < BF16_KL_SAMPLER[0] for m in metrics(tmp_path / "fp32"))
+
+
 def test_torchrun_ddp_trains_and_saves(tmp_path, model_dir, data_file):
+    """DDP on 2 ranks under a GPU run's precision policy (bf16 autocast; micro-batches of 2 prompts of other
+    lengths: the attention's mask path)."""
     out = tmp_path / "ddp"
-    torchrun(out, model_dir, data_file, "ddp", "--steps", 2)
+    torchrun(out, model_dir, data_file, "ddp", "--steps", 2, "--precision", "bf16")
     assert [m["step"] for m in metrics(out)] == [1, 2]
+    assert_bf16_policy(out)
     trained = load_pretrained(out / "step_2")
     base = load_pretrained(model_dir)
     assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), base.parameters()))
@@ -317,15 +345,19 @@ def test_torchrun_ddp_trains_and_saves(tmp_path, model_dir, data_file):
 
 
 def test_torchrun_fsdp_resume_equals_straight_run(tmp_path, model_dir, data_file):
-    """FSDP2 on 2 ranks: 2 steps, then --resume for 2 more, gives the very weights of 4 straight steps; each
-    rank's train-state file holds only its own shard; --keep-last keeps the newest N."""
+    """FSDP2 on 2 ranks under a GPU run's precision policy (weights gathered in bf16, gradients reduced in fp32):
+    2 steps, then --resume for 2 more, gives the very weights of 4 straight steps; each rank's train-state file
+    holds only its own shard; --keep-last keeps the newest N."""
     import torch.distributed.checkpoint as dcp
 
-    torchrun(tmp_path / "straight", model_dir, data_file, "fsdp", "--steps", 4, "--save-every", 1, "--keep-last", 2)
+    torchrun(tmp_path / "straight", model_dir, data_file, "fsdp", "--steps", 4, "--save-every", 1, "--keep-last", 2,
+             "--precision", "bf16")
+    assert_bf16_policy(tmp_path / "straight")
     assert sorted(p.name for p in (tmp_path / "straight").glob("step_*")) == ["step_3", "step_4"]
-    torchrun(tmp_path / "resumed", model_dir, data_file, "fsdp", "--steps", 2, "--save-every", 2, port=29401)
+    torchrun(tmp_path / "resumed", model_dir, data_file, "fsdp", "--steps", 2, "--save-every", 2, "--precision", "bf16",
+             port=29401)
     torchrun(tmp_path / "resumed", model_dir, data_file, "fsdp", "--steps", 4, "--save-every", 2, "--resume",
-             port=29402)
+             "--precision", "bf16", port=29402)
     a = load_file(tmp_path / "straight" / "step_4" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "step_4" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
