@@ -131,23 +131,48 @@ def unwrap(model) -> Transformer:
     return model.module if hasattr(model, "module") else model
 
 
-def gathered_params(model, dtype: torch.dtype):
+def gathered_params(model, dtype: torch.dtype, weights: dict | None = None):
     """Yield (name, full tensor in `dtype`) for every parameter, one at a time: under FSDP2 each is gathered
     (cast to `dtype` before the gather, so bf16 moves half the bytes) and can be dropped before the next.
-    Extra memory: one parameter, never the model."""
-    for name, p in unwrap(model).named_parameters():
+    Extra memory: one parameter, never the model. weights: other tensors sharded like the model's parameters
+    and named like them (a policy_snapshot) to gather instead."""
+    for name, p in (weights.items() if weights is not None else unwrap(model).named_parameters()):
         p = p.detach().to(dtype)
         yield name, p.full_tensor() if hasattr(p, "full_tensor") else p
 
 
 @torch.no_grad()
-def sync_sampler(model, sampler_model: Transformer):
-    """Copy the trained weights into the sampler's copy in place (bf16 on GPU), a parameter at a time. In
-    place matters: the sampler's CUDA graphs captured these tensors' addresses."""
+def sync_sampler(model, sampler_model: Transformer, weights: dict | None = None):
+    """Copy the trained weights (or `weights`, a policy_snapshot: the lagging judge's) into the sampler's copy in
+    place (bf16 on GPU), a parameter at a time. In place matters: the sampler's CUDA graphs captured these tensors'
+    addresses."""
     dtype = next(sampler_model.parameters()).dtype
     params = dict(sampler_model.named_parameters())
-    for name, tensor in gathered_params(model, dtype):
+    for name, tensor in gathered_params(model, dtype, weights):
         params[name].copy_(tensor)
+
+
+# The lagging judge (--judge-refresh K != 1, --judge-ema B): the self-judge reads weights of its own, a snapshot of the
+# policy, held sharded exactly like the trainer's fp32 masters (4 bytes a parameter / world size under FSDP2: 1.8 GiB a
+# rank at 7B on 8 GPUs). It needs no sampler of its own: before judging, the snapshot is gathered into the sampler's
+# copy (sync_sampler(..., weights=snapshot)), and the step's usual sync after the update puts the policy back. fp32,
+# not bf16: a momentum copy moves by (1 - B) x the update, below bf16's resolution for B near 1.
+
+@torch.no_grad()
+def policy_snapshot(model) -> dict[str, torch.Tensor]:
+    """A copy of the policy's fp32 master weights as this rank holds them (FSDP2: its shards, as DTensors)."""
+    return {name: p.detach().clone() for name, p in unwrap(model).named_parameters()}
+
+
+@torch.no_grad()
+def refresh_snapshot(snapshot: dict[str, torch.Tensor], model, ema: float = 0.0):
+    """snapshot <- policy (ema 0: a refresh), or snapshot <- ema * snapshot + (1 - ema) * policy (a momentum step,
+    as lerp: s + (1 - ema) * (p - s)). Shard by shard: no collective."""
+    for name, p in unwrap(model).named_parameters():
+        if ema:
+            snapshot[name].lerp_(p.detach(), 1 - ema)
+        else:
+            snapshot[name].copy_(p.detach())
 
 
 def sampler_copy(model, device: torch.device, dtype: torch.dtype) -> Transformer:
@@ -161,23 +186,30 @@ def sampler_copy(model, device: torch.device, dtype: torch.dtype) -> Transformer
 # checkpoints
 
 def save_checkpoint(out_dir, step: int, model, optimizer, scheduler, config: dict, tokenizer_dir,
-                    keep_last: int = 0, max_shard_bytes: int = 5 * 1024**3):
+                    keep_last: int = 0, max_shard_bytes: int = 5 * 1024**3, judge_weights: dict | None = None,
+                    loop_state: dict | None = None):
     """Write OUT/step_N (see the module docstring) under a temporary name, then rename it, so a crash never
     leaves a half checkpoint that --resume trusts; then keep only the newest `keep_last` (0: all). Rank 0's host
     memory holds one weights file of at most max_shard_bytes at a time. A write that fails (a full disk) on any
-    rank removes the temporary folder and raises one CheckpointError on every rank; older checkpoints stay."""
+    rank removes the temporary folder and raises one CheckpointError on every rank; older checkpoints stay.
+    judge_weights: the lagging judge's policy_snapshot, saved sharded beside the trainer state; loop_state: what
+    else the loop must resume exactly (trainer.pt["loop"])."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     final, tmp = Path(out_dir) / f"step_{step}", Path(out_dir) / f".step_{step}.tmp"
+    device = next(unwrap(model).parameters()).device
+    made = None  # rank 0 makes the folder; if it cannot, every rank must hear so now, not after --dist-timeout
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    error = write_checkpoint(tmp, step, model, optimizer, scheduler, config, tokenizer_dir, max_shard_bytes, rank)
-    # on the model's device: NCCL serves CUDA tensors only, and a CPU flag here fails the run's first checkpoint
-    failed = torch.tensor([error is not None], dtype=torch.int32, device=next(unwrap(model).parameters()).device)
-    if dist.is_initialized():  # every rank learns whether any failed: all rename, or none does
-        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-    if failed.item():
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            made = e
+    if any_rank(made is not None, device):
+        reason = write_error_reason(made, out_dir) if made else "rank 0 could not make it"
+        raise CheckpointError(f"could not write {final.name}: cannot make {tmp} ({reason})")
+    error = write_checkpoint(tmp, step, model, optimizer, scheduler, config, tokenizer_dir, max_shard_bytes, rank,
+                             judge_weights, loop_state)
+    if any_rank(error is not None, device):  # every rank learns whether any failed: all rename, or none does
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         barrier()
@@ -194,8 +226,18 @@ def save_checkpoint(out_dir, step: int, model, optimizer, scheduler, config: dic
     barrier()
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Is `flag` true on any rank? A collective every rank must make; the tensor lives on the model's device
+    because NCCL serves CUDA tensors only (a CPU flag here once failed every GPU run's first checkpoint)."""
+    flags = torch.tensor([flag], dtype=torch.int32, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags.item())
+
+
 def write_checkpoint(tmp: Path, step: int, model, optimizer, scheduler, config: dict, tokenizer_dir,
-                     max_shard_bytes: int, rank: int) -> BaseException | None:
+                     max_shard_bytes: int, rank: int, judge_weights: dict | None = None,
+                     loop_state: dict | None = None) -> BaseException | None:
     """Every file of the checkpoint into `tmp`; returns this rank's error, if any (after every collective ran)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -204,8 +246,8 @@ def write_checkpoint(tmp: Path, step: int, model, optimizer, scheduler, config: 
     model_state, optim_state = get_state_dict(model, optimizer)
     try:  # collective: DCP gathers every rank's write result and raises on all ranks if one failed
         with single_process_quiet():
-            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / "train_state",
-                     no_dist=not dist.is_initialized())
+            dcp.save({"model": model_state, "optim": optim_state} | ({"judge": judge_weights} if judge_weights else {}),
+                     checkpoint_id=tmp / "train_state", no_dist=not dist.is_initialized())
     except dcp.api.CheckpointException as e:
         error = e
     cfg = unwrap(model).config
@@ -221,10 +263,13 @@ def write_checkpoint(tmp: Path, step: int, model, optimizer, scheduler, config: 
     try:  # collective too: a rank whose write failed keeps gathering until the end, then raises
         save_pretrained(tmp, cfg, shapes, next_weight, tokenizer_dir=tokenizer_dir, write=rank == 0 and not error,
                         max_shard_bytes=max_shard_bytes)
+        device = next(unwrap(model).parameters()).device
+        # this rank's own GPU's generator only: a resume may run on a node that sees fewer or more GPUs
         small = {f"rng_rank{rank}.pt": {"cpu": torch.get_rng_state(), "python": random.getstate(),
-                                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+                                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
         if rank == 0:
-            small["trainer.pt"] = {"step": step, "scheduler": scheduler.state_dict(), "config": config}
+            small["trainer.pt"] = {"step": step, "scheduler": scheduler.state_dict(), "config": config,
+                                   "loop": loop_state or {}}
         for name, obj in small.items():
             buffer = io.BytesIO()  # serialised in memory, then one plain write: a full disk is a clear OSError
             torch.save(obj, buffer)
@@ -243,7 +288,10 @@ def write_error_reason(error: BaseException, out_dir) -> str:
     reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).strip().splitlines()[0]
     if "unexpected pos" in reason:  # torch.save's stream writer, cut short under it, says only this
         reason = "the file system refused a write: disk full or a file size limit"
-    free = shutil.disk_usage(out_dir).free
+    try:
+        free = shutil.disk_usage(out_dir).free
+    except OSError:  # out_dir itself could not be made: nothing to measure
+        return reason
     return f"{reason}; {free / 2**20:.0f} MiB free there" if free < 2**30 else reason
 
 
@@ -303,16 +351,21 @@ def cut_short_shard(state_dir: Path) -> tuple[Path, int, int] | None:
     return None
 
 
-def load_train_state(path: Path, model, optimizer, scheduler) -> int:
+def load_train_state(path: Path, model, optimizer, scheduler, judge_weights: dict | None = None) -> int:
     """Fill the model's (sharded) fp32 weights, the optimizer and the LR schedule from step_N, and restore this
-    rank's RNG states; returns the step to continue from."""
+    rank's RNG states; returns the step to continue from. judge_weights (a policy_snapshot): filled with the saved
+    lagging judge's weights, or, from a checkpoint of a run without one, with the policy's."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
     try:
+        saved_judge = judge_weights is not None and any(
+            key.startswith("judge.") for key in dcp.FileSystemReader(path / "train_state").read_metadata()
+            .state_dict_metadata)
         with single_process_quiet():
-            dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=path / "train_state",
+            dcp.load(state | ({"judge": judge_weights} if saved_judge else {}), checkpoint_id=path / "train_state",
                      no_dist=not dist.is_initialized())
     except (dcp.api.CheckpointException, Exception) as e:  # DCP's exception is a BaseException
         fix = f"resume from an earlier step_N by deleting {path}"
@@ -321,6 +374,8 @@ def load_train_state(path: Path, model, optimizer, scheduler) -> int:
         reason = write_error_reason(e, path).split(". ")[0]
         raise CheckpointError(f"{path / 'train_state'}: cannot read the saved train state ({reason}); {fix}") from None
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+    if judge_weights is not None and not saved_judge:  # --resume-override judge_refresh onto a run that had none
+        refresh_snapshot(judge_weights, model)
     trainer = read_trainer_state(path)
     scheduler.load_state_dict(trainer["scheduler"])
     # the train state reshards to any world size (DCP); RNG states are per rank, restored where one was saved
@@ -333,6 +388,18 @@ def load_train_state(path: Path, model, optimizer, scheduler) -> int:
                                   f"{path}") from None
         torch.set_rng_state(rng["cpu"])
         random.setstate(rng["python"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        device = next(unwrap(model).parameters()).device
+        if (cuda_state := cuda_rng_state(rng["cuda"], device)) is not None:
+            torch.cuda.set_rng_state(cuda_state, device)
     return trainer["step"]
+
+
+def cuda_rng_state(saved, device: torch.device) -> torch.Tensor | None:
+    """The CUDA generator state to restore on `device` from an rng file's "cuda" entry: this rank's GPU's state (one
+    tensor), or, from a checkpoint of an older ssr, the entry for the device's index in the list of every GPU the
+    saving process saw, if it saw that many. None: nothing to restore (a CPU run, either side)."""
+    if device.type != "cuda":
+        return None
+    if isinstance(saved, list):
+        return saved[device.index] if device.index is not None and device.index < len(saved) else None
+    return saved

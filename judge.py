@@ -3,7 +3,7 @@
 One model plays two roles (README.md, "The training loop"):
   actor: actor_prompt(...) -> sampled response -> extract_answer(response) -> the translation, or None
          when the response breaks the <think>...</think> <answer>...</answer> format (checked_answer adds
-         --check-script's target-script check);
+         --answer-checks: check_answer's copy, placeholder, language, length and script rules);
   judge: judge_tasks(...) turns a step's valid translations into judge prompts (pointwise, deduplicated under
          greedy judging, or one per GRPO group with --judge-mode group) -> the same model's outputs ->
          read_verdict(...) -> one Judgement (a score, or why it failed to parse) per translation.
@@ -12,7 +12,7 @@ keeping every component apart for logging. CometScorer is SSR-X's CometKiwi rewa
 (`--reward module:function`) replaces the whole reward.
 
 Everything here is plain Python on strings except CometScorer, which runs a COMET model checkpoint.load_comet
-loaded. Nothing here reads a file.
+loaded, and the lang check, which asks py3langid (its model ships inside the package). Nothing here reads a file.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from typing import NamedTuple
 import sacrebleu
 import torch
 
-from data import language_name
+from data import LANGUAGES, language_name
 
 
 class RewardError(ValueError):
@@ -247,12 +247,110 @@ def in_target_script(text: str, tgt_lang: str) -> bool:
     return share > 0 if tgt_lang in SCRIPTS else share >= 0.5
 
 
-def checked_answer(response: str, tgt_lang: str | None = None) -> tuple[str | None, bool]:
-    """(translation or None, wrong_script): extract_answer, then with a tgt_lang (--check-script) the script
-    check, whose failure makes the response invalid like a broken format."""
+# ----------------------------------------------------------------------------------------------------
+# answer checks (--answer-checks): what a self-judge is known to reward and no translation should be
+
+# Each check, in the order a list names them; judge.check_answer is the one place their rules live.
+ANSWER_CHECKS = ("copy", "placeholder", "lang", "length", "script")
+# `lang`: py3langid (its model ships inside the package: nothing is downloaded) chooses among the project's languages;
+# below this many letters it guesses too often (measured on the 533 French references of data/en_fr_*.jsonl: 2.3%
+# of them called Italian, Spanish or English at any length, 0.3% from 20 letters on), so a shorter answer passes.
+LANG_MIN_LETTERS = 20
+# `length`: characters of a translation per character of its source, the median over parallel data (data/README.md,
+# "Length ratios"): en->fr and fr->en over our 533 en/fr pairs, en<->zh over MT-R1-Zero's 13,130 training pairs.
+# fr->en is the inverse of en->fr's median (we have no fr->en data of our own). Other pairs are refused at load.
+LENGTH_RATIOS = {("en", "fr"): 1.057, ("fr", "en"): 1 / 1.057, ("en", "zh"): 0.280, ("zh", "en"): 3.575}
+# An answer passes when its length is within LENGTH_BAND times of source length x ratio, either way. 3x covers 99.8%
+# of those references at both ends (en->zh's shortest 0.1% sit at 0.40x the median, zh->en's longest 0.1% at 2.5x)
+# while a one-word answer to a sentence, or a translation repeated three times, falls outside.
+LENGTH_BAND = 3.0
+
+
+def checks_list(spec: str) -> tuple[str, ...]:
+    """`--answer-checks copy,lang` -> ("copy", "lang"); an unknown name is a RewardError naming the valid ones."""
+    names = tuple(dict.fromkeys(n.strip() for n in spec.split(",") if n.strip()))
+    if unknown := [n for n in names if n not in ANSWER_CHECKS]:
+        raise RewardError(f"unknown answer check {unknown[0]!r}; choose from {', '.join(ANSWER_CHECKS)}")
+    return names
+
+
+def length_ratio(src_lang: str, tgt_lang: str) -> float:
+    if (src_lang, tgt_lang) not in LENGTH_RATIOS:
+        measured = ", ".join(f"{a}->{b}" for a, b in LENGTH_RATIOS)
+        raise RewardError(f"the length check has no measured length ratio for {src_lang}->{tgt_lang} (only "
+                          f"{measured}): drop 'length' from --answer-checks, or add the pair to judge.LENGTH_RATIOS")
+    return LENGTH_RATIOS[src_lang, tgt_lang]
+
+
+def comparable(text: str) -> str:
+    """Text as a reader compares it: NFKC, case-folded, every run of whitespace one space."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def bare_words(text: str) -> str:
+    """comparable(text) with punctuation dropped: "Answer here." and "answer here" are one placeholder."""
+    return " ".join(re.sub(r"[\W_]+", " ", comparable(text)).split())
+
+
+def placeholders(template: str) -> set[str]:
+    """The template's own placeholder texts, as bare_words: what its prompt shows inside each example pair of tags
+    ("<think> reasoning process here </think> <answer> answer here </answer>" in R1's system text, whatever the
+    wrapper), and each tag's bare name ("answer"), which is what a model copying the tags writes inside them."""
+    shown = re.findall(r"<(think|answer)>(.*?)</\1>", wrap_prompt("", template))
+    return ({bare_words(text) for _, text in shown} | {tag for tag, _ in shown}) - {""}  # "<answer> </answer>" shows none
+
+
+_identifier = None
+
+
+def identify_language(text: str) -> str:
+    """The language py3langid finds most likely, among the project's languages (data.LANGUAGES)."""
+    global _identifier
+    if _identifier is None:  # loaded on first use (~0.1 s): runs without the lang check never pay for it
+        from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+        _identifier = LanguageIdentifier.from_pickled_model(MODEL_FILE, norm_probs=True)
+        _identifier.set_languages(list(LANGUAGES))
+    return _identifier.classify(text)[0]
+
+
+def check_answer(answer: str, src: str, src_lang: str, tgt_lang: str, checks, template: str = "r1") -> str | None:
+    """The name of the first of `checks` the translation fails, or None. Each is a known way for a self-rewarded actor
+    to please a judge without translating (README, "Guarding the self-reward"):
+      copy         the answer is the source (after Unicode, case and whitespace normalisation);
+      placeholder  the answer is one of the template's placeholder texts (placeholders(template)), e.g. "answer";
+      lang         py3langid says it is not in the target language (answers of under LANG_MIN_LETTERS letters pass:
+                   too short to tell);
+      length       its length in characters is outside LENGTH_BAND times the source's x the pair's LENGTH_RATIOS;
+      script       it is not written in the target language's script (in_target_script).
+    Pure: a fork adds its own rule here."""
+    for check in checks:
+        if check == "copy":
+            failed = comparable(answer) == comparable(src)
+        elif check == "placeholder":
+            failed = bare_words(answer) in placeholders(template)
+        elif check == "lang":
+            failed = (sum(c.isalpha() for c in answer) >= LANG_MIN_LETTERS
+                      and identify_language(answer) != tgt_lang)
+        elif check == "length":
+            expected = len(src.strip()) * length_ratio(src_lang, tgt_lang)
+            failed = not expected / LENGTH_BAND <= len(answer) <= expected * LENGTH_BAND
+        elif check == "script":
+            failed = not in_target_script(answer, tgt_lang)
+        else:
+            raise RewardError(f"unknown answer check {check!r}; choose from {', '.join(ANSWER_CHECKS)}")
+        if failed:
+            return check
+    return None
+
+
+def checked_answer(response: str, source: dict, checks=(), template: str = "r1") -> tuple[str | None, str | None]:
+    """(translation or None, the answer check it failed or None): extract_answer, then check_answer against the row's
+    source. An answer failing a check counts as a broken format: no translation, never judged."""
     answer = extract_answer(response)
-    wrong = answer is not None and tgt_lang is not None and not in_target_script(answer, tgt_lang)
-    return (None if wrong else answer), wrong
+    failed = None if answer is None else check_answer(answer, source["src"], source["src_lang"], source["tgt_lang"],
+                                                      checks, template)
+    return (None if failed else answer), failed
 
 
 # The quotation marks a translation can come wrapped in: ASCII, typographic, CJK corner brackets, guillemets
@@ -434,40 +532,61 @@ def expected_verdicts(score, tok, prompts: list[list[int]], texts: list[str | No
 class RewardParts:
     """One rollout's reward and the components it came from, each logged on its own."""
     reward: float  # what GRPO uses
-    format_valid: bool  # well formed (and, with --check-script, in the target script)
+    format_valid: bool  # well formed, and passing every answer check (--answer-checks)
     answer: str | None  # the extracted translation; None if the format is invalid
     self_score: float | None  # mean parsed judge score 0-100; None if not judged or no judgement parsed
     failures: list[str]  # the failure kind of each of this rollout's judgements that did not parse
     judged: int  # judgements of this rollout (0 when invalid, or when w_self = 0 and judging was skipped)
     comet: float | None  # COMET score as output (~0-1); None if not scored
-    wrong_script: bool | None = None  # well formed but not in the target script; None when not checked
+    failed_check: str | None = None  # well formed, but failed this answer check (check_answer): never judged
     ref_metric: float | None = None  # sentence chrF/BLEU (0-100) against the row's reference; None if not scored
 
 
-def reward_stats(parts: list[RewardParts]) -> dict:
+def reward_stats(parts: list[RewardParts], group_size: int | None = None, checks=()) -> dict:
     """Batch means for metrics.jsonl. Means of self/COMET scores are over rollouts that have one; the
-    parse-failure rates (all, and judge_fail_<kind> per FAILURE_KINDS) are over judgements; Spearman between
-    self and COMET scores is the live check that the self-judge ranks translations like an external metric."""
+    parse-failure rates (all, and judge_fail_<kind> per FAILURE_KINDS) are over judgements; answer_check_fail_<name>
+    (each of `checks`) is the share of all rollouts whose answer failed that check first. Two live checks of the
+    self-judge's ranking: Spearman between self and COMET scores, and (rows with a reference, parts in GRPO groups
+    of group_size) its pairwise agreement with sentence chrF within each group (pairwise_agreement)."""
     rewards = [p.reward for p in parts]
     selfs = [p.self_score for p in parts if p.self_score is not None]
     comets = [p.comet for p in parts if p.comet is not None]
     pairs = [(p.self_score, p.comet) for p in parts if p.self_score is not None and p.comet is not None]
     judged = sum(p.judged for p in parts)
     failures = [kind for p in parts for kind in p.failures]
-    checked = [p.wrong_script for p in parts if p.wrong_script is not None]
     ref_metrics = [p.ref_metric for p in parts if p.ref_metric is not None]
+    agreement, ranked_pairs = pairwise_agreement(parts, group_size) if group_size else (None, 0)
     return {
         "reward_mean": statistics.fmean(rewards),
         "reward_std": statistics.pstdev(rewards),
         "format_valid_rate": statistics.fmean(p.format_valid for p in parts),
-        "wrong_script_rate": statistics.fmean(checked) if checked else None,
+        **{f"answer_check_fail_{name}": statistics.fmean(p.failed_check == name for p in parts) for name in checks},
         "self_score_mean": statistics.fmean(selfs) if selfs else None,
         "judge_parse_failure_rate": len(failures) / judged if judged else None,
         **{f"judge_fail_{kind}": failures.count(kind) / judged if judged else None for kind in FAILURE_KINDS},
         "comet_mean": statistics.fmean(comets) if comets else None,
         "self_comet_spearman": spearman(*zip(*pairs)) if len(pairs) > 1 else None,
         "ref_metric_mean": statistics.fmean(ref_metrics) if ref_metrics else None,
+        "self_ref_pairwise": agreement,
+        "self_ref_pairs": ranked_pairs if group_size else None,
     }
+
+
+def pairwise_agreement(parts: list[RewardParts], group_size: int) -> tuple[float | None, int]:
+    """(share of agreeing pairs, pairs): within each GRPO group, every pair of rollouts that both have a self score
+    and a reference metric, and differ in both, is a pair the judge ranks; it agrees when it orders them as the
+    metric does. The run's own view of whether its judge still ranks translations (eval.py --judge-quality is the
+    held-out measurement). None when no pair qualifies."""
+    agree = total = 0
+    for start in range(0, len(parts), group_size):
+        scored = [(p.self_score, p.ref_metric) for p in parts[start:start + group_size]
+                  if p.self_score is not None and p.ref_metric is not None]
+        for i, (self_a, ref_a) in enumerate(scored):
+            for self_b, ref_b in scored[i + 1:]:
+                if self_a != self_b and ref_a != ref_b:
+                    total += 1
+                    agree += (self_a > self_b) == (ref_a > ref_b)
+    return (agree / total if total else None), total
 
 
 def reference_score(answer: str, ref: str, metric: str, tgt_lang: str) -> float:
@@ -482,8 +601,8 @@ def reference_score(answer: str, ref: str, metric: str, tgt_lang: str) -> float:
 
 def score_rollouts(responses: list[str], judgements: list[list[Judgement]] | None = None,
                    comet_scores: list[float | None] | None = None, w_self: float = 1.0, w_comet: float = 0.0,
-                   format_penalty: float = -1.0, tgt_langs: list[str] | None = None,
-                   refs: list[str] | None = None, w_ref: float = 0.0, ref_metric: str = "chrf",
+                   format_penalty: float = -1.0, failed_checks: list[str | None] | None = None,
+                   refs: list[str | None] | None = None, w_ref: float = 0.0, ref_metric: str = "chrf",
                    ref_langs: list[str] | None = None) -> list[RewardParts]:
     """Rewards for one batch of rollouts: format_penalty when the format is invalid, else
     w_self * self/100 + w_comet * comet + w_ref * metric/100 (SSR: w_self=1, w_comet=0, w_ref=0; SSR-X: 0.5, 0.5,
@@ -494,25 +613,28 @@ def score_rollouts(responses: list[str], judgements: list[list[Judgement]] | Non
     parsed: a parse failure says nothing about the translation, so with several samples it is left out rather
     than counted as 0; when none parses the self score is 0 for the reward (and None in the log). Every failure
     is counted by kind. comet_scores[i] is None for rollouts that were not scored (invalid format); both inputs
-    may be None when their weight is 0 and the trainer skipped that work. tgt_langs (--check-script): each
-    rollout's target language; an answer not in its script is a format failure, counted apart. refs[i] and
-    ref_langs[i] (needed when w_ref != 0): rollout i's reference translation and target language; every valid
-    answer gets ref_metric's sentence score against it (reference_score).
+    may be None when their weight is 0 and the trainer skipped that work. failed_checks[i] (--answer-checks): the
+    answer check rollout i's answer failed (checked_answer), or None; a failed check is a format failure, counted
+    apart. refs[i] and ref_langs[i] (needed when w_ref != 0): rollout i's reference translation (None for a row
+    without one when w_ref = 0) and target language; every valid answer with a reference gets ref_metric's
+    sentence score against it (reference_score), rewarded with w_ref and logged whatever w_ref.
     """
     n = len(responses)
-    if any(x is not None and len(x) != n for x in (judgements, comet_scores, tgt_langs, refs, ref_langs)):
-        raise RewardError(f"score_rollouts: {n} responses but judgements/comet_scores/tgt_langs/refs of another length")
-    if w_ref != 0 and (refs is None or ref_langs is None):
+    if any(x is not None and len(x) != n for x in (judgements, comet_scores, failed_checks, refs, ref_langs)):
+        raise RewardError(f"score_rollouts: {n} responses but judgements/comet_scores/failed_checks/refs of another "
+                          f"length")
+    if w_ref != 0 and (refs is None or ref_langs is None or None in refs):
         raise RewardError("score_rollouts: w_ref != 0 needs every rollout's reference and target language")
     out = []
     for i, response in enumerate(responses):
-        answer, wrong_script = checked_answer(response, tgt_langs[i] if tgt_langs is not None else None)
+        failed = failed_checks[i] if failed_checks is not None else None
+        answer = None if failed else extract_answer(response)
         verdicts = judgements[i] if judgements is not None and answer is not None else []
         comet = comet_scores[i] if comet_scores is not None and answer is not None else None
         scores = [j.score for j in verdicts if j.score is not None]
         self_score = statistics.fmean(scores) if scores else None
-        metric = reference_score(answer, refs[i], ref_metric, ref_langs[i]) if refs is not None and answer is not None \
-            else None
+        metric = (reference_score(answer, refs[i], ref_metric, ref_langs[i])
+                  if refs is not None and refs[i] is not None and answer is not None else None)
         if answer is None:
             reward = format_penalty
         else:
@@ -523,8 +645,7 @@ def score_rollouts(responses: list[str], judgements: list[list[Judgement]] | Non
             reward = (w_self * (self_score or 0.0) / 100 + (w_comet * comet if w_comet != 0 else 0.0)
                       + (w_ref * metric / 100 if w_ref != 0 else 0.0))
         out.append(RewardParts(reward, answer is not None, answer, self_score,
-                               [j.failure for j in verdicts if j.score is None], len(verdicts), comet,
-                               wrong_script if tgt_langs is not None else None, metric))
+                               [j.failure for j in verdicts if j.score is None], len(verdicts), comet, failed, metric))
     return out
 
 

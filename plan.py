@@ -6,7 +6,8 @@ Where the bytes go (P parameters; b = 2 bytes on GPU, where the sampler and the 
 - resident all run: the sampler's copy of the weights (P b), its KV cache (slots x positions x K/V bytes per
   token), the decode graphs' logits buffers, this rank's share of the trainer state (fp32 weights, fp32 grads,
   AdamW's two fp32 moments: 16 P, divided by the world size under FSDP2), the reference model (--kl-beta),
-  an external judge (--judge-model) and a COMET model (SSR-X);
+  a lagging judge's fp32 snapshot (--judge-refresh/--judge-ema: 4 P, divided like the trainer state), an external
+  judge (--judge-model) and a COMET model (SSR-X);
 - the update adds, for one micro-batch: the activations (with activation checkpointing: each layer's input plus
   one layer recomputed), the parameters FSDP2 gathers (the root's embedding/head/norm for the whole step, two
   layers at a time for the rest: the current one and the prefetched next) and their unsharded gradients (in
@@ -173,6 +174,9 @@ def memory_plan(c, model: ModelConfig, world: int, mode: str, on_gpu: bool, devi
         rows.append(("DDP gradient buckets (fp32)", 4 * P, "resident"))
     if c.kl_beta > 0:
         rows.append(("reference model" + (f" (/ {shards})" if shards > 1 else ""), P * b / shards, "resident"))
+    if c.judge_refresh != 1 or c.judge_ema > 0:  # distributed.policy_snapshot: fp32, sharded like the masters
+        rows.append(("lagging judge: fp32 policy snapshot" + (f" (/ {shards})" if shards > 1 else ""),
+                     4 * P / shards, "resident"))
     if c.judge_model and judge_model is not None:
         judge_p = total_params(judge_model)
         rows += [(f"external judge weights ({judge_p / 1e9:.2f}B params)", judge_p * b, "resident"),

@@ -41,7 +41,8 @@ import rundir
 from checkpoint import (CheckpointError, load_comet, load_pretrained, load_tokenizer, read_config,
                         tokenizer_difference)
 from distributed import (init_distributed, load_frozen_model, load_train_state, load_trainer_model, newest_checkpoint,
-                         read_trainer_state, sampler_copy, save_checkpoint, sync_sampler, unwrap)
+                         policy_snapshot, read_trainer_state, refresh_snapshot, sampler_copy, save_checkpoint,
+                         sync_sampler, unwrap)
 from data import DataError, check_direction, parse_jsonl, read_bytes
 from kernels import LOGPROB_BACKENDS
 from model import Transformer
@@ -88,7 +89,15 @@ class Config:
                            "probabilities over the integers 0-100 right after <answer> (judging stops at <answer>, "
                            "appended if the judge wrote none): no parse failures, almost no ties",
                            choices=list(judge.JUDGE_SCORES))
-    check_script: bool = arg(False, "an answer not in the target language's script is a format failure")
+    answer_checks: str = arg("", "comma-separated checks of each answer before judging, from copy, placeholder, lang, "
+                             "length, script (judge.check_answer): an answer failing one is never judged and counts as "
+                             "a format failure (the paper has none; RESULTS.md section 6)")
+    check_script: bool = arg(False, "the 'script' answer check: an answer not in the target language's script is a "
+                                    "format failure (same as adding script to --answer-checks)")
+    judge_refresh: int = arg(1, "the self-judge reads a snapshot of the policy taken every K steps: 1 = the current "
+                                "weights (the paper), 0 = the initial weights, frozen")
+    judge_ema: float = arg(0.0, "instead of --judge-refresh: a momentum copy of the policy judges, updated after every "
+                                "step as B * judge + (1 - B) * policy (0: off)")
     # --- rollouts
     prompts_per_step: int = arg(64, "source sentences per step, across all ranks")
     group_size: int = arg(8, "translations sampled per source (the GRPO group)")
@@ -128,6 +137,8 @@ class Config:
     keep_last: int = arg(3, "keep only the newest N step_* checkpoints (0: keep all)")
     dist_timeout: float = arg(60.0, "minutes a rank waits for the others in a collective (a save, a long judge "
                               "batch) before the job fails")
+    stop_on_collapse: int = arg(20, "save and stop (exit 1) after N consecutive steps with no learning signal: "
+                                    "zero_spread_groups or judge_parse_failure_rate >= 0.95 (0: never)")
     # --- GPU paths: the defaults are the fast path; the others are fallbacks for a GPU where it breaks (README)
     decode: str = arg("auto", "how the sampler runs a decode step: compiled (torch.compile + CUDA graphs + the "
                       "Triton decode kernel), kernel (eager + the kernel), sdpa (eager PyTorch); auto: compiled on "
@@ -212,6 +223,8 @@ CHECKS = [
     ("sampler_batch_size", lambda c: c.sampler_batch_size >= c.group_size, "at least --group-size (a group "
                                                                             "shares one prefill)"),
     ("judge_samples", lambda c: c.judge_samples >= 1, "at least 1"),
+    ("judge_refresh", lambda c: c.judge_refresh >= 0, ">= 0 (1: the current weights, 0: frozen initial weights)"),
+    ("judge_ema", lambda c: 0 <= c.judge_ema < 1, "in [0, 1) (0: off)"),
     ("judge_temperature", lambda c: c.judge_samples == 1 or 0 < c.judge_temperature < math.inf,
      "> 0 when --judge-samples > 1"),
     ("w_self", lambda c: 0 <= c.w_self < math.inf, "finite and >= 0"),
@@ -236,6 +249,7 @@ CHECKS = [
     ("save_every", lambda c: c.save_every >= 1, "at least 1"),
     ("log_samples", lambda c: c.log_samples >= 0, ">= 0"),
     ("keep_last", lambda c: c.keep_last >= 0, ">= 0 (0 keeps every checkpoint)"),
+    ("stop_on_collapse", lambda c: c.stop_on_collapse >= 0, ">= 0 (0: never stop)"),
     ("dist_timeout", lambda c: 0 < c.dist_timeout < math.inf, "> 0 minutes"),
     ("plan_world", lambda c: c.plan_world >= 0, ">= 0"),
     ("gpu_gib", lambda c: 0 <= c.gpu_gib < math.inf, ">= 0"),
@@ -260,6 +274,19 @@ def validate(cfg: Config, world: int):
                           f"each rank's rollouts ({per_rank}) must split into --mini-batches {cfg.mini_batches}")
     if cfg.resume_override and not cfg.resume:
         raise ConfigError("--resume-override only means something with --resume")
+    try:
+        answer_checks(cfg)
+    except judge.RewardError as e:
+        raise ConfigError(f"--answer-checks {cfg.answer_checks}: {e}") from None
+    if lagging_judge(cfg):
+        what = f"--judge-ema {cfg.judge_ema}" if cfg.judge_ema else f"--judge-refresh {cfg.judge_refresh}"
+        if cfg.judge_ema and cfg.judge_refresh != 1:
+            raise ConfigError(f"--judge-ema {cfg.judge_ema} with --judge-refresh {cfg.judge_refresh}: choose one way "
+                              f"for the judge to lag (a momentum copy, or a snapshot every K steps)")
+        if cfg.judge_model:
+            raise ConfigError(f"{what} with --judge-model: the external judge is frozen already; drop one of them")
+        if cfg.w_self == 0:
+            raise ConfigError(f"{what} with --w-self 0: no self-judge runs, so nothing would lag")
     triton_runs = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
     for name, value in (("decode", "kernel"), ("logprob_backend", "triton")):
         if getattr(cfg, name) == value and not triton_runs:
@@ -286,6 +313,16 @@ def validate(cfg: Config, world: int):
 
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def answer_checks(cfg: Config) -> tuple[str, ...]:
+    """The answer checks a run applies, in order: --answer-checks, and --check-script's 'script'."""
+    return tuple(dict.fromkeys(judge.checks_list(cfg.answer_checks) + (("script",) if cfg.check_script else ())))
+
+
+def lagging_judge(cfg: Config) -> bool:
+    """Does the self-judge read weights of its own (a snapshot or a momentum copy), not the sampler's current ones?"""
+    return cfg.judge_refresh != 1 or cfg.judge_ema > 0
 
 
 def check_judge_tokenizer(cfg: Config):
@@ -366,11 +403,13 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     sampler: Sampler  # the actor, on a copy of the policy's weights (bf16 on GPU) that sync keeps current
     judge_sampler: Sampler  # the same sampler (self-judging), or a frozen --judge-model's
+    judge_weights: dict | None  # the lagging judge's policy_snapshot (--judge-refresh != 1, --judge-ema), else None
     ref_model: Transformer | None  # frozen initial policy, for the KL penalty (--kl-beta > 0)
     comet: judge.CometScorer | None  # SSR-X's CometKiwi (--w-comet > 0)
     custom_reward: object  # --reward module:function, or None
     autocast: object  # bf16 autocast for DDP on GPU (FSDP2 casts itself)
     start: int  # the first step to run (> 0 when resuming)
+    signal: list[dict]  # the recent steps' learning-signal metrics, for --stop-on-collapse (restored on resume)
     wandb_run: object = None
 
     @property
@@ -402,6 +441,9 @@ def setup(cfg: Config) -> Run:
     prompt_len = lambda r: len(tok.encode(judge.actor_prompt(r["src"], r["src_lang"], r["tgt_lang"], cfg.template,
                                                              cfg.think_prefill)))
     rows, data_sha256 = load_data(cfg.data, prompt_len, cfg.max_prompt_tokens, need_ref=cfg.w_ref != 0)
+    if "length" in answer_checks(cfg):  # the length check needs each pair's measured ratio: refuse before any model
+        for pair in sorted({(r["src_lang"], r["tgt_lang"]) for r in rows}):
+            judge.length_ratio(*pair)
     resume_dir = check_resume(cfg, newest, data_sha256, rank) if cfg.resume else None
 
     comet = (judge.CometScorer(load_comet(cfg.comet_model), cfg.comet_model, device=device) if cfg.w_comet > 0
@@ -413,7 +455,10 @@ def setup(cfg: Config) -> Run:
                                compute_dtype=gen_dtype)
     unwrap(model).grad_checkpointing = cfg.grad_checkpointing
     optimizer, scheduler = make_optimizer(cfg, model)
-    start = load_train_state(resume_dir, model, optimizer, scheduler) if resume_dir else 0
+    # the lagging judge's weights: the initial policy's; a resume then fills them with the saved judge's
+    judge_weights = policy_snapshot(model) if lagging_judge(cfg) else None
+    start = load_train_state(resume_dir, model, optimizer, scheduler, judge_weights) if resume_dir else 0
+    signal = read_trainer_state(resume_dir).get("loop", {}).get("signal", []) if resume_dir else []
     apply_schedule(cfg, optimizer, scheduler)  # a resume restored the saved LR; --resume-override lr changes it
     if rank == 0 and resume_dir:
         print(f"resumed from {resume_dir} at step {start}")
@@ -427,9 +472,10 @@ def setup(cfg: Config) -> Run:
                      if cfg.judge_model else sampler)
     ref_model = load_frozen_model(cfg.model, mode, device, gen_dtype) if cfg.kl_beta > 0 else None
     # bf16 compute on the fp32 masters: autocast for none/ddp; FSDP2 casts the gathered weights itself (shard)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=gen_dtype == torch.bfloat16 and mode != "fsdp")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                              enabled=gen_dtype == torch.bfloat16 and mode != "fsdp")
     return Run(cfg, rank, world, device, out, tok, rows, data_sha256, model, optimizer, scheduler, sampler,
-               judge_sampler, ref_model, comet, custom_reward, autocast, start, wandb_run)
+               judge_sampler, judge_weights, ref_model, comet, custom_reward, autocast, start, signal, wandb_run)
 
 
 def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
@@ -585,7 +631,8 @@ class Rollout:
     prompt: list[int]  # the actor prompt's token ids, shared by the group
     completion: Completion  # sample: the response's token ids (stopping token included), log-probs, why it ended
     response: str  # sample: the decoded response, special tokens skipped
-    answer: str | None  # sample: the translation, or None when the format is invalid
+    answer: str | None  # sample: the translation, or None when the format is invalid or an answer check failed
+    failed_check: str | None  # sample: the answer check (--answer-checks) the translation failed, if any
     judge_outputs: list[str] = field(default_factory=list)  # judge: the judge's outputs (none if not judged)
     judgements: list[judge.Judgement] = field(default_factory=list)  # judge: the score read from each output
     comet: float | None = None  # judge: the COMET QE score (SSR-X)
@@ -619,8 +666,8 @@ def sample_translations(run: Run, sources: list[dict], seed: int) -> list[Rollou
         # special tokens skipped: a trailing EOS is how a response ends, not part of its text
         response = prefill + tok.decode(c.tokens, skip_special_tokens=True)
         source, prompt = sources[i // cfg.group_size], prompts[i // cfg.group_size]
-        answer, _ = judge.checked_answer(response, source["tgt_lang"] if cfg.check_script else None)
-        rollouts.append(Rollout(source, prompt, c, response, answer))
+        answer, failed = judge.checked_answer(response, source, answer_checks(cfg), cfg.template)
+        rollouts.append(Rollout(source, prompt, c, response, answer, failed))
     return rollouts
 
 
@@ -633,6 +680,8 @@ def judge_translations(run: Run, rollouts: list[Rollout], seed: int) -> dict:
     valid = [r for r in rollouts if r.answer is not None]
     work = {"judge_sequences": 0, "judgements": 0}
     if cfg.w_self != 0 and valid:
+        if run.judge_weights is not None:  # the lagging judge's weights into the sampler; the step's sync undoes it
+            sync_sampler(run.model, run.sampler.model, run.judge_weights)
         groups = [i // cfg.group_size for i, r in enumerate(rollouts) if r.answer is not None]
         tasks = judge.judge_tasks([r.source for r in valid], [r.answer for r in valid], groups, cfg.judge_mode,
                                   dedup=cfg.judge_samples == 1, template=cfg.template, prefill=cfg.think_prefill)
@@ -677,10 +726,11 @@ def assign_rewards(run: Run, rollouts: list[Rollout]):
                                  [r.judgements for r in rollouts] if cfg.w_self != 0 else None,
                                  [r.comet for r in rollouts] if run.comet is not None else None,
                                  w_self=cfg.w_self, w_comet=cfg.w_comet, format_penalty=cfg.format_penalty,
-                                 tgt_langs=[r.source["tgt_lang"] for r in rollouts] if cfg.check_script else None,
-                                 refs=[r.source["ref"] for r in rollouts] if cfg.w_ref != 0 else None,
-                                 w_ref=cfg.w_ref, ref_metric=cfg.ref_metric,
-                                 ref_langs=[r.source["tgt_lang"] for r in rollouts] if cfg.w_ref != 0 else None)
+                                 failed_checks=[r.failed_check for r in rollouts],
+                                 # a row's reference, when it has one, is scored whatever --w-ref: the log then
+                                 # shows how the self-judge's ranking compares with it (self_ref_pairwise)
+                                 refs=[r.source.get("ref") for r in rollouts], w_ref=cfg.w_ref,
+                                 ref_metric=cfg.ref_metric, ref_langs=[r.source["tgt_lang"] for r in rollouts])
     if cfg.format_credit:  # partial credit: a signal among malformed responses, which otherwise all tie
         parts = [p if p.format_valid else dataclasses.replace(p, reward=p.reward + cfg.format_credit
                                                                  * judge.format_progress(r.response))
@@ -741,6 +791,8 @@ def train(cfg: Config):
         t_step, times = time.perf_counter(), {}
         sources = step_sources(run.rows, step, cfg, run.rank, run.world)
         seed = (cfg.seed * 1_000_003 + step) * 4096 + run.rank * 2  # a pure function of (seed, step, rank)
+        if run.judge_weights is not None and cfg.judge_refresh > 1 and step % cfg.judge_refresh == 0:
+            refresh_snapshot(run.judge_weights, run.model)  # --judge-refresh K: the judge catches up every K steps
         with timed(times, "sample"):
             rollouts = sample_translations(run, sources, seed)  # 1. the actor translates each source G times
         with timed(times, "judge"):
@@ -751,18 +803,50 @@ def train(cfg: Config):
             if bad := [f"{k} {stats[k]}" for k in ("loss", "grad_norm") if not math.isfinite(stats[k])]:
                 raise diverged(run, step, " and ".join(bad))
             sync_sampler(run.model, run.sampler.model)  # 5. the new weights into the sampler's copy
-        log_step(run, step, rollouts, stats, judged, times, t_step)
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            if run.judge_weights is not None and cfg.judge_ema:
+                refresh_snapshot(run.judge_weights, run.model, cfg.judge_ema)  # the momentum judge follows
+        record = log_step(run, step, rollouts, stats, judged, times, t_step)
+        run.signal = (run.signal + [{"step": step + 1} | {k: record[k] for k in COLLAPSE_AT}])[-max(cfg.stop_on_collapse, 1):]
+        collapsed = collapse_metric(run.signal, cfg.stop_on_collapse)
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or collapsed:
             if not weights_finite(run.model):  # never a checkpoint of inf/NaN weights
                 raise diverged(run, step, "weights not finite")
             save_checkpoint(cfg.out_dir, step + 1, run.model, run.optimizer, run.scheduler,
-                            run_config(cfg, run.data_sha256), cfg.model, cfg.keep_last)
+                            run_config(cfg, run.data_sha256), cfg.model, cfg.keep_last,
+                            judge_weights=run.judge_weights, loop_state={"signal": run.signal})
+        if collapsed:
+            raise Collapsed(collapse_message(run, step, collapsed))
     if run.master:
         print(f"done: checkpoint {run.out / f'step_{cfg.steps}'}, metrics {run.out / 'metrics.jsonl'}"
               + (" (smoke run: a tiny model on toy data; pass --model for real training)"
                  if cfg.preset == "smoke" else ""))
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# --stop-on-collapse: a step has no learning signal when (almost) every group's rewards tie, so every advantage is 0,
+# or when (almost) every judgement fails to parse, so every self-reward is 0. Self-rewarding runs fall into this and
+# stay (RESULTS.md sections 2 and 5: the judge, trained with the actor, stops writing scores): an absorbing state.
+COLLAPSE_AT = {"zero_spread_groups": 0.95, "judge_parse_failure_rate": 0.95}
+
+
+def collapse_metric(signal: list[dict], patience: int) -> str | None:
+    """The metric of COLLAPSE_AT that met its threshold in each of the last `patience` steps, or None (0: never)."""
+    if patience == 0 or len(signal) < patience:
+        return None
+    return next((metric for metric, threshold in COLLAPSE_AT.items()
+                 if all(s[metric] is not None and s[metric] >= threshold for s in signal[-patience:])), None)
+
+
+class Collapsed(RuntimeError):
+    """No learning signal for --stop-on-collapse steps: the run saved a checkpoint and stops (exit status 1)."""
+
+
+def collapse_message(run: Run, step: int, metric: str) -> str:
+    recent = ", ".join(f"{s[metric]:.2f}" for s in run.signal[-5:])
+    return (f"step {step + 1}: no learning signal for {run.cfg.stop_on_collapse} steps ({metric} >= "
+            f"{COLLAPSE_AT[metric]} in each; the last five: {recent}); saved {run.out / f'step_{step + 1}'} and "
+            f"stopped. See README, 'When the learning signal dies' (or --stop-on-collapse 0 to go on)")
 
 
 class Diverged(RuntimeError):
@@ -803,8 +887,10 @@ def gather(items: list) -> list:
     return [x for p in parts for x in p]
 
 
-def log_step(run: Run, step: int, rollouts: list[Rollout], stats: dict, judged: dict, times: dict, t_step: float):
-    """One line of metrics.jsonl (global batch), a few full rollouts in samples.jsonl, a line on stdout."""
+def log_step(run: Run, step: int, rollouts: list[Rollout], stats: dict, judged: dict, times: dict,
+             t_step: float) -> dict:
+    """One line of metrics.jsonl (global batch), a few full rollouts in samples.jsonl, a line on stdout; returns the
+    metrics (every rank has them: they are global)."""
     cfg = run.cfg
     parts = gather([r.reward for r in rollouts])
     answered = [r for r in rollouts if r.answer is not None]
@@ -820,7 +906,7 @@ def log_step(run: Run, step: int, rollouts: list[Rollout], stats: dict, judged: 
     tokens, n, truncated, judge_sequences, judgements, answers, quoted = totals.tolist()
     groups = [[p.reward for p in parts[i:i + cfg.group_size]] for i in range(0, len(parts), cfg.group_size)]
     grpo_stats = {k: v for k, v in stats.items() if k != "lr"}
-    record = {"step": step + 1} | judge.reward_stats(parts) | {
+    record = {"step": step + 1} | judge.reward_stats(parts, cfg.group_size, answer_checks(cfg)) | {
         "zero_spread_groups": sum(max(g) == min(g) for g in groups) / len(groups),
         # judgements the rollouts received that no judge sequence was generated for (dedup, group mode)
         "judge_saved_share": 1 - judge_sequences / judgements if judgements else None,
@@ -834,23 +920,27 @@ def log_step(run: Run, step: int, rollouts: list[Rollout], stats: dict, judged: 
         "rollout_tokens_per_s": tokens / max(times["sample"], 1e-9),
     } | grpo_stats
     if not run.master:
-        return
+        return record
     with open(run.out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     with open(run.out / "samples.jsonl", "a", encoding="utf-8") as f:
         for r in rollouts[:cfg.log_samples]:
             f.write(json.dumps(r.sample_dict() | {"step": step + 1, "judge_outputs": r.judge_outputs,
+                                                  "failed_check": r.failed_check,
                                                   "self_score": r.reward.self_score, "comet": r.reward.comet,
                                                   "ref_metric": r.reward.ref_metric, "reward": r.reward.reward}, ensure_ascii=False) + "\n")
     self_score, ref = record["self_score_mean"], record["ref_metric_mean"]
     print(f"step {step + 1}/{cfg.steps} | reward {record['reward_mean']:.3f} "
           f"| valid {record['format_valid_rate']:.2f} | self {'-' if self_score is None else f'{self_score:.1f}'} "
-          + (f"| {cfg.ref_metric} {'-' if ref is None else f'{ref:.1f}'} " if cfg.w_ref != 0 else "") +
+          + (f"| {cfg.ref_metric} {'-' if ref is None else f'{ref:.1f}'} " if cfg.w_ref != 0 else "")
+          + (f"| judge~{cfg.ref_metric} {record['self_ref_pairwise']:.2f} of {record['self_ref_pairs']} pairs "
+             if record["self_ref_pairwise"] is not None else "") +
           f"| len {record['response_len_mean']:.0f} "
           f"| loss {stats['loss']:.4f} | gnorm {stats['grad_norm']:.3f} "
           f"| sample {times['sample']:.1f}s judge {times['judge']:.1f}s update {times['update']:.1f}s", flush=True)
     if run.wandb_run is not None:
         run.wandb_run.log({k: v for k, v in record.items() if v is not None}, step=step + 1)
+    return record
 
 
 def main(argv=None):
@@ -867,7 +957,7 @@ def main(argv=None):
         # bad input: one line that says what to fix, no traceback
         print(f"ssr: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except Diverged as e:
+    except (Diverged, Collapsed) as e:
         print(f"ssr: error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

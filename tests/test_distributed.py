@@ -23,9 +23,9 @@ def count_live_gathers() -> list:
     """Wrap distributed.gathered_params: at every gather, record the bytes of earlier gathered tensors still alive."""
     real, alive_bytes = distributed.gathered_params, []
 
-    def counting(model, dtype):
+    def counting(model, dtype, weights=None):
         refs = []
-        for name, tensor in real(model, dtype):
+        for name, tensor in real(model, dtype, weights):
             alive_bytes.append(sum(t.nbytes for t in (r() for r in refs) if t is not None))
             refs.append(weakref.ref(tensor))
             yield name, tensor

@@ -14,10 +14,12 @@ import sacrebleu
 import judge
 from checkpoint import CheckpointError, load_comet
 from data import LANGUAGES, DataError, language_name
-from judge import (FAILURE_KINDS, R1_SYSTEM, STOP_STRINGS, CometScorer, Judgement, RewardError,
-                   actor_prompt, checked_answer, extract_answer, group_judge_prompt, in_target_script, judge_prompt,
-                   judge_tasks, load_custom_reward, parse_group_judgement, parse_judgement,
-                   read_verdict, reward_stats, score_rollouts, spearman)
+from judge import (FAILURE_KINDS, R1_SYSTEM, STOP_STRINGS, CometScorer, Judgement, RewardError, actor_prompt,
+                   check_answer, checked_answer, extract_answer, group_judge_prompt, in_target_script, judge_prompt,
+                   judge_tasks, load_custom_reward, parse_group_judgement, parse_judgement, read_verdict,
+                   reward_stats, score_rollouts, spearman)
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -315,7 +317,7 @@ def test_ssr_reward_and_format_penalty():
     assert column(out, "answer") == ["The cat sat on the mat.", None, "The cat sat on the mat."]
     assert column(out, "self_score") == [80.0, None, None]
     assert column(out, "failures") == [[], [], ["several"]] and column(out, "judged") == [1, 0, 1]
-    assert column(out, "comet") == [None, None, None] and column(out, "wrong_script") == [None] * 3
+    assert column(out, "comet") == [None, None, None] and column(out, "failed_check") == [None] * 3
     assert column(score_rollouts([BAD], [[]], format_penalty=-0.5), "reward") == [-0.5]
 
 
@@ -389,7 +391,7 @@ def test_stats():
     s = reward_stats(out)
     assert s["reward_mean"] == pytest.approx(sum(column(out, "reward")) / 4)
     assert s["reward_std"] == pytest.approx(math.sqrt(sum((r - s["reward_mean"]) ** 2 for r in column(out, "reward")) / 4))
-    assert s["format_valid_rate"] == 0.75 and s["wrong_script_rate"] is None
+    assert s["format_valid_rate"] == 0.75 and not any(k.startswith("answer_check_fail_") for k in s)
     assert s["self_score_mean"] == pytest.approx((20 + 70 + 90) / 3)
     assert s["judge_parse_failure_rate"] == pytest.approx(2 / 6)
     assert s["judge_fail_no_tags"] == pytest.approx(1 / 6) and s["judge_fail_extra_text"] == pytest.approx(1 / 6)
@@ -429,12 +431,100 @@ def test_target_script(text, lang, ok):
 def test_wrong_script_is_a_counted_format_failure():
     zh = "<think>x</think><answer>今天天气很好。</answer>"
     en = "<think>x</think><answer>The weather is nice.</answer>"
-    assert checked_answer(en, "zh") == (None, True) and checked_answer(en) == ("The weather is nice.", False)
+    source = {"src": "The weather is nice.", "src_lang": "en", "tgt_lang": "zh"}
+    assert checked_answer(en, source, ("script",)) == (None, "script")
+    assert checked_answer(en, source) == ("The weather is nice.", None)  # no checks asked
+    failed = [checked_answer(r, source, ("script",))[1] for r in (zh, en, BAD)]
     out = score_rollouts([zh, en, BAD], [verdicts("<answer>80</answer>"), verdicts("<answer>90</answer>"), []],
-                         tgt_langs=["zh", "zh", "zh"])
+                         failed_checks=failed)
     assert column(out, "reward") == [0.8, -1.0, -1.0] and column(out, "format_valid") == [True, False, False]
-    assert column(out, "wrong_script") == [False, True, False] and column(out, "judged") == [1, 0, 0]
-    assert reward_stats(out)["wrong_script_rate"] == pytest.approx(1 / 3)
+    assert column(out, "failed_check") == [None, "script", None] and column(out, "judged") == [1, 0, 0]
+    assert reward_stats(out, checks=("script",))["answer_check_fail_script"] == pytest.approx(1 / 3)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the answer checks (--answer-checks): each rule both ways, on real sentences
+
+CHECK_CASES = [  # (check, answer, source row, fails?)
+    ("copy", "The cat sleeps on the mat.", ("The cat sleeps on the mat.", "en", "fr"), True),
+    ("copy", "  THE CAT   sleeps on the mat.", ("The cat sleeps on the mat.", "en", "fr"), True),  # case, spaces
+    ("copy", "Ｔｈｅ ｃａｔ sleeps on the mat.", ("The cat sleeps on the mat.", "en", "fr"), True),  # NFKC
+    ("copy", "Le chat dort sur le tapis.", ("The cat sleeps on the mat.", "en", "fr"), False),
+    ("copy", "今天很冷。", ("今天很冷。", "zh", "en"), True),
+    ("copy", "It is cold today.", ("今天很冷。", "zh", "en"), False),
+    ("placeholder", "answer", ("The cat sleeps.", "en", "fr"), True),  # what SmolLM2 learned (RESULTS.md 5)
+    ("placeholder", "answer here", ("The cat sleeps.", "en", "fr"), True),
+    ("placeholder", "Answer here.", ("The cat sleeps.", "en", "fr"), True),
+    ("placeholder", "reasoning process here", ("The cat sleeps.", "en", "fr"), True),
+    ("placeholder", "La réponse est ici.", ("The answer is here.", "en", "fr"), False),
+    ("placeholder", "答案", ("The answer.", "en", "zh"), False),
+    ("lang", "El gato duerme tranquilamente sobre la alfombra roja.", ("The cat sleeps quietly on the red mat.",
+                                                                      "en", "fr"), True),  # Spanish, same script
+    ("lang", "Le chat dort tranquillement sur le tapis rouge.", ("The cat sleeps quietly on the red mat.",
+                                                                 "en", "fr"), False),
+    ("lang", "The cat sleeps quietly on the red mat.", ("The cat sleeps quietly on the red mat.", "en", "fr"), True),
+    ("lang", "El gato duerme.", ("The cat sleeps.", "en", "fr"), False),  # 13 letters: too short to tell
+    ("lang", "猫はテーブルの上で静かに眠っています。とても気持ちよさそうです。", ("猫在桌子上安静地睡觉。", "zh", "en"), True),
+    ("lang", "猫在桌子上安静地睡觉，看起来非常舒服，今天的天气也很好。", ("The cat sleeps on the table.", "en", "zh"), False),
+    ("lang", "The cat is sleeping quietly on the table, it looks very comfortable.", ("猫在桌子上安静地睡觉。", "zh",
+                                                                                      "en"), False),
+    ("lang", "猫はテーブルの上で静かに眠っています。とても気持ちよさそうです。", ("The cat sleeps on the table.", "en",
+                                                                              "ja"), False),
+    ("length", "Le chat dort.", ("The cat sleeps.", "en", "fr"), False),
+    ("length", "Chat.", ("The cat sleeps on the mat in the sun every single afternoon.", "en", "fr"), True),  # under
+    ("length", "Le chat dort. " * 4, ("The cat sleeps.", "en", "fr"), True),  # over: 56 characters for 15
+    ("length", "猫在垫子上睡觉。", ("The cat sleeps on the mat.", "en", "zh"), False),
+    ("length", "The cat is sleeping on the mat.", ("猫在垫子上睡觉。", "zh", "en"), False),
+    ("length", "Cat.", ("猫在垫子上睡觉，天气很好，我们都很高兴。", "zh", "en"), True),
+    ("script", "The weather is nice.", ("今天天气很好。", "zh", "en"), False),
+    ("script", "The weather is nice.", ("The weather is nice.", "en", "zh"), True),
+]
+
+
+@pytest.mark.parametrize("check, answer, row, fails", CHECK_CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(CHECK_CASES)])
+def test_answer_check_each_way(check, answer, row, fails):
+    src, src_lang, tgt_lang = row
+    assert check_answer(answer, src, src_lang, tgt_lang, (check,)) == (check if fails else None)
+
+
+def test_answer_checks_report_the_first_failing_check_and_know_every_template():
+    """The first failing check is the one named; every template's placeholders come from its own prompt."""
+    copy_and_wrong_lang = "The cat sleeps quietly on the red mat."
+    assert check_answer(copy_and_wrong_lang, copy_and_wrong_lang, "en", "fr", ("lang", "copy")) == "lang"
+    assert check_answer(copy_and_wrong_lang, copy_and_wrong_lang, "en", "fr", ("copy", "lang")) == "copy"
+    assert check_answer("Le chat dort.", "The cat sleeps.", "en", "fr", judge.ANSWER_CHECKS) is None
+    for template in judge.TEMPLATES:
+        assert {"answer here", "reasoning process here", "answer"} <= judge.placeholders(template)
+    with pytest.raises(judge.RewardError, match="no measured length ratio for en->de"):
+        check_answer("Die Katze schläft.", "The cat sleeps.", "en", "de", ("length",))
+    with pytest.raises(judge.RewardError, match="unknown answer check 'size'"):
+        judge.checks_list("copy,size")
+
+
+def test_french_references_pass_the_checks():
+    """The checks' false alarms on real translations: of the 533 French references of data/en_fr_*.jsonl (written
+    for the project), at most 1% fails any check (measured: the lang check calls one 20-letter-plus reference
+    Italian)."""
+    rows = [json.loads(line) for name in ("en_fr_train_refs", "en_fr_val", "en_fr_test", "en_fr_dev")
+            for line in (ROOT / "data" / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()]
+    failed = [r["ref"] for r in rows if check_answer(r["ref"], r["src"], "en", "fr", judge.ANSWER_CHECKS)]
+    assert len(rows) == 533 and len(failed) <= 5, failed
+
+
+def test_pairwise_agreement_with_the_reference_metric():
+    """self_ref_pairwise by hand: within each group, pairs whose self scores and metrics both differ."""
+    part = lambda self, ref: judge.RewardParts(0.0, True, "x", self, [], 1, None, None, ref)
+    group_a = [part(90, 50.0), part(80, 40.0), part(80, 60.0), part(None, 10.0)]  # pairs: (90,80)x2 agree/disagree
+    group_b = [part(10, 20.0), part(30, 20.0), part(50, 70.0), part(70, 10.0)]  # metric ties and reversed order
+    accuracy, pairs = judge.pairwise_agreement(group_a + group_b, group_size=4)
+    # a: (90,50)-(80,40) agrees, (90,50)-(80,60) disagrees, (80,40)-(80,60) judge tie; b: (10,20)-(30,20) metric
+    # tie, (10,20)-(50,70) agrees, (10,20)-(70,10) disagrees, (30,20)-(50,70) agrees, (30,20)-(70,10) disagrees,
+    # (50,70)-(70,10) disagrees
+    assert (accuracy, pairs) == (3 / 7, 7)
+    stats = reward_stats(group_a + group_b, group_size=4)
+    assert stats["self_ref_pairwise"] == 3 / 7 and stats["self_ref_pairs"] == 7
+    assert judge.pairwise_agreement(group_a[:1], group_size=4) == (None, 0)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -484,3 +484,101 @@ def test_expected_judge_score_in_the_loop(tmp_path, verdict_model_dir, two_rows)
                                         sampler.max_seq_len)[0][0]
         assert r.judgements[0].score == pytest.approx(alone.score, abs=1e-4)
         assert r.reward.reward == pytest.approx(r.judgements[0].score / 100)
+
+
+# ----------------------------------------------------------------------------------------------------
+# guarding the self-reward: answer checks, the lagging judge, the collapse stop
+
+def saved_state(step_dir, key: str) -> dict:
+    """One part ("model", "judge", ...) of a checkpoint's train_state, read back from DCP as plain fp32 tensors."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    flat = step_dir.parent / f"{step_dir.name}.pt"
+    if not flat.exists():
+        dcp_to_torch_save(step_dir / "train_state", flat)
+    return torch.load(flat, weights_only=True)[key]
+
+
+def test_lagging_judge_reads_the_policy_of_its_last_refresh(tmp_path, model_dir, data_file):
+    """--judge-refresh 2: the judge's weights after step t are the policy's at the start of the last step whose index
+    is a multiple of 2 (steps 1-2: the initial weights; 3-4: after step 2; 5: after step 4); --judge-refresh 0 keeps
+    the initial weights, --judge-ema B moves them by B * judge + (1 - B) * policy after every update."""
+    initial = {name: p.detach() for name, p in load_pretrained(model_dir).named_parameters()}
+    common = ["--model", model_dir, "--data", data_file, *SMALL, "--reward", "judge:letter_share_reward",
+              "--save-every", 1, "--keep-last", 0]  # a reward this untrained model's samples differ in: it learns
+    run_ssr(*common, "--out-dir", tmp_path / "k2", "--steps", 5, "--judge-refresh", 2)
+    policy = {0: initial} | {t: saved_state(tmp_path / "k2" / f"step_{t}", "model") for t in range(1, 6)}
+    for t in range(1, 6):
+        judge_weights = saved_state(tmp_path / "k2" / f"step_{t}", "judge")
+        refreshed = 2 * ((t - 1) // 2)
+        assert judge_weights.keys() == initial.keys()
+        assert all(torch.equal(judge_weights[k], policy[refreshed][k]) for k in initial), (t, refreshed)
+    assert not all(torch.equal(policy[4][k], initial[k]) for k in initial)  # the policy did move
+
+    run_ssr(*common, "--out-dir", tmp_path / "k0", "--steps", 2, "--judge-refresh", 0)
+    assert all(torch.equal(saved_state(tmp_path / "k0" / "step_2", "judge")[k], initial[k]) for k in initial)
+
+    run_ssr(*common, "--out-dir", tmp_path / "ema", "--steps", 2, "--judge-ema", 0.75)
+    expected = dict(initial)
+    for t in (1, 2):
+        moved = saved_state(tmp_path / "ema" / f"step_{t}", "model")
+        expected = {k: 0.75 * expected[k] + 0.25 * moved[k] for k in initial}
+        got = saved_state(tmp_path / "ema" / f"step_{t}", "judge")
+        for k in initial:
+            torch.testing.assert_close(got[k], expected[k], rtol=0, atol=1e-6)
+
+
+def test_resume_with_a_lagging_judge_is_bit_exact(tmp_path, model_dir, data_file):
+    """--judge-refresh 3 over 4 steps, straight and as 2 + --resume 2 (the refresh at step index 3 falls in the
+    resumed half): the same weights, judge weights and metrics."""
+    common = ["--model", model_dir, "--data", data_file, *SMALL, "--judge-refresh", 3, "--save-every", 2]
+    run_ssr(*common, "--out-dir", tmp_path / "straight", "--steps", 4)
+    run_ssr(*common, "--out-dir", tmp_path / "resumed", "--steps", 2)
+    run_ssr(*common, "--out-dir", tmp_path / "resumed", "--steps", 4, "--resume")
+    for key in ("model", "judge"):
+        a, b = (saved_state(tmp_path / run / "step_4", key) for run in ("straight", "resumed"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), key
+    strip = lambda ms: [{k: v for k, v in m.items() if not k.startswith("sec_") and "per_s" not in k} for m in ms]
+    assert strip(metrics(tmp_path / "straight")) == strip(metrics(tmp_path / "resumed"))
+
+
+def test_a_run_without_learning_signal_saves_and_stops(tmp_path, model_dir, data_file):
+    """A constant reward: every group ties, zero_spread_groups is 1.0 every step. --stop-on-collapse 3 saves step_3 and
+    stops with one line naming the metric, its recent values and the step, exit status 1; 0 runs on."""
+    (tmp_path / "constant_reward.py").write_text("def reward(samples):\n    return [0.5] * len(samples)\n")
+    env_args = ["--model", model_dir, "--data", data_file, *SMALL, "--reward", "constant_reward:reward",
+                "--save-every", 100]
+    proc = subprocess.run([sys.executable, str(ROOT / "ssr.py"), *map(str, env_args), "--out-dir", tmp_path / "dead",
+                           "--steps", 10, "--stop-on-collapse", 3], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600, env=os.environ | {"PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ssr: error: step 3: no learning signal for 3 steps (zero_spread_groups >= 0.95"), last
+    assert "1.00, 1.00, 1.00" in last and "step_3" in last and "Traceback" not in proc.stderr
+    assert [m["step"] for m in metrics(tmp_path / "dead")] == [1, 2, 3]
+    assert (tmp_path / "dead" / "step_3" / "trainer.pt").exists()
+    proc = subprocess.run([sys.executable, str(ROOT / "ssr.py"), *map(str, env_args), "--out-dir", tmp_path / "on",
+                           "--steps", 4, "--stop-on-collapse", 0], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600, env=os.environ | {"PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 0 and [m["step"] for m in metrics(tmp_path / "on")] == [1, 2, 3, 4]
+
+
+def test_answer_checks_in_the_loop(tmp_path, verdict_model_dir, two_rows):
+    """The verdict model answers "90" or "80" (conftest.VERDICTS). Under --answer-checks copy,length such an answer to
+    "今天很冷。" (zh->en: 5 characters x 3.575, at least 6 expected) is too short: never judged, the format penalty,
+    counted in answer_check_fail_length; to "The cat sleeps." (en->zh: 15 x 0.28, 1.4 to 12.6 characters) it passes
+    and is judged as usual."""
+    out = tmp_path / "run"
+    run_ssr("--model", verdict_model_dir, "--data", two_rows, "--out-dir", out, *VERDICT_RUN,
+            "--answer-checks", "copy,length")
+    m = metrics(out)[0]
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    well_formed = [r for r in rows if judge.extract_answer(r["response"]) is not None]
+    too_short = [r for r in well_formed if r["src_lang"] == "zh"]
+    assert too_short and len(too_short) < len(well_formed)
+    for r in well_formed:
+        fails = r["src_lang"] == "zh"
+        assert r["failed_check"] == ("length" if fails else None) and (r["answer"] is None) == fails
+        assert (r["judge_outputs"] == []) == fails and (r["reward"] == -1.0) == fails
+    assert m["answer_check_fail_length"] == len(too_short) / len(rows) and m["answer_check_fail_copy"] == 0.0
+
