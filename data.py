@@ -38,10 +38,11 @@ def language_name(code: str) -> str:
     return LANGUAGES[code]
 
 
-def read_jsonl(path) -> list[tuple[str, dict]]:
-    """(where, row) for every non-blank line of a jsonl file, where = "path:line": the training data and
-    eval.py's local test sets both come through here. Each problem is a DataError naming file and line."""
-    return parse_jsonl(path, read_bytes(path))
+def read_jsonl(path, drop_cut_last: bool = False) -> list[tuple[str, dict]]:
+    """(where, row) for every non-blank line of a jsonl file, where = "path:line": the project's one jsonl reader
+    (training data, test sets, run logs, eval's segments and candidates). Each problem is a DataError naming file
+    and line; drop_cut_last: see parse_jsonl."""
+    return parse_jsonl(path, read_bytes(path), drop_cut_last)
 
 
 def read_bytes(path) -> bytes:
@@ -51,10 +52,21 @@ def read_bytes(path) -> bytes:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
 
 
-def parse_jsonl(path, data: bytes) -> list[tuple[str, dict]]:
-    """read_jsonl on bytes already read (ssr.py fingerprints the very bytes it trains on)."""
+def parse_jsonl(path, data: bytes, drop_cut_last: bool = False) -> list[tuple[str, dict]]:
+    """read_jsonl on bytes already read (ssr.py fingerprints the very bytes it trains on).
+
+    Lines end at b"\n" only: str.splitlines would also break at U+2028, U+2029 and U+0085, which
+    json.dumps(ensure_ascii=False) leaves raw inside strings (a model's output can hold them). Each line is decoded
+    on its own, so a bad byte is named by its line, and a cut-short last line is dropped before it is decoded.
+    drop_cut_last is for files this project appends to (metrics.jsonl, samples.jsonl, eval's segments.jsonl),
+    whose writer ends every line with "\n": what follows the last "\n" is a write cut short by a kill or a full
+    disk (anywhere, inside a character too) and is dropped. Without it (training data, test sets, files a person
+    wrote), a last line without "\n" is an ordinary line and is checked like any other."""
+    lines = data.split(b"\n")
+    if drop_cut_last:
+        lines[-1] = b""  # empty if the file ends with "\n", else the cut-short line: skipped as blank below
     rows = []
-    for lineno, raw in enumerate(data.split(b"\n"), 1):
+    for lineno, raw in enumerate(lines, 1):
         where = f"{path}:{lineno}"
         try:
             line = raw.decode("utf-8")

@@ -188,6 +188,24 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, line, message):
     assert list(tmp_path.iterdir()) == [path]  # no output, no temporary file
 
 
+def test_a_cut_last_line_is_dropped_only_where_asked(tmp_path):
+    """drop_cut_last is for the files this project appends to (logs, eval's segments): what follows the last "\\n"
+    is a write cut short, here inside the two bytes of "é", and is dropped before it is decoded. In training data
+    the same line is a bad line, named by file and line."""
+    path = tmp_path / "log.jsonl"
+    whole = {"step": 1, "text": "déjà\u2028vu"}
+    path.write_bytes((json.dumps(whole, ensure_ascii=False) + "\n").encode() + '{"step": 2, "text": "caf'.encode()
+                     + "é".encode()[:1])
+    assert data.read_jsonl(path, drop_cut_last=True) == [(f"{path}:1", whole)]
+    with pytest.raises(data.DataError) as err:
+        data.read_jsonl(path)
+    assert str(err.value) == f"{path}:2: not UTF-8 (byte 0xc3 at column 25)"
+    # a file that ends with its newline has nothing cut: every line is kept either way
+    path.write_text((json.dumps(whole, ensure_ascii=False) + "\n") * 2, encoding="utf-8")
+    assert data.read_jsonl(path, drop_cut_last=True) == data.read_jsonl(path) == [(f"{path}:1", whole),
+                                                                                (f"{path}:2", whole)]
+
+
 def data_main(capsys, *args) -> tuple[int, list[str]]:
     """`data.py ARGS` in this process (main is the CLI's entry point): exit status and stderr lines."""
     capsys.readouterr()

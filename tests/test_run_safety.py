@@ -641,3 +641,38 @@ def test_full_disk_while_trimming_logs(tmp_path):
                                    f"free some space there and run the same command again")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+# ----------------------------------------------------------------------------------------------------
+# the logs on --resume: every line up to the checkpoint kept, whatever its text; a cut last line dropped
+
+def test_trim_logs_keeps_every_line_up_to_the_step_whatever_the_text(tmp_path):
+    """A model's output can hold U+2028, U+2029 or U+0085, which json.dumps(ensure_ascii=False) leaves raw (and
+    str.splitlines breaks lines at); a full disk can cut the last line inside a character. Resuming at step 2
+    keeps every line of steps 1 and 2 as it was and drops the rest."""
+    samples = [{"step": step, "response": f"<answer>un{char}deux</answer>"}
+               for step, char in ((1, "\u2028"), (1, "\u2029"), (2, "\u0085"), (3, "é"))]
+    lines = [(json.dumps(r, ensure_ascii=False) + "\n").encode() for r in samples]  # as ssr.log_step writes them
+    (tmp_path / "samples.jsonl").write_bytes(b"".join(lines))
+    steps = [(json.dumps({"step": step, "reward_mean": 0.5}) + "\n").encode() for step in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_bytes(b"".join(steps) + '{"step": 4, "note": "caf'.encode() + "é".encode()[:1])
+    rundir.trim_logs(tmp_path, 2)
+    assert (tmp_path / "samples.jsonl").read_bytes() == b"".join(lines[:3])
+    assert (tmp_path / "metrics.jsonl").read_bytes() == b"".join(steps[:2])
+
+
+@pytest.mark.parametrize("damaged, message", [
+    ('{"step": 2, "rew', ":2: not valid JSON (Unterminated string starting at); --resume keeps each log up to its "
+                         "checkpoint: fix or delete that line"),
+    ('{"reward_mean": 1}', ":2: no integer 'step' (not a line ssr.py wrote); --resume keeps each log up to its "
+                           "checkpoint: fix or delete that line"),
+])
+def test_trim_logs_names_a_damaged_line_instead_of_dropping_the_rest(tmp_path, damaged, message):
+    """Only the last line can be cut by a crash; a damaged line before it is named, and the log is left as it was
+    (cutting it there would drop every later step's line)."""
+    text = '{"step": 1}\n' + damaged + '\n{"step": 3}\n'
+    (tmp_path / "metrics.jsonl").write_text(text)
+    with pytest.raises(rundir.RunDirError) as err:
+        rundir.trim_logs(tmp_path, 3)
+    assert str(err.value) == f"{tmp_path / 'metrics.jsonl'}{message}"
+    assert (tmp_path / "metrics.jsonl").read_text() == text
