@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -30,6 +31,7 @@ from pathlib import Path
 
 from checkpoint import CheckpointError, load_tokenizer, read_config
 from data import DataError, parse_jsonl, read_bytes, read_jsonl
+from distributed import checkpoints
 
 LOGS = ("metrics.jsonl", "samples.jsonl")
 RUN_RECORD = "run.json"  # which run owns OUT: {"preset", "model"}
@@ -180,7 +182,7 @@ def release(path: Path, me: dict):
 
 def claim(out: Path, newest: Path | None, recorded: dict | None, resume: bool, smoke: bool, master: bool):
     """Check that this run may use OUT as asked (see the module docstring). The smoke run starts over by clearing
-    OUT's outputs, but only those of a smoke run, as OUT itself records it (`recorded`: the newest checkpoint's
+    OUT's outputs (smoke_outputs), but only those of a smoke run, as OUT itself records it (`recorded`: the newest checkpoint's
     run config, else OUT/run.json): never on the new run's flags alone, which an empty --model "$UNSET" makes
     a smoke run's."""
     logs = [out / name for name in LOGS if (out / name).exists()]
@@ -194,7 +196,7 @@ def claim(out: Path, newest: Path | None, recorded: dict | None, resume: bool, s
         return
     if smoke and is_smoke_run(out, recorded):
         if master:
-            for path in [*out.glob("step_*"), *out.glob(".step_*.tmp"), *logs]:
+            for path in smoke_outputs(out):
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         return
     held = newest.name if newest is not None else f"the logs of a run ({' and '.join(p.name for p in logs)})"
@@ -208,6 +210,17 @@ def claim(out: Path, newest: Path | None, recorded: dict | None, resume: bool, s
                           f"--out-dir")
     raise RunDirError(f"{out} holds the logs of a run that saved no checkpoint, so it cannot be resumed: delete "
                       f"{' and '.join(p.name for p in logs)} to start over there, or use another --out-dir")
+
+
+def smoke_outputs(out: Path) -> list[Path]:
+    """What a new smoke run clears in a smoke run's OUT: the old run's checkpoints (step_<digits> holding its
+    trainer state: distributed.checkpoints, the same test --resume uses), a save it was killed in
+    (.step_<digits>.tmp, distributed.save_checkpoint's temporary name) and its logs. Derived from the names a smoke
+    run writes, not from a glob: a user's step_2_best/, step_notes.md or step_by_step_analysis/ is not one of them.
+    The smoke run's other files stay: tiny_model/ is reused (.tiny_model.tmp is cleared by the build that would use
+    it), run.json is rewritten by the new run, and .lock is the new run's own."""
+    interrupted_saves = [p for p in out.glob(".step_*.tmp") if re.fullmatch(r"\.step_\d+\.tmp", p.name)]
+    return [*checkpoints(out), *interrupted_saves, *(out / name for name in LOGS if (out / name).exists())]
 
 
 def is_smoke_run(out: Path, recorded: dict | None) -> bool:

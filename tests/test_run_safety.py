@@ -340,6 +340,29 @@ def test_the_smoke_run_clears_only_what_a_smoke_run_left(tmp_path):
         assert (out / "metrics.jsonl").exists() != cleared
 
 
+def test_clearing_a_smoke_run_removes_its_outputs_and_nothing_else(tmp_path):
+    """A user's files beside a smoke run's outputs: a new smoke run clears the old run's checkpoints (step_<digits>
+    holding trainer.pt), a save it was killed in and its logs; a user's step_* files and folders (a step_7/ without
+    a trainer state is no checkpoint), the tiny model it reuses and its run record stay."""
+    out = tmp_path / "smoke"
+    tiny = out / "tiny_model"
+    for step in (2, 10):
+        fake_run(out, "smoke", str(tiny), step=step)
+    (out / ".step_12.tmp").mkdir()
+    (out / "samples.jsonl").write_text('{"step": 1}\n')
+    tiny.mkdir()
+    (tiny / "config.json").write_text("{}")
+    (out / "run.json").write_text(json.dumps({"preset": "smoke", "model": str(tiny)}))
+    users = ["step_2_best", "step_by_step_analysis", "step_7", ".step_notes.tmp"]
+    for name in users:
+        (out / name).mkdir()
+        (out / name / "notes.txt").write_text("mine")
+    (out / "step_notes.md").write_text("mine")
+    rundir.claim(out, out / "step_10", {"preset": "smoke", "model": str(tiny)}, resume=False, smoke=True, master=True)
+    assert sorted(p.name for p in out.iterdir()) == sorted(users + ["step_notes.md", "tiny_model", "run.json"])
+    assert all((out / name / "notes.txt").read_text() == "mine" for name in users)
+
+
 def test_plan_writes_nothing(tmp_path, monkeypatch, capsys):
     """--plan of a smoke run builds the tiny model's shape in a temporary directory, never in the out-dir (which
     another run may own), and takes no lock."""
