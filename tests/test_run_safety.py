@@ -6,6 +6,7 @@ import json
 import os
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -543,6 +544,53 @@ def test_full_disk_while_taking_the_lock_leaves_no_lock(tmp_path):
     assert list((tmp_path / "o").iterdir()) == []
     rundir.lock(tmp_path / "o")()  # the next run takes it (and releases it)
     assert list((tmp_path / "o").iterdir()) == []
+
+
+def test_release_leaves_a_lock_that_is_no_longer_its_own(tmp_path):
+    """release() removes OUT/.lock only while the lock still names this process. Another process may hold it by
+    then (ours was deleted by hand and a new run took it, or it was taken over): removing that one would let a
+    third run start beside a live one."""
+    release = rundir.lock(tmp_path)
+    other = {"host": socket.gethostname(), "pid": os.getppid(), "started": "later"}  # a live process on this host
+    (tmp_path / ".lock").write_text(json.dumps(other))
+    release()
+    assert json.loads((tmp_path / ".lock").read_text()) == other
+    with pytest.raises(rundir.RunDirError, match=f"is in use by pid {os.getppid()} on {socket.gethostname()}"):
+        rundir.lock(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# checkpoints are ordered by step number, not by name: step_9 < step_10 < step_11
+
+
+def fake_checkpoints(out: Path, names: list[str]) -> Path:
+    """Checkpoint folders as distributed.checkpoints recognises them (a trainer.pt), built directly."""
+    for name in names:
+        (out / name).mkdir(parents=True)
+        torch.save({"step": int(name.removeprefix("step_")), "scheduler": {}, "config": {}}, out / name / "trainer.pt")
+    return out
+
+
+def test_checkpoints_are_ordered_by_step_number(tmp_path):
+    out = fake_checkpoints(tmp_path, ["step_10", "step_9", "step_11"])
+    (out / "step_12").mkdir()  # no trainer state: not a checkpoint (a save never renamed into place)
+    (out / "step_13_best").mkdir()
+    (out / "step_13_best" / "trainer.pt").write_bytes(b"")  # a user's folder: not step_<digits>
+    assert distributed.checkpoints(out) == [out / "step_9", out / "step_10", out / "step_11"]
+    assert distributed.newest_checkpoint(out) == out / "step_11"
+
+
+def test_keep_last_deletes_the_oldest_steps_not_the_first_names(tmp_path, tiny_model_dir):
+    """A save at step 11 with --keep-last 2 beside step_9 and step_10 keeps step_10 and step_11 (by name, step_10
+    sorts first and would be deleted)."""
+    from checkpoint import load_pretrained
+
+    out = fake_checkpoints(tmp_path, ["step_9", "step_10"])
+    model = load_pretrained(tiny_model_dir)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    distributed.save_checkpoint(out, 11, model, optimizer, scheduler, {}, tiny_model_dir, keep_last=2)
+    assert sorted(p.name for p in out.iterdir()) == ["step_10", "step_11"]
 
 
 # ----------------------------------------------------------------------------------------------------
