@@ -8,7 +8,9 @@ through here, so a bad file or line is reported the same way everywhere: one Dat
     python data.py sacrebleu wmt19 wmt20 --pairs en-zh,zh-en --out more.jsonl --exclude wmt23:zh-en
 
 Both write one training row {"src", "src_lang", "tgt_lang"} per source ("ref" too with --keep-refs), drop exact
-duplicates per direction and every source found in an --exclude set, and end with one summary line.
+duplicates per direction and every source found in an --exclude set, and end with one summary line. Before any
+work they refuse an --out that is one of the files they read, however spelled; an empty result is refused, not
+written.
 """
 from __future__ import annotations
 
