@@ -8,7 +8,9 @@ through here, so a bad file or line is reported the same way everywhere: one Dat
     python data.py sacrebleu wmt19 wmt20 --pairs en-zh,zh-en --out more.jsonl --exclude wmt23:zh-en
 
 Both write one training row {"src", "src_lang", "tgt_lang"} per source ("ref" too with --keep-refs), drop exact
-duplicates per direction and every source found in an --exclude set, and end with one summary line.
+duplicates per direction and every source found in an --exclude set, and end with one summary line. Before any
+work they refuse an --out that is one of the files they read, however spelled; an empty result is refused, not
+written.
 """
 from __future__ import annotations
 
@@ -33,15 +35,16 @@ LANGUAGES = {
 
 
 def language_name(code: str) -> str:
-    if code not in LANGUAGES:
+    if not isinstance(code, str) or code not in LANGUAGES:  # a JSON list or object as a code is not hashable
         raise DataError(f"unknown language code {code!r}; known codes: {', '.join(LANGUAGES)}")
     return LANGUAGES[code]
 
 
-def read_jsonl(path) -> list[tuple[str, dict]]:
-    """(where, row) for every non-blank line of a jsonl file, where = "path:line": the training data and
-    eval.py's local test sets both come through here. Each problem is a DataError naming file and line."""
-    return parse_jsonl(path, read_bytes(path))
+def read_jsonl(path, drop_cut_last: bool = False) -> list[tuple[str, dict]]:
+    """(where, row) for every non-blank line of a jsonl file, where = "path:line": the project's one jsonl reader
+    (training data, test sets, run logs, eval's segments and candidates). Each problem is a DataError naming file
+    and line; drop_cut_last: see parse_jsonl."""
+    return parse_jsonl(path, read_bytes(path), drop_cut_last)
 
 
 def read_bytes(path) -> bytes:
@@ -51,10 +54,21 @@ def read_bytes(path) -> bytes:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
 
 
-def parse_jsonl(path, data: bytes) -> list[tuple[str, dict]]:
-    """read_jsonl on bytes already read (ssr.py fingerprints the very bytes it trains on)."""
+def parse_jsonl(path, data: bytes, drop_cut_last: bool = False) -> list[tuple[str, dict]]:
+    """read_jsonl on bytes already read (ssr.py fingerprints the very bytes it trains on).
+
+    Lines end at b"\n" only: str.splitlines would also break at U+2028, U+2029 and U+0085, which
+    json.dumps(ensure_ascii=False) leaves raw inside strings (a model's output can hold them). Each line is decoded
+    on its own, so a bad byte is named by its line, and a cut-short last line is dropped before it is decoded.
+    drop_cut_last is for files this project appends to (metrics.jsonl, samples.jsonl, eval's segments.jsonl),
+    whose writer ends every line with "\n": what follows the last "\n" is a write cut short by a kill or a full
+    disk (anywhere, inside a character too) and is dropped. Without it (training data, test sets, files a person
+    wrote), a last line without "\n" is an ordinary line and is checked like any other."""
+    lines = data.split(b"\n")
+    if drop_cut_last:
+        lines[-1] = b""  # empty if the file ends with "\n", else the cut-short line: skipped as blank below
     rows = []
-    for lineno, raw in enumerate(data.split(b"\n"), 1):
+    for lineno, raw in enumerate(lines, 1):
         where = f"{path}:{lineno}"
         try:
             line = raw.decode("utf-8")
@@ -281,11 +295,59 @@ def build(rows: list[tuple[str, dict]], excluded: set[str]) -> tuple[list[dict],
     return out, counts
 
 
+def sacrebleu_cache() -> Path:
+    """Where sacrebleu keeps (and reads) its test sets, as sacrebleu decides it."""
+    return Path(os.environ.get("SACREBLEU", "~/.sacrebleu")).expanduser()
+
+
+def inputs(args) -> list[tuple[str, Path]]:
+    """(what, path) of every file or directory a data.py command reads: its files, its --exclude files, and the
+    directories its test sets come from (the sacrebleu cache; the Flores directory)."""
+    found = [("the input", Path(f).expanduser()) for f in getattr(args, "files", [])]
+    for spec in args.exclude:
+        path = Path(spec).expanduser()
+        if path.is_file():
+            found.append(("the --exclude file", path))
+        elif spec.startswith("flores:"):
+            found += [("the Flores directory", Path(args.flores_dir).expanduser())] if args.flores_dir else []
+        else:
+            found.append(("the sacrebleu cache", sacrebleu_cache()))
+    if args.command == "sacrebleu":
+        found.append(("the sacrebleu cache", sacrebleu_cache()))
+    return found
+
+
+def check_out(out: str, read: list[tuple[str, Path]]) -> Path:
+    """--out, before any work: a file we can create or replace, and none of what the command reads. write_rows
+    writes OUT.tmp and renames it over OUT, so an --out that is an input however spelled (./a.jsonl, ../x/a.jsonl,
+    a symlink to it: compared as the same file on disk) would replace that input with the rows read from it."""
+    if not out:
+        raise DataError("--out '': give the file to write the training set to")
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise DataError(f"--out {out}: is a directory; give a file name, e.g. {path / 'train.jsonl'}")
+    existing = next(p for p in path.absolute().parents if p.exists())  # the root always exists
+    if not existing.is_dir():
+        raise DataError(f"--out {out}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(f"--out {out}: cannot create or write there (no write permission on {existing})")
+    for written in (path, path.with_name(path.name + ".tmp")):
+        name = f"--out {out}" if written == path else f"--out {out}: its temporary file {written}"
+        for what, given in read:
+            if given.is_dir() and written.resolve().is_relative_to(given.resolve()):
+                raise DataError(f"{name} is inside {what} {given}: data.py writes nowhere it reads test sets from; "
+                                f"give another --out")
+            if written.exists() and given.exists() and os.path.samefile(written, given):
+                raise DataError(f"{name} is {what} {given} (the same file): writing the training set would replace "
+                                f"it; give another --out")
+    return path
+
+
 def write_rows(path: Path, rows: list[dict]):
     """All or nothing: a temporary name, renamed at the end."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         os.replace(tmp, path)
@@ -331,6 +393,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
+        out = check_out(args.out, inputs(args))
         excluded = set().union(*(exclude_segments(spec, args.flores_dir) for spec in args.exclude))
         if args.command == "parallel":
             rows = [r for path in args.files for r in parallel_rows(path, args.keep_refs)]
@@ -341,7 +404,11 @@ def main(argv=None) -> int:
                 check_direction(f"--pairs {pair}", src_lang, tgt_lang)
             rows = sacrebleu_rows(args.sets, pairs, args.keep_refs)
         out_rows, counts = build(rows, excluded)
-        write_rows(Path(args.out), out_rows)
+        if not out_rows:  # an empty training set is refused by ssr.py: say why here instead of writing it
+            why = (f"all {len(rows)} rows read were dropped ({counts['duplicates']} duplicates, {counts['excluded']} "
+                   f"found in --exclude sets)" if rows else "the inputs hold no rows (empty, or blank lines only)")
+            raise DataError(f"--out {args.out}: nothing to write: {why}; wrote nothing")
+        write_rows(out, out_rows)
     except DataError as e:
         print("data: error: " + " ".join(str(e).splitlines()), file=sys.stderr)
         return 2

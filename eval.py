@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 import judge
 from checkpoint import CheckpointError, load_comet, load_pretrained, load_tokenizer, read_config
-from data import LANGUAGES, DataError
+from data import LANGUAGES, DataError, read_jsonl
 from judge import RewardError
 from rundir import RunDirError, check_eval_out, fingerprint, jsonl, load_rows, lock, replace_file, segments_path
 from plan import device_memory_bytes, kv_bytes_per_token
@@ -438,20 +438,10 @@ def report(models: dict[str, str], sets: list[TestSet], metrics: list[Metric], o
 def read_candidates(path: str, k: int) -> dict[str, list[str]]:
     """--candidates FILE: jsonl {"src": ..., "candidates": [k strings]} -> {src: candidates}."""
     found = {}
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise EvalError(f"--candidates {path}: cannot read it ({e.strerror})") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise EvalError(f"{path}:{n}: not JSON") from None
-        if (not isinstance(row, dict) or not isinstance(row.get("src"), str) or not isinstance(row.get("candidates"), list)
+    for where, row in read_jsonl(path):  # the project's jsonl reader: a DataError names the file and line
+        if (not isinstance(row.get("src"), str) or not isinstance(row.get("candidates"), list)
                 or len(row["candidates"]) != k or not all(isinstance(c, str) for c in row["candidates"])):
-            raise EvalError(f"{path}:{n}: expected {{\"src\": string, \"candidates\": [{k} strings]}} "
+            raise EvalError(f"{where}: expected {{\"src\": string, \"candidates\": [{k} strings]}} "
                             f"(--judge-quality {k})")
         found[row["src"]] = row["candidates"]
     return found

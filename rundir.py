@@ -23,12 +23,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import time
 from pathlib import Path
 
 from checkpoint import CheckpointError, load_tokenizer, read_config
+from data import DataError, parse_jsonl, read_bytes, read_jsonl
+from distributed import checkpoints
 
 LOGS = ("metrics.jsonl", "samples.jsonl")
 RUN_RECORD = "run.json"  # which run owns OUT: {"preset", "model"}
@@ -179,7 +182,7 @@ def release(path: Path, me: dict):
 
 def claim(out: Path, newest: Path | None, recorded: dict | None, resume: bool, smoke: bool, master: bool):
     """Check that this run may use OUT as asked (see the module docstring). The smoke run starts over by clearing
-    OUT's outputs, but only those of a smoke run, as OUT itself records it (`recorded`: the newest checkpoint's
+    OUT's outputs (smoke_outputs), but only those of a smoke run, as OUT itself records it (`recorded`: the newest checkpoint's
     run config, else OUT/run.json): never on the new run's flags alone, which an empty --model "$UNSET" makes
     a smoke run's."""
     logs = [out / name for name in LOGS if (out / name).exists()]
@@ -193,7 +196,7 @@ def claim(out: Path, newest: Path | None, recorded: dict | None, resume: bool, s
         return
     if smoke and is_smoke_run(out, recorded):
         if master:
-            for path in [*out.glob("step_*"), *out.glob(".step_*.tmp"), *logs]:
+            for path in smoke_outputs(out):
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         return
     held = newest.name if newest is not None else f"the logs of a run ({' and '.join(p.name for p in logs)})"
@@ -207,6 +210,17 @@ def claim(out: Path, newest: Path | None, recorded: dict | None, resume: bool, s
                           f"--out-dir")
     raise RunDirError(f"{out} holds the logs of a run that saved no checkpoint, so it cannot be resumed: delete "
                       f"{' and '.join(p.name for p in logs)} to start over there, or use another --out-dir")
+
+
+def smoke_outputs(out: Path) -> list[Path]:
+    """What a new smoke run clears in a smoke run's OUT: the old run's checkpoints (step_<digits> holding its
+    trainer state: distributed.checkpoints, the same test --resume uses), a save it was killed in
+    (.step_<digits>.tmp, distributed.save_checkpoint's temporary name) and its logs. Derived from the names a smoke
+    run writes, not from a glob: a user's step_2_best/, step_notes.md or step_by_step_analysis/ is not one of them.
+    The smoke run's other files stay: tiny_model/ is reused (.tiny_model.tmp is cleared by the build that would use
+    it), run.json is rewritten by the new run, and .lock is the new run's own."""
+    interrupted_saves = [p for p in out.glob(".step_*.tmp") if re.fullmatch(r"\.step_\d+\.tmp", p.name)]
+    return [*checkpoints(out), *interrupted_saves, *(out / name for name in LOGS if (out / name).exists())]
 
 
 def is_smoke_run(out: Path, recorded: dict | None) -> bool:
@@ -261,22 +275,29 @@ def flag(key: str) -> str:
 
 
 def trim_logs(out: Path, step: int):
-    """On resume: forget what was logged after the checkpoint (and a half-written last line), so the redone
-    steps are logged once. Each file is rewritten through a temp file and a rename: a crash keeps the old."""
+    """On resume: forget what was logged after the checkpoint (and a last line a kill or a full disk cut short, as
+    data.parse_jsonl drops it), so the redone steps are logged once. Each file is rewritten through a temp file
+    and a rename: a crash keeps the old. A damaged line before the end is named, never silently cut away with
+    everything after it."""
     for name in LOGS:
         path = out / name
         if not path.exists():
             continue
+        try:
+            rows = read_jsonl(path, drop_cut_last=True)
+        except DataError as e:
+            raise RunDirError(f"{e}; --resume keeps each log up to its checkpoint: fix or delete that line") from None
         kept = []
-        for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-            try:
-                record = json.loads(line)
-            except ValueError:
-                break  # a line cut by a crash is the last one written
-            if not line.endswith("\n") or record.get("step", step + 1) > step:
+        for where, row in rows:
+            if not isinstance(row.get("step"), int):
+                raise RunDirError(f"{where}: no integer 'step' (not a line ssr.py wrote); --resume keeps each log up "
+                                  f"to its checkpoint: fix or delete that line")
+            if row["step"] > step:
                 break
-            kept.append(line)
-        replace_file(path, "".join(kept))
+            kept.append(row)
+        # json.dumps as ssr.py logged them (metrics are ASCII; samples were written with ensure_ascii=False):
+        # the kept lines come back byte for byte
+        replace_file(path, jsonl(kept))
 
 
 def interrupted_message(out: Path, newest: Path | None) -> str:
@@ -303,19 +324,20 @@ def load_rows(path: Path, ts: TestSet) -> list[dict]:
     """The rows a previous run wrote, checked against the set: row i must hold segment i's source and reference."""
     if not path.exists():
         return []
-    text = path.read_text(encoding="utf-8")
-    complete = text[:text.rfind("\n") + 1]
-    if complete != text:  # the run was killed inside a write: drop the broken last line, keep the rest
-        replace_file(path, complete)
+    fix = "delete the file to translate this set again"
+    try:
+        data = read_bytes(path)
+        found = parse_jsonl(path, data, drop_cut_last=True)  # a last line cut by a kill is not a row
+    except DataError as e:
+        raise RunDirError(f"{e}; {fix}") from None
+    complete = data[:data.rfind(b"\n") + 1]
+    if complete != data:  # the run was killed inside a write: drop the broken last line, keep the rest
+        replace_file(path, complete.decode("utf-8"))  # every line before it decoded: parse_jsonl checked them
     rows = []
-    for n, line in enumerate(complete.splitlines(), 1):  # JSON escapes every line break: splitlines is safe here
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise RunDirError(f"{path}:{n}: not JSON; delete the file to translate this set again") from None
-        if problem := segment_row_problem(rows[-1]):
-            raise RunDirError(f"{path}:{n}: not a segment row eval.py wrote ({problem}); delete the file to translate "
-                              f"this set again")
+    for where, row in found:
+        if problem := segment_row_problem(row):
+            raise RunDirError(f"{where}: not a segment row eval.py wrote ({problem}); {fix}")
+        rows.append(row)
     if len(rows) > len(ts.srcs) or any(r.get("i") != i or r.get("src") != ts.srcs[i] or r.get("ref") != ts.refs[i]
                                        for i, r in enumerate(rows)):
         raise RunDirError(f"{path}: holds other segments than {ts.name} ({ts.origin}) has now; use another --out or "
@@ -327,10 +349,8 @@ SEGMENT_FIELDS = {"i": int, "src": str, "ref": str, "hyp": str, "raw": str, "ext
                   "scores": dict}
 
 
-def segment_row_problem(row) -> str | None:
+def segment_row_problem(row: dict) -> str | None:
     """What is wrong with a segments.jsonl row edited by hand (the fields eval.py reads, by type), or None."""
-    if not isinstance(row, dict):
-        return "not a JSON object"
     for key, kind in SEGMENT_FIELDS.items():
         if not isinstance(row.get(key), kind) or (kind is int and isinstance(row[key], bool)):
             return f"'{key}' missing or not a {kind.__name__}"

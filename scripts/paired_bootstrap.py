@@ -14,13 +14,15 @@ differences. chrF uses sacrebleu's defaults, BLEU "13a" (--tokenize zh for a Chi
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 from sacrebleu.metrics import BLEU, CHRF
 from sacrebleu.significance import PairedTest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules, run from anywhere
+from data import DataError, read_jsonl  # noqa: E402
 
 SEED = 12345  # sacrebleu's default SACREBLEU_SEED for its bootstrap tests
 
@@ -32,17 +34,13 @@ class InputError(ValueError):
 def read_segments(path: Path) -> tuple[list[str], list[str]]:
     """(hypotheses, references) of one eval.py segments.jsonl, in row order."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+        found = read_jsonl(path, drop_cut_last=True)  # eval.py appends per batch: a line cut by a kill is not a row
+    except DataError as e:
+        raise InputError(str(e)) from None
     rows = []
-    for lineno, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("hyp", "ref")):
-            raise InputError(f"{path}:{lineno}: expected an object with string 'hyp' and 'ref'")
+    for where, row in found:
+        if not all(isinstance(row.get(k), str) for k in ("hyp", "ref")):
+            raise InputError(f"{where}: expected an object with string 'hyp' and 'ref'")
         rows.append(row)
     if not rows:
         raise InputError(f"{path}: no segments")

@@ -172,6 +172,7 @@ def test_sacrebleu_sources_as_training_rows(tmp_path):
     ({"lg": "zh-en", "zh": "  ", "en": "Hello."}, "empty source ('zh')"),
     ({"src": "Hello.", "src_lang": "en", "tgt_lang": "en"}, "src_lang and tgt_lang are both 'en'"),
     ({"text": "Hello."}, "neither MT-R1-Zero's layout"),
+    ({"src": "x", "src_lang": ["en"], "tgt_lang": "fr"}, "unknown language code ['en']"),  # unhashable: no TypeError
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
@@ -185,6 +186,89 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, line, message):
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[0].startswith(f"data: error: {path}:2: ") and message in lines[0], lines[0]
     assert list(tmp_path.iterdir()) == [path]  # no output, no temporary file
+
+
+def test_a_cut_last_line_is_dropped_only_where_asked(tmp_path):
+    """drop_cut_last is for the files this project appends to (logs, eval's segments): what follows the last "\\n"
+    is a write cut short, here inside the two bytes of "é", and is dropped before it is decoded. In training data
+    the same line is a bad line, named by file and line."""
+    path = tmp_path / "log.jsonl"
+    whole = {"step": 1, "text": "déjà\u2028vu"}
+    path.write_bytes((json.dumps(whole, ensure_ascii=False) + "\n").encode() + '{"step": 2, "text": "caf'.encode()
+                     + "é".encode()[:1])
+    assert data.read_jsonl(path, drop_cut_last=True) == [(f"{path}:1", whole)]
+    with pytest.raises(data.DataError) as err:
+        data.read_jsonl(path)
+    assert str(err.value) == f"{path}:2: not UTF-8 (byte 0xc3 at column 25)"
+    # a file that ends with its newline has nothing cut: every line is kept either way
+    path.write_text((json.dumps(whole, ensure_ascii=False) + "\n") * 2, encoding="utf-8")
+    assert data.read_jsonl(path, drop_cut_last=True) == data.read_jsonl(path) == [(f"{path}:1", whole),
+                                                                                (f"{path}:2", whole)]
+
+
+def data_main(capsys, *args) -> tuple[int, list[str]]:
+    """`data.py ARGS` in this process (main is the CLI's entry point): exit status and stderr lines."""
+    capsys.readouterr()
+    code = data.main(list(map(str, args)))
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("out, clash", [
+    ("a.jsonl", "is the input a.jsonl (the same file)"),
+    ("./a.jsonl", "is the input a.jsonl (the same file)"),
+    ("../work/a.jsonl", "is the input a.jsonl (the same file)"),
+    ("link.jsonl", "is the input a.jsonl (the same file)"),  # a symlink to the input
+    ("held_out.jsonl", "is the --exclude file held_out.jsonl (the same file)"),
+    ("b.jsonl", "its temporary file b.jsonl.tmp is the input b.jsonl.tmp (the same file)"),
+    ("cache/x.jsonl", "is inside the sacrebleu cache cache: data.py writes nowhere it reads test sets from"),
+])
+def test_out_that_is_an_input_is_refused_and_the_input_kept(tmp_path, monkeypatch, capsys, out, clash):
+    """--out is checked against everything the command reads, as files on disk: written over, the references of
+    a.jsonl would be gone (rows keep no ref without --keep-refs), or the held-out set would become training rows."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    inputs = {"a.jsonl": EN_ZH[:2], "b.jsonl.tmp": ZH_EN[:1], "held_out.jsonl": [{"src": "Unrelated.", "ref": "无关。"}]}
+    for name, rows in inputs.items():
+        write_jsonl(work / name, rows)
+    (work / "link.jsonl").symlink_to("a.jsonl")
+    (work / "cache").mkdir()
+    monkeypatch.setenv("SACREBLEU", "cache")
+    before = {p.name: p.read_bytes() for p in work.iterdir() if p.is_file()}
+    exclude = ["--exclude", "held_out.jsonl"] + (["wmt23:en-zh"] if out.startswith("cache/") else [])
+    code, err = data_main(capsys, "parallel", "a.jsonl", "b.jsonl.tmp", "--out", out, *exclude)
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"data: error: --out {out}") and clash in err[0], err
+    assert err[0].endswith("give another --out")
+    assert {p.name: p.read_bytes() for p in work.iterdir() if p.is_file()} == before  # nothing written or replaced
+    assert sorted(p.name for p in (work / "cache").iterdir()) == []
+
+
+@pytest.mark.parametrize("out, message", [
+    ("", "--out '': give the file to write the training set to"),
+    ("{file}/x.jsonl", "--out {file}/x.jsonl: {file} is a file, not a directory"),
+    ("{dir}", "--out {dir}: is a directory; give a file name, e.g. {dir}/train.jsonl"),
+])
+def test_an_out_that_cannot_be_a_file_is_one_line(tmp_path, capsys, mt_r1_zero_files, out, message):
+    names = {"file": mt_r1_zero_files[0], "dir": tmp_path}
+    code, err = data_main(capsys, "parallel", mt_r1_zero_files[0], "--out", out.format(**names))
+    assert code == 2 and err == ["data: error: " + message.format(**names)]
+
+
+def test_an_empty_training_set_is_refused_with_the_reason(tmp_path, capsys, mt_r1_zero_files):
+    """ssr.py refuses an empty --data: data.py says so when it would write one, and why, instead of exit 0."""
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n\n")
+    out = tmp_path / "out.jsonl"
+    code, err = data_main(capsys, "parallel", blank, "--out", out)
+    assert code == 2 and err == [f"data: error: --out {out}: nothing to write: the inputs hold no rows (empty, or "
+                                 f"blank lines only); wrote nothing"]
+    # every source a test segment: the counts say where the rows went
+    test_set = tmp_path / "test.en"
+    test_set.write_text("".join(row["en"] + "\n" for row in EN_ZH), encoding="utf-8")
+    code, err = data_main(capsys, "parallel", mt_r1_zero_files[0], "--out", out, "--exclude", test_set)
+    assert code == 2 and err == [f"data: error: --out {out}: nothing to write: all 5 rows read were dropped "
+                                 f"(0 duplicates, 5 found in --exclude sets); wrote nothing"]
+    assert not out.exists()
 
 
 # Qwen2.5-7B's config.json, the keys --plan reads (as in test_plan.py): the plan needs no weights

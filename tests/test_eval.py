@@ -14,6 +14,7 @@ import sacrebleu
 
 import eval as ev
 import judge
+import rundir
 import testsets
 from checkpoint import make_tiny_model
 from sampler import Completion, Sampler
@@ -498,6 +499,23 @@ def test_damaged_segments_and_the_settings_of_a_run_that_wrote_none(tiny_model_d
         assert capsys.readouterr().err.strip().splitlines()[-1] == (
             f"eval: error: {segments}:2: not a segment row eval.py wrote ({problem}); delete the file to translate "
             f"this set again")
+
+
+def test_segments_and_candidates_read_back_whatever_the_model_wrote(tmp_path):
+    """eval.py's own files, written by its writer (rundir.jsonl: json.dumps(ensure_ascii=False), which leaves
+    U+2028, U+2029 and U+0085 raw), read back intact: a resumed run's segments and --candidates. A segments line
+    cut inside a character by a kill is dropped, from the file too, as a line cut anywhere else."""
+    odd = ["un\u2028deux", "trois\u2029quatre", "cinq\u0085six"]
+    ts = testsets.TestSet("test", "en", "fr", SRCS[:3], odd, "written here")
+    rows = [{"i": i, "src": src, "ref": ref, "hyp": ref, "raw": f"<answer>{ref}</answer>", "extracted": True,
+             "finish_reason": "stop", "scores": {"chrf": 100.0}} for i, (src, ref) in enumerate(zip(ts.srcs, ts.refs))]
+    segments = tmp_path / "segments.jsonl"
+    segments.write_bytes(rundir.jsonl(rows).encode() + '{"i": 3, "hyp": "caf'.encode() + "é".encode()[:1])
+    assert rundir.load_rows(segments, ts) == rows
+    assert segments.read_text(encoding="utf-8") == rundir.jsonl(rows)
+    candidates = tmp_path / "candidates.jsonl"  # as --judge-quality writes it
+    candidates.write_text(rundir.jsonl([{"src": src, "candidates": odd} for src in ts.srcs]), encoding="utf-8")
+    assert ev.read_candidates(str(candidates), 3) == {src: odd for src in ts.srcs}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -63,3 +63,15 @@ def test_bad_input_is_one_line(tmp_path):
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
         (line,) = proc.stderr.strip().splitlines()
         assert line.startswith("paired_bootstrap: error: ") and message in line, line
+
+
+def test_segments_hold_any_text_and_a_cut_last_line_is_no_row(tmp_path):
+    """Hypotheses holding U+2028, U+2029 or U+0085 (json.dumps(ensure_ascii=False), eval.py's writer, leaves them
+    raw) are one row each; a last line an interrupted eval.py cut short is not a row."""
+    odd = [h.replace(" ", c, 1) for h, c in zip(GOOD, ["\u2028", "\u2029", "\u0085"] * 8)]
+    system = write_segments(tmp_path / "odd" / "test" / "segments.jsonl", odd)
+    with open(system, "ab") as f:
+        f.write('{"i": 24, "src": "x", "ref": "caf'.encode() + "é".encode()[:1])
+    proc = run(system, system, "--n-samples", 10)
+    assert proc.returncode == 0, proc.stderr
+    assert [line.split(" | ")[5:7] for line in proc.stdout.splitlines()[2:]] == [["+0.00", "[+0.00, +0.00]"]] * 2

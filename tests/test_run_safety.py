@@ -6,6 +6,7 @@ import json
 import os
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -340,6 +341,29 @@ def test_the_smoke_run_clears_only_what_a_smoke_run_left(tmp_path):
         assert (out / "metrics.jsonl").exists() != cleared
 
 
+def test_clearing_a_smoke_run_removes_its_outputs_and_nothing_else(tmp_path):
+    """A user's files beside a smoke run's outputs: a new smoke run clears the old run's checkpoints (step_<digits>
+    holding trainer.pt), a save it was killed in and its logs; a user's step_* files and folders (a step_7/ without
+    a trainer state is no checkpoint), the tiny model it reuses and its run record stay."""
+    out = tmp_path / "smoke"
+    tiny = out / "tiny_model"
+    for step in (2, 10):
+        fake_run(out, "smoke", str(tiny), step=step)
+    (out / ".step_12.tmp").mkdir()
+    (out / "samples.jsonl").write_text('{"step": 1}\n')
+    tiny.mkdir()
+    (tiny / "config.json").write_text("{}")
+    (out / "run.json").write_text(json.dumps({"preset": "smoke", "model": str(tiny)}))
+    users = ["step_2_best", "step_by_step_analysis", "step_7", ".step_notes.tmp"]
+    for name in users:
+        (out / name).mkdir()
+        (out / name / "notes.txt").write_text("mine")
+    (out / "step_notes.md").write_text("mine")
+    rundir.claim(out, out / "step_10", {"preset": "smoke", "model": str(tiny)}, resume=False, smoke=True, master=True)
+    assert sorted(p.name for p in out.iterdir()) == sorted(users + ["step_notes.md", "tiny_model", "run.json"])
+    assert all((out / name / "notes.txt").read_text() == "mine" for name in users)
+
+
 def test_plan_writes_nothing(tmp_path, monkeypatch, capsys):
     """--plan of a smoke run builds the tiny model's shape in a temporary directory, never in the out-dir (which
     another run may own), and takes no lock."""
@@ -522,6 +546,53 @@ def test_full_disk_while_taking_the_lock_leaves_no_lock(tmp_path):
     assert list((tmp_path / "o").iterdir()) == []
 
 
+def test_release_leaves_a_lock_that_is_no_longer_its_own(tmp_path):
+    """release() removes OUT/.lock only while the lock still names this process. Another process may hold it by
+    then (ours was deleted by hand and a new run took it, or it was taken over): removing that one would let a
+    third run start beside a live one."""
+    release = rundir.lock(tmp_path)
+    other = {"host": socket.gethostname(), "pid": os.getppid(), "started": "later"}  # a live process on this host
+    (tmp_path / ".lock").write_text(json.dumps(other))
+    release()
+    assert json.loads((tmp_path / ".lock").read_text()) == other
+    with pytest.raises(rundir.RunDirError, match=f"is in use by pid {os.getppid()} on {socket.gethostname()}"):
+        rundir.lock(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# checkpoints are ordered by step number, not by name: step_9 < step_10 < step_11
+
+
+def fake_checkpoints(out: Path, names: list[str]) -> Path:
+    """Checkpoint folders as distributed.checkpoints recognises them (a trainer.pt), built directly."""
+    for name in names:
+        (out / name).mkdir(parents=True)
+        torch.save({"step": int(name.removeprefix("step_")), "scheduler": {}, "config": {}}, out / name / "trainer.pt")
+    return out
+
+
+def test_checkpoints_are_ordered_by_step_number(tmp_path):
+    out = fake_checkpoints(tmp_path, ["step_10", "step_9", "step_11"])
+    (out / "step_12").mkdir()  # no trainer state: not a checkpoint (a save never renamed into place)
+    (out / "step_13_best").mkdir()
+    (out / "step_13_best" / "trainer.pt").write_bytes(b"")  # a user's folder: not step_<digits>
+    assert distributed.checkpoints(out) == [out / "step_9", out / "step_10", out / "step_11"]
+    assert distributed.newest_checkpoint(out) == out / "step_11"
+
+
+def test_keep_last_deletes_the_oldest_steps_not_the_first_names(tmp_path, tiny_model_dir):
+    """A save at step 11 with --keep-last 2 beside step_9 and step_10 keeps step_10 and step_11 (by name, step_10
+    sorts first and would be deleted)."""
+    from checkpoint import load_pretrained
+
+    out = fake_checkpoints(tmp_path, ["step_9", "step_10"])
+    model = load_pretrained(tiny_model_dir)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    distributed.save_checkpoint(out, 11, model, optimizer, scheduler, {}, tiny_model_dir, keep_last=2)
+    assert sorted(p.name for p in out.iterdir()) == ["step_10", "step_11"]
+
+
 # ----------------------------------------------------------------------------------------------------
 # --judge-model must speak the policy's language
 
@@ -641,3 +712,38 @@ def test_full_disk_while_trimming_logs(tmp_path):
                                    f"free some space there and run the same command again")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+# ----------------------------------------------------------------------------------------------------
+# the logs on --resume: every line up to the checkpoint kept, whatever its text; a cut last line dropped
+
+def test_trim_logs_keeps_every_line_up_to_the_step_whatever_the_text(tmp_path):
+    """A model's output can hold U+2028, U+2029 or U+0085, which json.dumps(ensure_ascii=False) leaves raw (and
+    str.splitlines breaks lines at); a full disk can cut the last line inside a character. Resuming at step 2
+    keeps every line of steps 1 and 2 as it was and drops the rest."""
+    samples = [{"step": step, "response": f"<answer>un{char}deux</answer>"}
+               for step, char in ((1, "\u2028"), (1, "\u2029"), (2, "\u0085"), (3, "é"))]
+    lines = [(json.dumps(r, ensure_ascii=False) + "\n").encode() for r in samples]  # as ssr.log_step writes them
+    (tmp_path / "samples.jsonl").write_bytes(b"".join(lines))
+    steps = [(json.dumps({"step": step, "reward_mean": 0.5}) + "\n").encode() for step in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_bytes(b"".join(steps) + '{"step": 4, "note": "caf'.encode() + "é".encode()[:1])
+    rundir.trim_logs(tmp_path, 2)
+    assert (tmp_path / "samples.jsonl").read_bytes() == b"".join(lines[:3])
+    assert (tmp_path / "metrics.jsonl").read_bytes() == b"".join(steps[:2])
+
+
+@pytest.mark.parametrize("damaged, message", [
+    ('{"step": 2, "rew', ":2: not valid JSON (Unterminated string starting at); --resume keeps each log up to its "
+                         "checkpoint: fix or delete that line"),
+    ('{"reward_mean": 1}', ":2: no integer 'step' (not a line ssr.py wrote); --resume keeps each log up to its "
+                           "checkpoint: fix or delete that line"),
+])
+def test_trim_logs_names_a_damaged_line_instead_of_dropping_the_rest(tmp_path, damaged, message):
+    """Only the last line can be cut by a crash; a damaged line before it is named, and the log is left as it was
+    (cutting it there would drop every later step's line)."""
+    text = '{"step": 1}\n' + damaged + '\n{"step": 3}\n'
+    (tmp_path / "metrics.jsonl").write_text(text)
+    with pytest.raises(rundir.RunDirError) as err:
+        rundir.trim_logs(tmp_path, 3)
+    assert str(err.value) == f"{tmp_path / 'metrics.jsonl'}{message}"
+    assert (tmp_path / "metrics.jsonl").read_text() == text
