@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 import judge
 from checkpoint import CheckpointError, load_comet, load_pretrained, load_tokenizer, read_config
-from data import LANGUAGES, DataError
+from data import LANGUAGES, DataError, bleu_tokenizer
 from judge import RewardError
 from rundir import RunDirError, check_eval_out, fingerprint, jsonl, load_rows, lock, replace_file, segments_path
 from plan import device_memory_bytes, kv_bytes_per_token
@@ -111,11 +111,6 @@ def parse_metrics(spec: str) -> list[Metric]:
     if len({m.label for m in metrics}) < len(metrics):
         raise EvalError(f"--metrics {spec}: names a metric twice")
     return metrics
-
-
-def bleu_tokenizer(tgt_lang: str) -> str:
-    # BLEU counts word n-grams, and Chinese has no spaces: 13a would make a whole sentence one "word"
-    return "zh" if tgt_lang == "zh" else "13a"
 
 
 def corpus_scores(rows: list[dict], ts: TestSet) -> dict[str, float]:
@@ -243,7 +238,9 @@ def translate_segments(model, tok, ts: TestSet, path: Path, rows: list[dict], la
                 # scored as written; --strip-quotes takes off the quotation marks of the paper's artifact
                 quoted = answer is not None and judge.answer_quoted(answer, ts.srcs[i])
                 hyp = judge.strip_quotes(answer, ts.srcs[i]) if quoted and args.strip_quotes else answer
-                new.append({"i": i, "src": ts.srcs[i], "ref": ts.refs[i], "hyp": hyp or "", "raw": r["raw"],
+                # the languages travel with each row: scripts/paired_bootstrap.py picks BLEU's tokenizer from them
+                new.append({"i": i, "src": ts.srcs[i], "ref": ts.refs[i], "src_lang": ts.src_lang,
+                            "tgt_lang": ts.tgt_lang, "hyp": hyp or "", "raw": r["raw"],
                             "extracted": r["extracted"], "quoted": quoted, "finish_reason": r["finish_reason"],
                             "scores": {}})
             f.write(jsonl(new))  # appending is safe: load_rows drops a last line cut short by a kill
@@ -772,9 +769,21 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_loaded_sets(sets: list[TestSet], metrics: list[Metric]):
+    """What needs the test sets read, checked before any model loads: BLEU's tokenizer for each target language
+    runs here (Japanese and Korean need MeCab)."""
+    for ts in sets:
+        if any(m.label == "bleu" for m in metrics):
+            try:
+                bleu_tokenizer(ts.tgt_lang)
+            except DataError as e:
+                raise EvalError(f"--metrics bleu on {ts.name}: {e}") from None
+
+
 def run(args):
     models, metrics, fingerprints = check_args(args)
     sets = load_sets(args)  # reads (or downloads) the test data: still nothing written
+    check_loaded_sets(sets, metrics)
     out = Path(args.out)
     # two evals writing one --out would interleave its segment files: the --out is held like ssr's --out-dir
     release = lock(out, "--out", "eval")

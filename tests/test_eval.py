@@ -54,6 +54,20 @@ def test_bleu_chrf_equal_sacrebleu_with_zh_tokenization():
     sent = ev.sentence_scores(row, testsets.TestSet("t", "en", "zh", SRCS, REFS, "test"))
     assert sent["bleu"] == sacrebleu.sentence_bleu(hyps[0], [REFS[0]], tokenize="zh").score
 
+def test_bleu_for_japanese_and_korean_targets_uses_mecab():
+    """Japanese and Korean are written without spaces between words: BLEU is sacrebleu's with its MeCab tokenizer
+    (data.bleu_tokenizer, as --ref-metric bleu and paired_bootstrap.py), where 13a scored a near-identical Japanese
+    answer 0.0."""
+    for lang, hyps, refs in (("ja", ["今日はとても良い天気です。", "猫が好きです。"], ["今日はとても良い天気ですね。", "私は猫が好きです。"]),
+                             ("ko", ["오늘은 날씨가 아주 좋아요.", "고양이를 좋아해요."], ["오늘은 날씨가 아주 좋네요.", "저는 고양이를 좋아해요."])):
+        ts = testsets.TestSet("t", "en", lang, ["x", "y"], refs, "test")
+        corpus = ev.corpus_scores([{"hyp": h, "ref": r} for h, r in zip(hyps, refs)], ts)
+        assert corpus["bleu"] == sacrebleu.corpus_bleu(hyps, [refs], tokenize=f"{lang}-mecab").score > 30
+        sent = ev.sentence_scores({"hyp": hyps[0], "ref": refs[0]}, ts)
+        assert sent["bleu"] == sacrebleu.sentence_bleu(hyps[0], [refs[0]], tokenize=f"{lang}-mecab").score > 30
+    assert sacrebleu.sentence_bleu("今日はとても良い天気です。", ["今日はとても良い天気ですね。"]).score == 0  # 13a
+
+
 
 def fake_comet(path):
     """What parse_metrics checks of a local COMET checkpoint: checkpoints/model.ckpt next to hparams.yaml."""
@@ -189,6 +203,8 @@ def test_failed_extractions_self_judge_comet_and_two_models(tiny_model_dir, tiny
         assert [row["hyp"] for row in rows] == hyps
         assert [row["raw"] for row in rows] == [RESPONSES[s] for s in SRCS]  # raw kept, EOS skipped
         assert [row["extracted"] for row in rows] == [True, False, True, False, True]
+        # what scripts/paired_bootstrap.py picks BLEU's tokenizer from
+        assert {(row["src_lang"], row["tgt_lang"]) for row in rows} == {("en", "zh")}
         assert [row["judge_parsed"] for row in rows] == [True, True, False, True, True]
         assert [row["judge_failure"] for row in rows] == [None, None, "no_number", None, None]
         # COMET: the tiny checkpoints through the real loading path; the oracle is COMET's own predict, x100
@@ -428,6 +444,31 @@ def test_bad_flags_are_one_line_before_any_work(tiny_model_dir, tmp_path, monkey
         assert len(lines) == 1 and lines[0].startswith("eval: error: ") and message in lines[0], (what, err)
         assert out == "" and seconds < 5, what
         assert sorted(tmp_path.rglob("*")) == before, what  # nothing written, no output folder created
+
+
+def test_bleu_without_mecab_is_refused_before_any_model_loads(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """BLEU on a Japanese target on a machine without MeCab (the GPU machine installs no requirements; sacrebleu
+    marks a failed `import MeCab` by setting its module's MeCab to None, as here): one line, exit status 2, once the
+    set is read and before any model loads or anything is written under --out."""
+    from sacrebleu.tokenizers import tokenizer_ja_mecab
+
+    def no_model(*args, **kw):
+        raise AssertionError("a model was loaded before the sets were checked")
+
+    monkeypatch.setattr(ev, "load_pretrained", no_model)
+    out = tmp_path / "out"
+    write_local(tmp_path, SRCS[:2], REFS[:2])
+    (tmp_path / "test.ja").write_text("猫はマットの上にいます。\n今日は天気がいいです。\n", encoding="utf-8")
+    japanese = ["--src", str(tmp_path / "test.en"), "--ref", str(tmp_path / "test.ja"), "--src-lang", "en",
+                "--tgt-lang", "ja", "--metrics", "chrf,bleu"]
+    ev.bleu_tokenizer.cache_clear()  # a check that passed earlier in this process is remembered
+    monkeypatch.setattr(tokenizer_ja_mecab, "MeCab", None)
+    assert ev.main(["--model", str(tiny_model_dir), "--device", "cpu", "--out", str(out), *japanese]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "eval: error: --metrics bleu on test: BLEU for Japanese targets needs sacrebleu's ja-mecab tokenizer, which "
+        "needs mecab-python3 ipadic (pinned in requirements.txt; pip install -r requirements.txt), or score with chrF "
+        "instead")
+    assert not out.exists()
 
 
 def test_bad_flags_through_the_cli(tiny_model_dir, tmp_path):
