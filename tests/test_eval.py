@@ -379,10 +379,17 @@ def bad_flag_cases(tmp_path, model):
         lacking[missing] = shutil.copytree(model, tmp_path / f"no_{missing}", ignore=shutil.ignore_patterns(missing))
     jsonl = tmp_path / "t.jsonl"
     jsonl.write_text('{"src": "a", "ref": "b", "src_lang": "en", "tgt_lang": "zh"}\n')
+    candidates = tmp_path / "candidates.jsonl"
+    candidates.write_text(json.dumps({"src": SRCS[0], "candidates": ["a", "b"]}) + "\n")
+    (tmp_path / "broken.jsonl").write_text('{"src": "a", "candidates": ["a", "b"]}\n{"src": \n')
 
     def run(*flags, out=tmp_path / "out", metrics="bleu", src=local, models=(model,)):
-        return [*(f for m in models for f in ("--model", str(m))), *src, "--metrics", metrics, "--out", str(out),
+        given_metrics = ["--metrics", metrics] if metrics is not None else []
+        return [*(f for m in models for f in ("--model", str(m))), *src, *given_metrics, "--out", str(out),
                 "--device", "cpu", *flags]
+
+    def quality(*flags):  # --judge-quality, which takes no --metrics
+        return run("--judge-quality", "2", *flags, metrics=None)
 
     cases = [
         ("unknown metric", run(metrics="bleu,bleuu"), "--metrics bleuu: unknown metric; valid: bleu, chrf"),
@@ -420,6 +427,23 @@ def bad_flag_cases(tmp_path, model):
         ("--device", run("--device", "tpu"), "--device tpu: expected cpu, cuda or cuda:N"),
         ("--max-new-tokens too large for memory", run("--max-new-tokens", str(10**12)),
          "--max-new-tokens 1000000000000: "),
+        ("--decode kernel without Triton", run("--decode", "kernel"),
+         "--decode kernel: Triton runs on CUDA, or on CPU in its interpreter (TRITON_INTERPRET=1); here use auto"),
+        # --judge-quality: K candidates a source share the cache; every flag it would not use is refused
+        ("--judge-quality K's candidates outgrow memory", run("--judge-quality", "100000", metrics=None),
+         "--max-new-tokens 2048: tiny_qwen20's KV cache for --batch-size 64 x --judge-quality 100000 = 6400000 rows"),
+        ("--metrics under --judge-quality", run("--judge-quality", "2"),
+         "--metrics is not used here: --judge-quality compares the judge with the candidates' reference chrF"),
+        ("--strip-quotes under --judge-quality", quality("--strip-quotes"), "--strip-quotes is not used here"),
+        ("--comet-batch-size under --judge-quality", quality("--comet-batch-size", "4"),
+         "--comet-batch-size is not used here"),
+        ("greedy candidates", quality("--temperature", "0"),
+         "--temperature 0: --judge-quality samples its 2 candidates per source, and greedy ones would all be the same"),
+        *((f"{flag} with --candidates", quality("--candidates", str(candidates), flag, "1"),
+           f"{flag} is not used here: --candidates gives the candidates, so none is sampled")
+          for flag in ("--temperature", "--seed", "--max-new-tokens")),
+        ("a broken --candidates file", quality("--candidates", str(tmp_path / "broken.jsonl")),
+         "broken.jsonl:2: not JSON"),
     ]
     (tmp_path / "locked").mkdir(mode=0o500)  # root writes there all the same: the test below denies it to root too
     cases.append(("--out not writable", run(out=tmp_path / "locked" / "out"), "locked is not writable"))
@@ -432,6 +456,7 @@ def test_bad_flags_are_one_line_before_any_work(tiny_model_dir, tmp_path, monkey
 
     monkeypatch.setattr(ev, "load_pretrained", no_model)
     monkeypatch.setattr(ev, "load_sets", no_model)  # test data is read only after every flag passed
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # a test module that runs kernels on CPU may have set it
     access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path).name != "locked" and access(path, mode))
     for what, argv, message in bad_flag_cases(tmp_path, tiny_model_dir):
@@ -468,6 +493,24 @@ def test_bleu_without_mecab_is_refused_before_any_model_loads(tiny_model_dir, tm
         "eval: error: --metrics bleu on test: BLEU for Japanese targets needs sacrebleu's ja-mecab tokenizer, which "
         "needs mecab-python3 ipadic (pinned in requirements.txt; pip install -r requirements.txt), or score with chrF "
         "instead")
+    assert not out.exists()
+
+
+def test_candidates_for_another_set_are_refused_before_any_model_loads(tiny_model_dir, tmp_path, monkeypatch,
+                                                                     capsys):
+    """--candidates written for another set: one line, exit status 2, once the set is read and before any model
+    loads or anything is written under --out (it was refused only after the model had loaded)."""
+    def no_model(*args, **kw):
+        raise AssertionError("a model was loaded before the sets were checked")
+
+    monkeypatch.setattr(ev, "load_pretrained", no_model)
+    other_set = tmp_path / "candidates.jsonl"
+    other_set.write_text(json.dumps({"src": "another sentence", "candidates": ["a", "b"]}) + "\n")
+    out = tmp_path / "out"
+    assert ev.main(["--model", str(tiny_model_dir), *write_local(tmp_path), "--device", "cpu", "--out", str(out),
+                    "--judge-quality", "2", "--candidates", str(other_set)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (f"eval: error: --candidates {other_set}: no candidates for 5 "
+                                                        f"sources of test, e.g. {SRCS[0]!r}")
     assert not out.exists()
 
 
@@ -610,10 +653,11 @@ def test_judge_quality_end_to_end(tiny_model_dir, tmp_path, monkeypatch, capsys)
 
     monkeypatch.setattr(Sampler, "generate", recording_generate)
     out = tmp_path / "out"
-    argv = ["--model", str(tiny_model_dir), *write_local(tmp_path), "--device", "cpu", "--max-new-tokens", "6",
-            "--judge-max-new-tokens", "4", "--batch-size", "2", "--judge-quality", "3"]
-    assert ev.main(argv + ["--judge-mode", "group", "--out", str(out)]) == 0
-    assert calls[:3] == [(2, 3, 1.0), (2, 3, 1.0), (1, 3, 1.0)]  # 5 sources, 2 a batch, 3 candidates each
+    argv = ["--model", str(tiny_model_dir), *write_local(tmp_path), "--device", "cpu", "--judge-max-new-tokens", "4",
+            "--batch-size", "2", "--judge-quality", "3"]
+    sampling = ["--max-new-tokens", "6", "--temperature", "0.7", "--seed", "3"]  # the candidates' (default T: 1)
+    assert ev.main(argv + sampling + ["--judge-mode", "group", "--out", str(out)]) == 0
+    assert calls[:3] == [(2, 3, 0.7), (2, 3, 0.7), (1, 3, 0.7)]  # 5 sources, 2 a batch, 3 candidates each
     assert all(group == 1 and temperature == 0.0 for _, group, temperature in calls[3:])  # the judge, greedy
     label = Path(tiny_model_dir).name
     sampled = [json.loads(line) for line in (out / label / "test" / "candidates.jsonl").read_text().splitlines()]
