@@ -640,6 +640,15 @@ def test_pair_counts_accuracy_and_tau_by_hand():
     assert ev.kendall_tau_b([1, 2, 2, 3], [1, 3, 2, 2]) == pytest.approx(kendalltau([1, 2, 2, 3], [1, 3, 2, 2]).statistic)
 
 
+def test_bootstrap_interval_resamples_sources_with_replacement():
+    """Two sources of one pair each, one the judge gets right and one it gets wrong. Two sources drawn with
+    replacement give accuracy 1 (p 1/4), 0 (p 1/4) or 0.5: the 2.5th and 97.5th percentiles of the 2000 resamples
+    are 0 and 1, exactly. Drawn without replacement, every resample would be the two sources again and the
+    interval would collapse to the point estimate, 0.5."""
+    stats = ev.quality_stats([{"chrf": [10, 20], "scores": [1, 2]}, {"chrf": [10, 20], "scores": [2, 1]}])
+    assert stats["accuracy"] == 0.5 and stats["interval"] == (0.0, 1.0)
+
+
 def test_judge_quality_end_to_end(tiny_model_dir, tmp_path, monkeypatch, capsys):
     """Sampled candidates from one prefill per source (group fan-out), judged as a group by their text; then
     written candidates (--candidates) judged pointwise by the expected score, chrF by sacrebleu, and the accuracy
@@ -693,6 +702,12 @@ def test_judge_quality_end_to_end(tiny_model_dir, tmp_path, monkeypatch, capsys)
     assert printed.rstrip().splitlines()[-1] == (f"judge pairwise accuracy: {agree / pairs:.3f} over {pairs} pairs "
                                                  f"(mode pointwise, score expected)")
     assert "| length closest to source | test |" in printed
+    # the trivial judge by hand: every candidate (the reference, its first half, "猫") is shorter than its English
+    # source, so the longer one is the closer; chrF orders them the same way (100 > half > "猫", no ties): it agrees
+    # on all 5 x 3 pairs
+    baseline = json.loads((out / "judge-quality-pointwise-expected.json").read_text())[1]
+    assert baseline["judge"] == "length closest to source"
+    assert (baseline["accuracy"], baseline["pairs"], baseline["agree"]) == (1.0, 15, 15)
     # bad candidates: one line naming the file and line
     candidates.write_text('{"src": "x", "candidates": ["a"]}\n')
     assert ev.main(argv + ["--candidates", str(candidates), "--out", str(tmp_path / "bad")]) == 2

@@ -814,3 +814,34 @@ def test_expected_verdicts_equal_direct_log_probs(tiny_model_dir):
     assert got[3] == [judge.Judgement(None, "too_long")]
     assert all(0 <= j.score <= 100 for verdict in got[:3] for j in verdict)
 
+
+def test_expected_verdicts_cut_a_reasoning_that_fills_the_cache(tiny_model_dir):
+    """A judge's reasoning longer than the scorer's cache holds: the prefix keeps as much of it as fits, which is
+    exactly the longest prefix Sampler.score accepts (max_len - 1 tokens: the first digit is read at the next
+    position), prompt + the reasoning's first tokens + <answer>. One token longer is refused by the scorer (the
+    step would crash); one shorter would drop a reasoning token that fits and score another prefix."""
+    import torch
+
+    from checkpoint import load_pretrained, load_tokenizer
+    from sampler import Sampler
+
+    tok, model = load_tokenizer(tiny_model_dir), load_pretrained(tiny_model_dir, device="cpu").eval()
+    task = judge.judge_tasks([{"src": "hi", "src_lang": "en", "tgt_lang": "zh"}], ["你好"], [0], "pointwise", True)[0]
+    prompt, tail = tok.encode(task.prompt), tok.encode("<answer>")
+    text = "<think> the translation keeps the meaning and reads well" * 4  # wrote no <answer>: the budget ran out
+    head = tok.encode(text)
+    room = 10  # reasoning tokens that fit
+    max_len = len(prompt) + room + len(tail) + 1
+    assert len(head) > room + 1
+    sampler = Sampler(model, max_batch_size=1, max_seq_len=max_len, device="cpu", dtype=torch.float32)
+    with pytest.raises(ValueError, match="does not fit"):  # the boundary is the scorer's own
+        sampler.score([prompt + head[:room + 1] + tail], [tok.encode("0</answer>")])
+    scored = []
+
+    def score(prefixes, continuations):  # the real scorer, its prefixes kept to look at
+        scored.extend(prefixes)
+        return sampler.score(prefixes, continuations)
+
+    (verdict,) = judge.expected_verdicts(score, tok, [prompt], [text], [task], max_len)
+    assert scored == [prompt + head[:room] + tail] and len(scored[0]) == max_len - 1
+    assert verdict[0].failure is None and 0 <= verdict[0].score <= 100

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import sacrebleu
 from sacrebleu.metrics import CHRF
@@ -71,6 +72,23 @@ def test_bad_input_is_one_line(tmp_path):
 def table(proc) -> list[list[str]]:
     assert proc.returncode == 0, proc.stderr
     return [line.strip("| ").split(" | ") for line in proc.stdout.splitlines()[2:]]
+
+
+def test_interval_is_the_95_percent_one_of_the_same_resamples(tmp_path):
+    """The printed interval, recomputed independently: the same resamples (rows drawn with replacement, numpy's
+    generator seeded with sacrebleu's 12345), each scored by sacrebleu.corpus_chrf itself, and numpy's 2.5th and
+    97.5th percentiles of the differences. The 5th/95th (a 90% interval) would print other numbers."""
+    good = write_segments(tmp_path / "good" / "test" / "segments.jsonl", GOOD)
+    poor = write_segments(tmp_path / "poor" / "test" / "segments.jsonl", POOR)
+    n = 200
+    chrf_row = table(run(good, poor, "--n-samples", n))[0]
+    low, high = map(float, chrf_row[6].strip("[]").split(", "))
+    idxs = np.random.default_rng(12345).choice(len(REFS), size=(n, len(REFS)), replace=True)
+    diffs = [sacrebleu.corpus_chrf([GOOD[i] for i in idx], [[REFS[i] for i in idx]]).score
+             - sacrebleu.corpus_chrf([POOR[i] for i in idx], [[REFS[i] for i in idx]]).score for idx in idxs]
+    assert (low, high) == pytest.approx((np.percentile(diffs, 2.5), np.percentile(diffs, 97.5)), abs=0.006)
+    ninety = (np.percentile(diffs, 5), np.percentile(diffs, 95))
+    assert abs(low - ninety[0]) > 0.1 and abs(high - ninety[1]) > 0.1  # so the test can tell the two apart
 
 
 @pytest.mark.parametrize("lang, refs, good, poor", [
