@@ -51,11 +51,16 @@ def check_config_values(raw: dict, source: str):
         value = raw.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise CheckpointError(f"{source}: {key} is {value!r}; it must be a whole number >= 1")
-    for key in POSITIVE_NUMBERS:
-        value = raw.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not 0 < value < math.inf):
-            raise CheckpointError(f"{source}: {key} is {value!r}; it must be a finite number > 0")
+    # absent: the default; present, null included, it must be a number (a null rope_theta means "no RoPE" to some
+    # families, a network this one is not, so it is refused rather than read as the default)
+    rope = raw.get("rope_parameters") if isinstance(raw.get("rope_parameters"), dict) else {}
+    for where, key in [(raw, key) for key in POSITIVE_NUMBERS] + [(rope, "rope_theta")]:
+        value = where.get(key)
+        if key in where and (isinstance(value, bool) or not isinstance(value, (int, float))
+                             or not 0 < value < math.inf):
+            shown = "null" if value is None else repr(value)
+            name = key if where is raw else f"rope_parameters.{key}"
+            raise CheckpointError(f"{source}: {name} is {shown}; it must be a finite number > 0")
     heads, kv = raw["num_attention_heads"], raw.get("num_key_value_heads") or raw["num_attention_heads"]
     if heads % kv:
         raise CheckpointError(f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")

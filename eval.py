@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 import judge
 from checkpoint import CheckpointError, load_comet, load_pretrained, load_tokenizer, read_config
-from data import LANGUAGES, DataError, read_jsonl
+from data import LANGUAGES, DataError, bleu_tokenizer, read_jsonl
 from judge import RewardError
 from rundir import RunDirError, check_eval_out, fingerprint, jsonl, load_rows, lock, replace_file, segments_path
 from plan import device_memory_bytes, kv_bytes_per_token
@@ -111,11 +111,6 @@ def parse_metrics(spec: str) -> list[Metric]:
     if len({m.label for m in metrics}) < len(metrics):
         raise EvalError(f"--metrics {spec}: names a metric twice")
     return metrics
-
-
-def bleu_tokenizer(tgt_lang: str) -> str:
-    # BLEU counts word n-grams, and Chinese has no spaces: 13a would make a whole sentence one "word"
-    return "zh" if tgt_lang == "zh" else "13a"
 
 
 def corpus_scores(rows: list[dict], ts: TestSet) -> dict[str, float]:
@@ -243,7 +238,9 @@ def translate_segments(model, tok, ts: TestSet, path: Path, rows: list[dict], la
                 # scored as written; --strip-quotes takes off the quotation marks of the paper's artifact
                 quoted = answer is not None and judge.answer_quoted(answer, ts.srcs[i])
                 hyp = judge.strip_quotes(answer, ts.srcs[i]) if quoted and args.strip_quotes else answer
-                new.append({"i": i, "src": ts.srcs[i], "ref": ts.refs[i], "hyp": hyp or "", "raw": r["raw"],
+                # the languages travel with each row: scripts/paired_bootstrap.py picks BLEU's tokenizer from them
+                new.append({"i": i, "src": ts.srcs[i], "ref": ts.refs[i], "src_lang": ts.src_lang,
+                            "tgt_lang": ts.tgt_lang, "hyp": hyp or "", "raw": r["raw"],
                             "extracted": r["extracted"], "quoted": quoted, "finish_reason": r["finish_reason"],
                             "scores": {}})
             f.write(jsonl(new))  # appending is safe: load_rows drops a last line cut short by a kill
@@ -520,14 +517,15 @@ def quality_stats(sources: list[dict]) -> dict:
 
 
 def judge_quality(models: dict[str, str], sets: list[TestSet], out: Path, args):
-    """--judge-quality K: per model and set, K plain-prompt candidates per source (T = 1, one prefill and the
-    group fan-out; or --candidates), the model's judgement of each (--judge-mode, --judge-score), compared with
-    each candidate's sentence chrF against the reference. Writes OUT/<label>/<set>/candidates.jsonl (reusable as
-    --candidates) and judge-quality-<mode>-<score>.jsonl, prints the table."""
+    """--judge-quality K: per model and set, K plain-prompt candidates per source (sampled at --temperature,
+    default 1, from --seed; one prefill and the group fan-out; or --candidates), the model's judgement of each
+    (--judge-mode, --judge-score), compared with each candidate's sentence chrF against the reference. Writes
+    OUT/<label>/<set>/candidates.jsonl (reusable as --candidates) and judge-quality-<mode>-<score>.jsonl, prints
+    the table."""
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     k, mode, score = args.judge_quality, args.judge_mode, args.judge_score
-    given = read_candidates(args.candidates, k) if args.candidates else None
+    given = args.given_candidates  # read and checked against every set before any model loaded
     rows, lines = [], []
     for label, model_dir in models.items():
         tok = load_tokenizer(model_dir)
@@ -536,14 +534,10 @@ def judge_quality(models: dict[str, str], sets: list[TestSet], out: Path, args):
             folder = out / label / ts.name
             folder.mkdir(parents=True, exist_ok=True)
             if given is not None:
-                missing = [s for s in ts.srcs if s not in given]
-                if missing:
-                    raise EvalError(f"--candidates {args.candidates}: no candidates for {len(missing)} sources of "
-                                    f"{ts.name}, e.g. {missing[0]!r}")
                 candidates = [given[s] for s in ts.srcs]
             else:
                 made = translate(model, tok, ts.srcs, ts.src_lang, ts.tgt_lang, template=args.template, plain=True,
-                                 max_new_tokens=args.max_new_tokens, temperature=1.0, seed=args.seed,
+                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
                                  batch_size=args.batch_size, group_size=k, decode=args.decode,
                                  desc=f"{label} {ts.name} candidates")
                 candidates = [[r["hyp"] for r in made[i * k:(i + 1) * k]] for i in range(len(ts.srcs))]
@@ -594,6 +588,38 @@ COUNT = (1, float("inf"), "an integer >= 1")
 NUMBER_FLAGS = {"--batch-size": COUNT, "--max-new-tokens": COUNT, "--judge-max-new-tokens": COUNT,
                 "--comet-batch-size": COUNT, "--temperature": (0, float("inf"), "a finite number >= 0 (0 = greedy)"),
                 "--seed": (0, 2**63, "an integer in [0, 2**63)")}
+# the flags whose use depends on the run are None after parsing, so that one given where the run would not use it
+# is told apart from its default and refused (check_run_flags); then they get these
+DEFAULTS = {"metrics": "xcomet-xxl,cometkiwi-xxl,bleu,chrf", "comet_batch_size": 16, "strip_quotes": False,
+            "temperature": 0.0, "seed": 0, "max_new_tokens": 2048}
+# --judge-quality's candidates are sampled: greedy ones would be one translation K times. 1 is RESULTS.md section
+# 4's protocol (the plain prompt, T = 1, seed 0)
+CANDIDATE_TEMPERATURE = 1.0
+# what --judge-quality never uses: it compares the judge with reference chrF and writes no translations
+NOT_FOR_JUDGE_QUALITY = ("--metrics", "--comet-batch-size", "--strip-quotes")
+# what only sampling the candidates uses, so nothing when --candidates gives them
+NOT_WITH_CANDIDATES = ("--temperature", "--seed", "--max-new-tokens")
+
+
+def dest(flag: str) -> str:
+    return flag[2:].replace("-", "_")
+
+
+def check_run_flags(args):
+    """Refuse, in one line, a flag this run would not use (never ignore it silently), then give the flags left
+    unset their defaults: --temperature is the translations' (0, greedy) or --judge-quality's candidates' (1)."""
+    if args.judge_quality:
+        unused = [(flag, "--judge-quality compares the judge with the candidates' reference chrF and writes no "
+                         "translations") for flag in NOT_FOR_JUDGE_QUALITY]
+        if args.candidates:
+            unused += [(flag, "--candidates gives the candidates, so none is sampled") for flag in NOT_WITH_CANDIDATES]
+        for flag, why in unused:
+            if getattr(args, dest(flag)) is not None:
+                raise EvalError(f"{flag} is not used here: {why}; drop it")
+    defaults = DEFAULTS | ({"temperature": CANDIDATE_TEMPERATURE} if args.judge_quality else {})
+    for name, default in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
 
 
 def translation_settings(args) -> dict:
@@ -627,30 +653,40 @@ def model_labels(paths: list[str]) -> dict[str, str]:
 
 def check_cache_fits(args, models: dict[str, str], judged: bool):
     """The sampler's KV cache holds --batch-size rows of prompt + --max-new-tokens positions (the judge's budget
-    for the self-judge). Even without the prompts, a cache larger than this device's memory is refused now, in
-    one line, not as an allocation failure after the model loaded."""
+    for the self-judge); --judge-quality's candidates take K rows per source (one prefill fanned out to K samples).
+    Even without the prompts, a cache larger than this device's memory is refused now, in one line, not as an
+    allocation failure after the model loaded."""
     on_gpu = args.device != "cpu"
     available = device_memory_bytes(on_gpu)
-    budgets = [("--max-new-tokens", args.max_new_tokens)] + ([("--judge-max-new-tokens", args.judge_max_new_tokens)]
-                                                              if judged else [])
+    # (flag, its token budget, cache rows per source in a batch); --candidates samples nothing
+    budgets = (([] if args.candidates else [("--max-new-tokens", args.max_new_tokens, args.judge_quality or 1)])
+               + ([("--judge-max-new-tokens", args.judge_max_new_tokens, 1)] if judged else []))
     for label, path in models.items():
         per_token = kv_bytes_per_token(read_config(path), 2 if on_gpu else 4)  # bf16 on GPU, fp32 on CPU
-        for flag, tokens in budgets:
-            if (need := args.batch_size * tokens * per_token) > available:
-                raise EvalError(f"{flag} {tokens}: {label}'s KV cache for --batch-size {args.batch_size} rows of "
-                                f"{tokens} positions needs {need / 2**30:.0f} GiB, more than the "
-                                f"{available / 2**30:.0f} GiB of this device; lower {flag} or --batch-size")
+        for flag, tokens, per_source in budgets:
+            rows = args.batch_size * per_source
+            if (need := rows * tokens * per_token) > available:
+                fanned = per_source > 1
+                raise EvalError(f"{flag} {tokens}: {label}'s KV cache for --batch-size {args.batch_size} "
+                                f"{f'x --judge-quality {per_source} = {rows} ' if fanned else ''}rows of {tokens} "
+                                f"positions needs {need / 2**30:.0f} GiB, more than the {available / 2**30:.0f} GiB "
+                                f"of this device; lower {flag}, --batch-size{' or --judge-quality' if fanned else ''}")
 
 
 def check_args(args) -> tuple[dict[str, str], list[Metric], dict[str, dict]]:
     """Every flag and combination, right after parsing: seconds, no model loaded, nothing written. Each problem
     is one EvalError (or testsets' TestSetError) naming the flag and what would be valid. Returns models by label,
     metrics, fingerprints."""
+    check_run_flags(args)
     for flag, (least, bound, valid) in NUMBER_FLAGS.items():
-        if not least <= (value := getattr(args, flag[2:].replace("-", "_"))) < bound:
+        if not least <= (value := getattr(args, dest(flag))) < bound:
             raise EvalError(f"{flag} {value}: must be {valid}")
     check_device(args.device)
-    metrics = parse_metrics(args.metrics)
+    # the sampler would refuse it only after the model loaded
+    if args.decode == "kernel" and args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise EvalError("--decode kernel: Triton runs on CUDA, or on CPU in its interpreter (TRITON_INTERPRET=1); "
+                        "here use auto or sdpa")
+    metrics = [] if args.judge_quality else parse_metrics(args.metrics)
     check_set_flags(args)
     if not args.model and not args.plain_model:
         raise EvalError("no model: give --model DIR (the training prompt) or --plain-model DIR (the plain prompt)")
@@ -664,6 +700,12 @@ def check_args(args) -> tuple[dict[str, str], list[Metric], dict[str, dict]]:
                         f"(a judge asked with the training judge prompt), not --plain-model")
     if (args.candidates or args.judge_mode != "pointwise") and not args.judge_quality:
         raise EvalError("--candidates and --judge-mode are for --judge-quality K")
+    if args.judge_quality and not args.candidates and args.temperature == 0:
+        raise EvalError(f"--temperature 0: --judge-quality samples its {args.judge_quality} candidates per source, "
+                        f"and greedy ones would all be the same translation; give T > 0 (default "
+                        f"{CANDIDATE_TEMPERATURE:g})")
+    # read (and each line checked) now; whether it covers every source once the sets are read (check_loaded_sets)
+    args.given_candidates = read_candidates(args.candidates, args.judge_quality) if args.candidates else None
     fingerprints = {label: fingerprint(path) for label, path in models.items()}
     check_cache_fits(args, models, judged=any(m.label == SELF_JUDGE for m in metrics) or bool(args.judge_quality))
     # --judge-quality recomputes everything and resumes nothing: its files never mix with a translation run's
@@ -704,9 +746,9 @@ def parse_args(argv=None):
     p.add_argument("--src-lang", metavar="CODE",
                    help=f"source language of a plain-text --src: {', '.join(LANGUAGES)}")
     p.add_argument("--tgt-lang", metavar="CODE", help="target language of a plain-text --src, another of those")
-    p.add_argument("--metrics", default="xcomet-xxl,cometkiwi-xxl,bleu,chrf", metavar="LIST",
+    p.add_argument("--metrics", metavar="LIST",
                    help=f"comma-separated metrics; {METRIC_NAMES}. Anything else stops before any work "
-                        f"(default: %(default)s)")
+                        f"(default: {DEFAULTS['metrics']}; not with --judge-quality)")
     p.add_argument("--out", default="out/eval", metavar="DIR",
                    help="output directory, created if missing; a rerun resumes from what is there, and refuses "
                         "other settings or another checkpoint under a known label (default: %(default)s)")
@@ -716,19 +758,21 @@ def parse_args(argv=None):
     p.add_argument("--think-prefill", action="store_true",
                    help="start each --model response and self-judge judgement with <think> (as training with "
                         "--think-prefill does)")
-    p.add_argument("--strip-quotes", action="store_true",
+    p.add_argument("--strip-quotes", action="store_true", default=None,
                    help="score each answer without the quotation marks it is wrapped in when its source is not (the "
-                        "artifact the 'quoted' column counts); the rows say +strip-quotes. Default: as written")
-    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
-                   help="sampling temperature, >= 0; 0 = greedy (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, metavar="N",
-                   help="sampling seed when --temperature > 0 and of --judge-quality's candidates, in [0, 2**63); a "
-                        "sampled output depends on it and its own prompt alone (default: %(default)s)")
+                        "artifact the 'quoted' column counts); the rows say +strip-quotes. Default: as written. "
+                        "Not with --judge-quality")
+    p.add_argument("--temperature", type=float, metavar="T",
+                   help=f"sampling temperature of the translations, >= 0; 0 = greedy (default: 0). With "
+                        f"--judge-quality, of its candidates, > 0 (default: {CANDIDATE_TEMPERATURE:g})")
+    p.add_argument("--seed", type=int, metavar="N",
+                   help=f"sampling seed when --temperature > 0 and of --judge-quality's candidates, in [0, 2**63); a "
+                        f"sampled output depends on it and its own prompt alone (default: {DEFAULTS['seed']})")
     p.add_argument("--batch-size", type=int, default=64, metavar="N",
                    help="segments translated (and saved) per batch, >= 1 (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=2048, metavar="N",
-                   help="token budget of one translation, thinking included, >= 1; WMT24 segments are "
-                        "paragraphs (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, metavar="N",
+                   help=f"token budget of one translation (or --judge-quality candidate), thinking included, >= 1; "
+                        f"WMT24 segments are paragraphs (default: {DEFAULTS['max_new_tokens']})")
     p.add_argument("--judge-max-new-tokens", type=int, default=1024, metavar="N",
                    help=f"token budget of one {SELF_JUDGE} judgement, >= 1 (default: %(default)s)")
     p.add_argument("--judge-score", default="text", choices=judge.JUDGE_SCORES,
@@ -738,20 +782,22 @@ def parse_args(argv=None):
                         "which is appended when the judge wrote none): never a parse failure (default: %(default)s)")
     p.add_argument("--judge-quality", type=int, default=0, metavar="K",
                    help="instead of translating: K >= 2 candidate translations per source from the model asked plainly "
-                        "(T = 1), judged by the model with the training judge prompt, and the judge's order compared "
-                        "with the candidates' reference chrF: pairwise accuracy over the candidate pairs whose chrF "
-                        "and judge scores both differ (pairs with equal chrF, equal judge scores, or a failed "
-                        "judgement are counted apart, never as agreement or a score of 0), a 95%% percentile "
-                        "bootstrap interval over sources, Kendall tau-b per source averaged, parse failures by kind; "
-                        "plus a trivial judge (length closest to the source's) on the same candidates")
+                        "(sampled at --temperature, default 1, from --seed), judged by the model with the training "
+                        "judge prompt, and the judge's order compared with the candidates' reference chrF: pairwise "
+                        "accuracy over the candidate pairs whose chrF and judge scores both differ (pairs with equal "
+                        "chrF, equal judge scores, or a failed judgement are counted apart, never as agreement or a "
+                        "score of 0), a 95%% percentile bootstrap interval over sources, Kendall tau-b per source "
+                        "averaged, parse failures by kind; plus a trivial judge (length closest to the source's) on "
+                        "the same candidates. --metrics, --comet-batch-size and --strip-quotes are refused; with "
+                        "--candidates, so are --temperature, --seed and --max-new-tokens")
     p.add_argument("--judge-mode", default="pointwise", choices=["pointwise", "group"],
                    help="--judge-quality: one candidate per judgement, or a source's K candidates in one group "
                         "judgement, as training's --judge-mode (default: %(default)s)")
     p.add_argument("--candidates", metavar="FILE",
                    help="--judge-quality: read the candidates instead of sampling them, jsonl {\"src\": ..., "
                         "\"candidates\": [K strings]} per source (a run writes OUT/<label>/<set>/candidates.jsonl)")
-    p.add_argument("--comet-batch-size", type=int, default=16, metavar="N",
-                   help="segments per COMET forward, >= 1 (default: %(default)s)")
+    p.add_argument("--comet-batch-size", type=int, metavar="N",
+                   help=f"segments per COMET forward, >= 1 (default: {DEFAULTS['comet_batch_size']})")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N: the translation models and COMET (default: %(default)s)")
     p.add_argument("--decode", default="auto", choices=DECODE_MODES,
@@ -762,9 +808,24 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_loaded_sets(sets: list[TestSet], metrics: list[Metric], args):
+    """What needs the test sets read, checked before any model loads: BLEU's tokenizer for each target language
+    runs here (Japanese and Korean need MeCab), and --candidates holds candidates for every source."""
+    for ts in sets:
+        if any(m.label == "bleu" for m in metrics):
+            try:
+                bleu_tokenizer(ts.tgt_lang)
+            except DataError as e:
+                raise EvalError(f"--metrics bleu on {ts.name}: {e}") from None
+        if args.given_candidates is not None and (missing := [s for s in ts.srcs if s not in args.given_candidates]):
+            raise EvalError(f"--candidates {args.candidates}: no candidates for {len(missing)} sources of {ts.name}, "
+                            f"e.g. {missing[0]!r}")
+
+
 def run(args):
     models, metrics, fingerprints = check_args(args)
     sets = load_sets(args)  # reads (or downloads) the test data: still nothing written
+    check_loaded_sets(sets, metrics, args)
     out = Path(args.out)
     # two evals writing one --out would interleave its segment files: the --out is held like ssr's --out-dir
     release = lock(out, "--out", "eval")

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import sacrebleu
 import torch
 
-from data import LANGUAGES, language_name
+from data import LANGUAGES, bleu_tokenizer, language_name
 
 
 class RewardError(ValueError):
@@ -591,11 +591,11 @@ def pairwise_agreement(parts: list[RewardParts], group_size: int) -> tuple[float
 
 def reference_score(answer: str, ref: str, metric: str, tgt_lang: str) -> float:
     """sacrebleu's sentence-level chrF (its defaults) or BLEU of a translation against its reference, 0-100.
-    BLEU counts word n-grams and Chinese has no spaces: 13a would make a whole sentence one "word"."""
+    BLEU's tokenizer is the target language's (data.bleu_tokenizer: zh, ja-mecab, ko-mecab, else 13a), as eval's."""
     if metric == "chrf":
         return sacrebleu.sentence_chrf(answer, [ref]).score
     if metric == "bleu":
-        return sacrebleu.sentence_bleu(answer, [ref], tokenize="zh" if tgt_lang == "zh" else "13a").score
+        return sacrebleu.sentence_bleu(answer, [ref], tokenize=bleu_tokenizer(tgt_lang)).score
     raise RewardError(f"unknown reference metric {metric!r} (chrf or bleu)")
 
 

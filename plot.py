@@ -58,15 +58,21 @@ def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [s for s, _ in points], [v for _, v in points]
 
 
-def plot(run_dirs: list[Path], out: Path):
-    import matplotlib
+def plot(run_dirs: list[Path], out_arg: str):
+    out = Path(out_arg)
+    if not out.name:  # '', '.' or '/': nothing to write to
+        raise PlotError(f"--out {out_arg!r}: not a file name; give the PNG to write, e.g. curves.png")
+    if out.is_dir():  # a PNG cannot replace a directory: refused before any drawing, leaving nothing behind
+        raise PlotError(f"--out {out}: is a directory; give the PNG to write, e.g. {out / 'curves.png'}")
+    if not out.parent.is_dir():
+        raise PlotError(f"--out {out}: no such directory {out.parent}")
+    runs = {str(d): read_metrics(d) for d in run_dirs}
+
+    import matplotlib  # after the checks: bad input is refused without loading it
     matplotlib.use("Agg")  # files only: no display on a training box
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    if not out.parent.is_dir():
-        raise PlotError(f"--out {out}: no such directory {out.parent}")
-    runs = {str(d): read_metrics(d) for d in run_dirs}
     panels = {title: keys for title, keys in PANELS.items()
               if any(series(rows, k)[0] for rows in runs.values() for k in keys)}
     if not panels:
@@ -94,20 +100,30 @@ def plot(run_dirs: list[Path], out: Path):
     fig.tight_layout()
     # written to a temporary name, then renamed: a reader never sees half a PNG
     tmp = out.with_name(out.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        fig.savefig(tmp, format="png", dpi=80)
+        os.replace(tmp, out)
+    except OSError as e:  # a full disk, a quota, a directory turned read-only: no half PNG left behind
+        tmp.unlink(missing_ok=True)
+        raise PlotError(f"--out {out}: cannot write it ({e.strerror or e})") from None
+    finally:
+        plt.close(fig)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit status 2, not argparse's usage block
+        self.exit(2, f"plot: error: {message}\n")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="plot", description="draw runs' metrics.jsonl as PNG curves")
+    p = Parser(prog="plot", description="draw runs' metrics.jsonl as PNG curves")
     p.add_argument("runs", nargs="+", type=Path, help="run directories (ssr.py --out-dir), each with metrics.jsonl")
-    p.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    p.add_argument("--out", required=True, help="the PNG to write")
     args = p.parse_args(argv)
     try:
         plot(args.runs, args.out)
     except PlotError as e:
-        p.exit(2, f"plot: error: {e}\n")
+        p.error(str(e))
     print(f"wrote {args.out}")
 
 

@@ -204,8 +204,13 @@ def check_memory(cpu: bool, device, dtype) -> bool:
 CHECKS = {"decode": check_decode, "graphs": check_graphs, "memory": check_memory}
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit status 2 (an unknown step, none given), not a usage block
+        self.exit(2, f"gpu_check: error: {message}\n")
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = Parser(prog="gpu_check.py", description=__doc__.split("\n")[0])
     ap.add_argument("check", choices=CHECKS)
     ap.add_argument("--cpu", action="store_true", help="run on CPU: Triton's interpreter, aot_eager, fewer layers")
     args = ap.parse_args(argv)

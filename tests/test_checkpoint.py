@@ -166,6 +166,11 @@ def test_missing_tokenizer(tmp_path, tiny_model_dir):
     ({"vocab_size": True}, "vocab_size is True; it must be a whole number >= 1"),
     ({"rope_theta": "1e6"}, "rope_theta is '1e6'; it must be a finite number > 0"),
     ({"rms_norm_eps": -1}, "rms_norm_eps is -1; it must be a finite number > 0"),
+    # null is not "use the default": a null rope_theta means "no RoPE" to some families
+    ({"rope_theta": None}, "rope_theta is null; it must be a finite number > 0"),
+    ({"rms_norm_eps": None}, "rms_norm_eps is null; it must be a finite number > 0"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": None}},
+     "rope_parameters.rope_theta is null; it must be a finite number > 0"),
     ({"num_key_value_heads": 3}, "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
     ({"hidden_size": 66, "head_dim": None}, "hidden_size 66 is not a multiple of num_attention_heads 4"),
     ({"rope_scaling": "yes"}, "rope_scaling is 'yes'; it must be a JSON object"),
@@ -198,3 +203,19 @@ def test_convert_gguf_cli_errors_are_one_line(tmp_path, capsys):
             main(argv)
         assert exit_info.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [line]
     assert not (tmp_path / "o").exists()
+
+
+def test_null_config_value_through_ssr_plan_judge_model(tmp_path, tiny_model_dir, data_file, capsys):
+    """`ssr.py --plan --judge-model DIR`, a judge whose config.json says "rope_theta": null: one line naming the file,
+    exit status 2 (the plan reads the judge's config too), not a TypeError from float(None)."""
+    import ssr
+
+    judge_dir = copy_dir(tiny_model_dir, tmp_path / "judge")
+    cfg = json.loads((judge_dir / "config.json").read_text())
+    (judge_dir / "config.json").write_text(json.dumps(cfg | {"rope_theta": None}))
+    with pytest.raises(SystemExit) as exit_info:
+        ssr.main(["--plan", "--model", str(tiny_model_dir), "--judge-model", str(judge_dir), "--data", str(data_file),
+                  "--out-dir", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"ssr: error: {judge_dir / 'config.json'}: rope_theta is null; it must be a finite number > 0"]

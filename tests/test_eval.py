@@ -55,6 +55,20 @@ def test_bleu_chrf_equal_sacrebleu_with_zh_tokenization():
     sent = ev.sentence_scores(row, testsets.TestSet("t", "en", "zh", SRCS, REFS, "test"))
     assert sent["bleu"] == sacrebleu.sentence_bleu(hyps[0], [REFS[0]], tokenize="zh").score
 
+def test_bleu_for_japanese_and_korean_targets_uses_mecab():
+    """Japanese and Korean are written without spaces between words: BLEU is sacrebleu's with its MeCab tokenizer
+    (data.bleu_tokenizer, as --ref-metric bleu and paired_bootstrap.py), where 13a scored a near-identical Japanese
+    answer 0.0."""
+    for lang, hyps, refs in (("ja", ["今日はとても良い天気です。", "猫が好きです。"], ["今日はとても良い天気ですね。", "私は猫が好きです。"]),
+                             ("ko", ["오늘은 날씨가 아주 좋아요.", "고양이를 좋아해요."], ["오늘은 날씨가 아주 좋네요.", "저는 고양이를 좋아해요."])):
+        ts = testsets.TestSet("t", "en", lang, ["x", "y"], refs, "test")
+        corpus = ev.corpus_scores([{"hyp": h, "ref": r} for h, r in zip(hyps, refs)], ts)
+        assert corpus["bleu"] == sacrebleu.corpus_bleu(hyps, [refs], tokenize=f"{lang}-mecab").score > 30
+        sent = ev.sentence_scores({"hyp": hyps[0], "ref": refs[0]}, ts)
+        assert sent["bleu"] == sacrebleu.sentence_bleu(hyps[0], [refs[0]], tokenize=f"{lang}-mecab").score > 30
+    assert sacrebleu.sentence_bleu("今日はとても良い天気です。", ["今日はとても良い天気ですね。"]).score == 0  # 13a
+
+
 
 def fake_comet(path):
     """What parse_metrics checks of a local COMET checkpoint: checkpoints/model.ckpt next to hparams.yaml."""
@@ -190,6 +204,8 @@ def test_failed_extractions_self_judge_comet_and_two_models(tiny_model_dir, tiny
         assert [row["hyp"] for row in rows] == hyps
         assert [row["raw"] for row in rows] == [RESPONSES[s] for s in SRCS]  # raw kept, EOS skipped
         assert [row["extracted"] for row in rows] == [True, False, True, False, True]
+        # what scripts/paired_bootstrap.py picks BLEU's tokenizer from
+        assert {(row["src_lang"], row["tgt_lang"]) for row in rows} == {("en", "zh")}
         assert [row["judge_parsed"] for row in rows] == [True, True, False, True, True]
         assert [row["judge_failure"] for row in rows] == [None, None, "no_number", None, None]
         # COMET: the tiny checkpoints through the real loading path; the oracle is COMET's own predict, x100
@@ -364,10 +380,17 @@ def bad_flag_cases(tmp_path, model):
         lacking[missing] = shutil.copytree(model, tmp_path / f"no_{missing}", ignore=shutil.ignore_patterns(missing))
     jsonl = tmp_path / "t.jsonl"
     jsonl.write_text('{"src": "a", "ref": "b", "src_lang": "en", "tgt_lang": "zh"}\n')
+    candidates = tmp_path / "candidates.jsonl"
+    candidates.write_text(json.dumps({"src": SRCS[0], "candidates": ["a", "b"]}) + "\n")
+    (tmp_path / "broken.jsonl").write_text('{"src": "a", "candidates": ["a", "b"]}\n{"src": \n')
 
     def run(*flags, out=tmp_path / "out", metrics="bleu", src=local, models=(model,)):
-        return [*(f for m in models for f in ("--model", str(m))), *src, "--metrics", metrics, "--out", str(out),
+        given_metrics = ["--metrics", metrics] if metrics is not None else []
+        return [*(f for m in models for f in ("--model", str(m))), *src, *given_metrics, "--out", str(out),
                 "--device", "cpu", *flags]
+
+    def quality(*flags):  # --judge-quality, which takes no --metrics
+        return run("--judge-quality", "2", *flags, metrics=None)
 
     cases = [
         ("unknown metric", run(metrics="bleu,bleuu"), "--metrics bleuu: unknown metric; valid: bleu, chrf"),
@@ -405,6 +428,23 @@ def bad_flag_cases(tmp_path, model):
         ("--device", run("--device", "tpu"), "--device tpu: expected cpu, cuda or cuda:N"),
         ("--max-new-tokens too large for memory", run("--max-new-tokens", str(10**12)),
          "--max-new-tokens 1000000000000: "),
+        ("--decode kernel without Triton", run("--decode", "kernel"),
+         "--decode kernel: Triton runs on CUDA, or on CPU in its interpreter (TRITON_INTERPRET=1); here use auto"),
+        # --judge-quality: K candidates a source share the cache; every flag it would not use is refused
+        ("--judge-quality K's candidates outgrow memory", run("--judge-quality", "100000", metrics=None),
+         "--max-new-tokens 2048: tiny_qwen20's KV cache for --batch-size 64 x --judge-quality 100000 = 6400000 rows"),
+        ("--metrics under --judge-quality", run("--judge-quality", "2"),
+         "--metrics is not used here: --judge-quality compares the judge with the candidates' reference chrF"),
+        ("--strip-quotes under --judge-quality", quality("--strip-quotes"), "--strip-quotes is not used here"),
+        ("--comet-batch-size under --judge-quality", quality("--comet-batch-size", "4"),
+         "--comet-batch-size is not used here"),
+        ("greedy candidates", quality("--temperature", "0"),
+         "--temperature 0: --judge-quality samples its 2 candidates per source, and greedy ones would all be the same"),
+        *((f"{flag} with --candidates", quality("--candidates", str(candidates), flag, "1"),
+           f"{flag} is not used here: --candidates gives the candidates, so none is sampled")
+          for flag in ("--temperature", "--seed", "--max-new-tokens")),
+        ("a broken --candidates file", quality("--candidates", str(tmp_path / "broken.jsonl")),
+         "broken.jsonl:2: not JSON"),
     ]
     (tmp_path / "locked").mkdir(mode=0o500)  # root writes there all the same: the test below denies it to root too
     cases.append(("--out not writable", run(out=tmp_path / "locked" / "out"), "locked is not writable"))
@@ -417,6 +457,7 @@ def test_bad_flags_are_one_line_before_any_work(tiny_model_dir, tmp_path, monkey
 
     monkeypatch.setattr(ev, "load_pretrained", no_model)
     monkeypatch.setattr(ev, "load_sets", no_model)  # test data is read only after every flag passed
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # a test module that runs kernels on CPU may have set it
     access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path).name != "locked" and access(path, mode))
     for what, argv, message in bad_flag_cases(tmp_path, tiny_model_dir):
@@ -429,6 +470,49 @@ def test_bad_flags_are_one_line_before_any_work(tiny_model_dir, tmp_path, monkey
         assert len(lines) == 1 and lines[0].startswith("eval: error: ") and message in lines[0], (what, err)
         assert out == "" and seconds < 5, what
         assert sorted(tmp_path.rglob("*")) == before, what  # nothing written, no output folder created
+
+
+def test_bleu_without_mecab_is_refused_before_any_model_loads(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """BLEU on a Japanese target on a machine without MeCab (the GPU machine installs no requirements; sacrebleu
+    marks a failed `import MeCab` by setting its module's MeCab to None, as here): one line, exit status 2, once the
+    set is read and before any model loads or anything is written under --out."""
+    from sacrebleu.tokenizers import tokenizer_ja_mecab
+
+    def no_model(*args, **kw):
+        raise AssertionError("a model was loaded before the sets were checked")
+
+    monkeypatch.setattr(ev, "load_pretrained", no_model)
+    out = tmp_path / "out"
+    write_local(tmp_path, SRCS[:2], REFS[:2])
+    (tmp_path / "test.ja").write_text("猫はマットの上にいます。\n今日は天気がいいです。\n", encoding="utf-8")
+    japanese = ["--src", str(tmp_path / "test.en"), "--ref", str(tmp_path / "test.ja"), "--src-lang", "en",
+                "--tgt-lang", "ja", "--metrics", "chrf,bleu"]
+    ev.bleu_tokenizer.cache_clear()  # a check that passed earlier in this process is remembered
+    monkeypatch.setattr(tokenizer_ja_mecab, "MeCab", None)
+    assert ev.main(["--model", str(tiny_model_dir), "--device", "cpu", "--out", str(out), *japanese]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "eval: error: --metrics bleu on test: BLEU for Japanese targets needs sacrebleu's ja-mecab tokenizer, which "
+        "needs mecab-python3 ipadic (pinned in requirements.txt; pip install -r requirements.txt), or score with chrF "
+        "instead")
+    assert not out.exists()
+
+
+def test_candidates_for_another_set_are_refused_before_any_model_loads(tiny_model_dir, tmp_path, monkeypatch,
+                                                                     capsys):
+    """--candidates written for another set: one line, exit status 2, once the set is read and before any model
+    loads or anything is written under --out (it was refused only after the model had loaded)."""
+    def no_model(*args, **kw):
+        raise AssertionError("a model was loaded before the sets were checked")
+
+    monkeypatch.setattr(ev, "load_pretrained", no_model)
+    other_set = tmp_path / "candidates.jsonl"
+    other_set.write_text(json.dumps({"src": "another sentence", "candidates": ["a", "b"]}) + "\n")
+    out = tmp_path / "out"
+    assert ev.main(["--model", str(tiny_model_dir), *write_local(tmp_path), "--device", "cpu", "--out", str(out),
+                    "--judge-quality", "2", "--candidates", str(other_set)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (f"eval: error: --candidates {other_set}: no candidates for 5 "
+                                                        f"sources of test, e.g. {SRCS[0]!r}")
+    assert not out.exists()
 
 
 def test_bad_flags_through_the_cli(tiny_model_dir, tmp_path):
@@ -574,6 +658,15 @@ def test_pair_counts_accuracy_and_tau_by_hand():
     assert ev.kendall_tau_b([1, 2, 2, 3], [1, 3, 2, 2]) == pytest.approx(kendalltau([1, 2, 2, 3], [1, 3, 2, 2]).statistic)
 
 
+def test_bootstrap_interval_resamples_sources_with_replacement():
+    """Two sources of one pair each, one the judge gets right and one it gets wrong. Two sources drawn with
+    replacement give accuracy 1 (p 1/4), 0 (p 1/4) or 0.5: the 2.5th and 97.5th percentiles of the 2000 resamples
+    are 0 and 1, exactly. Drawn without replacement, every resample would be the two sources again and the
+    interval would collapse to the point estimate, 0.5."""
+    stats = ev.quality_stats([{"chrf": [10, 20], "scores": [1, 2]}, {"chrf": [10, 20], "scores": [2, 1]}])
+    assert stats["accuracy"] == 0.5 and stats["interval"] == (0.0, 1.0)
+
+
 def test_judge_quality_end_to_end(tiny_model_dir, tmp_path, monkeypatch, capsys):
     """Sampled candidates from one prefill per source (group fan-out), judged as a group by their text; then
     written candidates (--candidates) judged pointwise by the expected score, chrF by sacrebleu, and the accuracy
@@ -587,10 +680,11 @@ def test_judge_quality_end_to_end(tiny_model_dir, tmp_path, monkeypatch, capsys)
 
     monkeypatch.setattr(Sampler, "generate", recording_generate)
     out = tmp_path / "out"
-    argv = ["--model", str(tiny_model_dir), *write_local(tmp_path), "--device", "cpu", "--max-new-tokens", "6",
-            "--judge-max-new-tokens", "4", "--batch-size", "2", "--judge-quality", "3"]
-    assert ev.main(argv + ["--judge-mode", "group", "--out", str(out)]) == 0
-    assert calls[:3] == [(2, 3, 1.0), (2, 3, 1.0), (1, 3, 1.0)]  # 5 sources, 2 a batch, 3 candidates each
+    argv = ["--model", str(tiny_model_dir), *write_local(tmp_path), "--device", "cpu", "--judge-max-new-tokens", "4",
+            "--batch-size", "2", "--judge-quality", "3"]
+    sampling = ["--max-new-tokens", "6", "--temperature", "0.7", "--seed", "3"]  # the candidates' (default T: 1)
+    assert ev.main(argv + sampling + ["--judge-mode", "group", "--out", str(out)]) == 0
+    assert calls[:3] == [(2, 3, 0.7), (2, 3, 0.7), (1, 3, 0.7)]  # 5 sources, 2 a batch, 3 candidates each
     assert all(group == 1 and temperature == 0.0 for _, group, temperature in calls[3:])  # the judge, greedy
     label = Path(tiny_model_dir).name
     sampled = [json.loads(line) for line in (out / label / "test" / "candidates.jsonl").read_text().splitlines()]
@@ -626,6 +720,12 @@ def test_judge_quality_end_to_end(tiny_model_dir, tmp_path, monkeypatch, capsys)
     assert printed.rstrip().splitlines()[-1] == (f"judge pairwise accuracy: {agree / pairs:.3f} over {pairs} pairs "
                                                  f"(mode pointwise, score expected)")
     assert "| length closest to source | test |" in printed
+    # the trivial judge by hand: every candidate (the reference, its first half, "猫") is shorter than its English
+    # source, so the longer one is the closer; chrF orders them the same way (100 > half > "猫", no ties): it agrees
+    # on all 5 x 3 pairs
+    baseline = json.loads((out / "judge-quality-pointwise-expected.json").read_text())[1]
+    assert baseline["judge"] == "length closest to source"
+    assert (baseline["accuracy"], baseline["pairs"], baseline["agree"]) == (1.0, 15, 15)
     # bad candidates: one line naming the file and line
     candidates.write_text('{"src": "x", "candidates": ["a"]}\n')
     assert ev.main(argv + ["--candidates", str(candidates), "--out", str(tmp_path / "bad")]) == 2

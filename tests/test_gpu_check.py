@@ -57,3 +57,15 @@ def test_memory_cli():
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "PASS memory: KV cache: 8.31 GiB allocated by KVCache = plan row 8.31 GiB" in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["decod"], "argument check: invalid choice: 'decod' (choose from 'decode', 'graphs', 'memory')"),
+    ([], "the following arguments are required: check"),
+])
+def test_bad_step_is_one_line(args, message):
+    """A mistyped or missing step: one line and exit status 2, as every CLI of the project (not a usage block)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [f"gpu_check: error: {message}"]

@@ -13,11 +13,11 @@ import sacrebleu
 
 import judge
 from checkpoint import CheckpointError, load_comet
-from data import LANGUAGES, DataError, language_name
+from data import LANGUAGES, DataError, bleu_tokenizer, language_name
 from judge import (FAILURE_KINDS, R1_SYSTEM, STOP_STRINGS, CometScorer, Judgement, RewardError, actor_prompt,
                    check_answer, checked_answer, extract_answer, group_judge_prompt, in_target_script, judge_prompt,
                    judge_tasks, load_custom_reward, parse_group_judgement, parse_judgement, read_verdict,
-                   reward_stats, score_rollouts, spearman)
+                   reference_score, reward_stats, score_rollouts, spearman)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -360,6 +360,51 @@ def test_reference_reward_is_sacrebleus_sentence_score():
     assert reward_stats(mixed)["ref_metric_mean"] == pytest.approx(100.0)
     with pytest.raises(RewardError, match="w_ref != 0 needs every rollout's reference"):
         score_rollouts(good, None, w_self=0.0, w_ref=1.0)
+
+
+def test_bleu_tokenizer_is_sacrebleus_own_choice_for_every_language():
+    """data.bleu_tokenizer, the one mapping eval.py, --ref-metric bleu and paired_bootstrap.py share, against
+    sacrebleu's own choice for a target language (BLEU(trg_lang=...), what `sacrebleu -l` uses): zh, ja-mecab,
+    ko-mecab, 13a for the spaced languages; an unknown code is refused, not scored with a guess."""
+    from sacrebleu.metrics import BLEU
+
+    for code in LANGUAGES:
+        chosen = BLEU(trg_lang=code).tokenizer_signature  # "13a", "zh", "ja-mecab-0.996-IPA", "ko-mecab-..."
+        assert chosen.startswith(bleu_tokenizer(code)), (code, chosen)
+    assert bleu_tokenizer("ja") == "ja-mecab" and bleu_tokenizer("ko") == "ko-mecab"
+    with pytest.raises(DataError, match="unknown language code 'xx'"):
+        bleu_tokenizer("xx")
+
+
+@pytest.mark.parametrize("lang, answer, ref", [
+    ("ja", "今日はとても良い天気です。", "今日はとても良い天気ですね。"),
+    ("ko", "오늘은 날씨가 아주 좋아요.", "오늘은 날씨가 아주 좋네요."),
+])
+def test_reference_bleu_for_japanese_and_korean(lang, answer, ref):
+    """--ref-metric bleu on a Japanese or Korean target is sacrebleu's BLEU with its MeCab tokenizer: a near-identical
+    Japanese answer scored 0.0 under 13a (the sentence is one "word" without spaces)."""
+    (out,) = score_rollouts([f"<think>x</think> <answer>{answer}</answer>"], None, w_self=0.0, refs=[ref], w_ref=1.0,
+                            ref_metric="bleu", ref_langs=[lang])
+    assert out.ref_metric == pytest.approx(sacrebleu.sentence_bleu(answer, [ref], tokenize=f"{lang}-mecab").score)
+    assert out.ref_metric > 30
+    if lang == "ja":
+        assert sacrebleu.sentence_bleu(answer, [ref], tokenize="13a").score == 0  # what it scored before
+
+
+def test_bleu_without_mecab_is_one_line_naming_chrf(monkeypatch):
+    """A machine without MeCab (the GPU machine installs no requirements): BLEU on a Japanese target is one line
+    saying what to install, or to score with chrF, not sacrebleu's multi-line RuntimeError. sacrebleu marks a failed
+    `import MeCab` by setting its module's MeCab to None: the same state here."""
+    from sacrebleu.tokenizers import tokenizer_ja_mecab
+
+    bleu_tokenizer.cache_clear()  # a check that passed earlier in this process is remembered
+    monkeypatch.setattr(tokenizer_ja_mecab, "MeCab", None)
+    with pytest.raises(DataError) as err:
+        reference_score("今日は", "今日は", "bleu", "ja")
+    assert str(err.value) == ("BLEU for Japanese targets needs sacrebleu's ja-mecab tokenizer, which needs "
+                              "mecab-python3 ipadic (pinned in requirements.txt; pip install -r requirements.txt), or "
+                              "score with chrF instead")
+    assert reference_score("今日は", "今日は", "chrf", "ja") == pytest.approx(100.0)
 
 
 def test_judge_samples_average_parsed_judgements():
@@ -858,3 +903,35 @@ def test_expected_verdicts_equal_direct_log_probs(tiny_model_dir):
                       judge.Judgement(pytest.approx(mean(second), abs=1e-5))]
     assert got[3] == [judge.Judgement(None, "too_long")]
     assert all(0 <= j.score <= 100 for verdict in got[:3] for j in verdict)
+
+
+def test_expected_verdicts_cut_a_reasoning_that_fills_the_cache(tiny_model_dir):
+    """A judge's reasoning longer than the scorer's cache holds: the prefix keeps as much of it as fits, which is
+    exactly the longest prefix Sampler.score accepts (max_len - 1 tokens: the first digit is read at the next
+    position), prompt + the reasoning's first tokens + <answer>. One token longer is refused by the scorer (the
+    step would crash); one shorter would drop a reasoning token that fits and score another prefix."""
+    import torch
+
+    from checkpoint import load_pretrained, load_tokenizer
+    from sampler import Sampler
+
+    tok, model = load_tokenizer(tiny_model_dir), load_pretrained(tiny_model_dir, device="cpu").eval()
+    task = judge.judge_tasks([{"src": "hi", "src_lang": "en", "tgt_lang": "zh"}], ["你好"], [0], "pointwise", True)[0]
+    prompt, tail = tok.encode(task.prompt), tok.encode("<answer>")
+    text = "<think> the translation keeps the meaning and reads well" * 4  # wrote no <answer>: the budget ran out
+    head = tok.encode(text)
+    room = 10  # reasoning tokens that fit
+    max_len = len(prompt) + room + len(tail) + 1
+    assert len(head) > room + 1
+    sampler = Sampler(model, max_batch_size=1, max_seq_len=max_len, device="cpu", dtype=torch.float32)
+    with pytest.raises(ValueError, match="does not fit"):  # the boundary is the scorer's own
+        sampler.score([prompt + head[:room + 1] + tail], [tok.encode("0</answer>")])
+    scored = []
+
+    def score(prefixes, continuations):  # the real scorer, its prefixes kept to look at
+        scored.extend(prefixes)
+        return sampler.score(prefixes, continuations)
+
+    (verdict,) = judge.expected_verdicts(score, tok, [prompt], [text], [task], max_len)
+    assert scored == [prompt + head[:room] + tail] and len(scored[0]) == max_len - 1
+    assert verdict[0].failure is None and 0 <= verdict[0].score <= 100

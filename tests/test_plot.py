@@ -63,3 +63,39 @@ def test_bad_metrics_file_is_one_line(tmp_path, content, message):
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith(f"plot: error: {run / 'metrics.jsonl'}{message}"), line
     assert not (tmp_path / "x.png").exists()
+
+
+def test_bad_command_lines_are_one_line(tmp_path):
+    """No arguments, an empty --out, an --out that is a directory: one line, exit 2, nothing written (a directory
+    --out used to be drawn, saved as DIR.tmp and left there when the rename onto the directory failed)."""
+    pytest.importorskip("matplotlib")
+    run = write_run(tmp_path / "run", [{"step": 1, "reward_mean": 0.5}])
+    (tmp_path / "curves.png").mkdir()
+    for args, message in [((), "the following arguments are required: runs, --out"),
+                          ((run, "--out", ""), "--out '': not a file name"),
+                          ((run, "--out", tmp_path / "curves.png"),
+                           f"--out {tmp_path / 'curves.png'}: is a directory")]:
+        proc = run_plot(*args)
+        assert proc.returncode == 2 and proc.stdout == ""
+        (line,) = proc.stderr.splitlines()
+        assert line.startswith(f"plot: error: {message}"), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "run"]
+
+
+def test_a_full_disk_at_savefig_is_one_line_and_leaves_nothing(tmp_path):
+    """The disk fills while the PNG is written: simulated without root by a file-size limit set in the plotting
+    process once matplotlib has loaded (RLIMIT_FSIZE; Python ignores SIGXFSZ, so a write past it fails with EFBIG
+    as one on a full disk fails with ENOSPC). One line, exit 2, neither the PNG nor its temporary file left."""
+    pytest.importorskip("matplotlib")
+    run = write_run(tmp_path / "run", [{"step": s, "reward_mean": 0.1 * s, "grad_norm": 1.0} for s in range(1, 6)])
+    out = tmp_path / "curves.png"
+    # the font cache is built (or read) before the limit; a PNG of these panels is tens of kB
+    limited = ("import resource, runpy, sys; import matplotlib.font_manager; "
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048)); "
+               "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    # no .pyc under the limit: a module compiled there would be cached cut short, for every later run to trip on
+    proc = subprocess.run([sys.executable, "-B", "-c", limited, str(ROOT / "plot.py"), str(run), "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.splitlines() == [f"plot: error: --out {out}: cannot write it (File too large)"]
+    assert not out.exists() and not (tmp_path / "curves.png.tmp").exists()
