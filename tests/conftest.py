@@ -8,10 +8,39 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from checkpoint import CheckpointError, convert_gguf, make_tiny_model, smollm2_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Triton's interpreter (TRITON_INTERPRET=1) runs the kernels on CPU tensors. Whether a kernel is interpreted is fixed
+# when its module is imported, so the session decides it here, before any test module imports one: without a GPU the
+# interpreter is the only way Triton runs at all. On a CUDA host the kernels compile for the GPU; a CPU case of Triton
+# code then skips (require_interpreted_triton says why) and its CUDA case runs the kernels for real. No test module
+# branches on torch.cuda.is_available() to set this up (on a GPU that once failed four tests, as tests/cuda_host.py
+# shows on any machine).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def require_interpreted_triton():
+    """A CPU case of Triton code calls this first: it runs only where the kernels were imported interpreted, and
+    sets what production code checks to allow Triton on CPU (sampler.Sampler, ssr.validate, eval.check_args)."""
+    from kernels import decode_attention, logprobs_triton
+
+    kernels = (decode_attention._split_kernel, decode_attention._merge_kernel, logprobs_triton._stats_kernel,
+               logprobs_triton._grad_kernel)
+    if not all(type(k).__name__ == "InterpretedFunction" for k in kernels):
+        pytest.skip("Triton's interpreter is off here (the kernels were compiled for a GPU when imported): the "
+                    "CUDA run of this code covers it (its cuda case, or scripts/gpu_checks.sh)")
+    os.environ["TRITON_INTERPRET"] = "1"  # already so: the session set it before the kernels were imported
+
+
+@pytest.fixture
+def triton_cpu():
+    """The fixture form of require_interpreted_triton, for tests whose every case runs Triton on CPU tensors."""
+    require_interpreted_triton()
 
 
 def free_port() -> int:
@@ -124,9 +153,7 @@ def tiny_comet_ref_dir(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------------------------------
-# the training loop's tiny models and data (test_ssr.py, test_run_safety.py): built once per test run. The
-# project modules are imported inside the fixtures: importing ssr here would import the sampler's kernels before
-# test_sampler.py sets TRITON_INTERPRET for them
+# the training loop's tiny models and data (test_ssr.py, test_run_safety.py): built once per test run
 
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -1,21 +1,15 @@
 """kernels/decode_attention.py: the Triton decode-attention kernel and its torch reference, each against
 torch's own scaled_dot_product_attention run row by row on exactly that row's live keys.
 
-Without a GPU the kernel runs in Triton's interpreter on CPU tensors; with one it compiles for real on CUDA.
+Without a GPU the kernel runs in Triton's interpreter on CPU tensors (conftest.require_interpreted_triton); with one
+it compiles for real on CUDA.
 """
-import os
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    # read when @triton.jit decorates, i.e. when kernels.decode_attention is imported: set it first
-    assert "kernels.decode_attention" not in sys.modules, "kernels.decode_attention imported before this test"
-    os.environ["TRITON_INTERPRET"] = "1"
-
-from kernels.decode_attention import decode_attention, decode_attention_torch, plan_splits  # noqa: E402
+from conftest import require_interpreted_triton
+from kernels.decode_attention import decode_attention, decode_attention_torch, plan_splits
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # live positions per row: one key only, block edges (BLOCK_N = 64), and rows far longer than the rest
@@ -51,6 +45,8 @@ def sdpa_rows(q, k, v, pos):
 @pytest.mark.parametrize("H,Hkv,D,dtype,num_splits", [(4, 4, 64, torch.float32, 3), (14, 2, 64, torch.bfloat16, 1),
                                                       (8, 2, 128, torch.bfloat16, 3), (8, 2, 128, torch.float32, 1)])
 def test_kernel_matches_sdpa(H, Hkv, D, dtype, num_splits):
+    if DEVICE == "cpu":
+        require_interpreted_triton()
     q, k, v, pos = case(H, Hkv, D, dtype)
     out = decode_attention(q, k, v, pos, length=201, num_splits=num_splits)
     assert out.shape == q.shape and out.dtype == dtype
@@ -58,6 +54,8 @@ def test_kernel_matches_sdpa(H, Hkv, D, dtype, num_splits):
 
 
 def test_kernel_head_dim_not_a_power_of_two():
+    if DEVICE == "cpu":
+        require_interpreted_triton()
     q, k, v, pos = case(6, 2, 80, torch.float32, pos=[17, 0, 130])
     out = decode_attention(q, k, v, pos)  # default length (the whole slot) and split plan
     torch.testing.assert_close(out, sdpa_rows(q, k, v, pos), atol=2e-5, rtol=2e-5)

@@ -11,13 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # the decode kernel runs in Triton's interpreter here; it is read when kernels.decode_attention is imported
-    assert "kernels.decode_attention" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1"
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import sampler as sampler_module  # noqa: E402
-from kernels import decode_attention  # noqa: E402
+import sampler as sampler_module
+from conftest import require_interpreted_triton
+from kernels import decode_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -28,7 +24,9 @@ CPU = torch.device("cpu")
 
 @pytest.fixture
 def cpu_backends(monkeypatch):
-    """What `--cpu` sets for the whole process, undone after each test."""
+    """What `--cpu` sets for the whole process, undone after each test (the kernel in Triton's interpreter: on a CUDA
+    host, where it is compiled for the GPU, these CPU twins skip; gpu_checks.sh runs the real ones)."""
+    require_interpreted_triton()
     monkeypatch.setattr(sampler_module, "COMPILE_BACKEND", "aot_eager")
     monkeypatch.setattr(decode_attention, "sm_count", decode_attention.sm_count)
 
@@ -69,3 +67,17 @@ def test_bad_step_is_one_line(args, message):
                           text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.splitlines() == [f"gpu_check: error: {message}"]
+
+
+def test_gpu_test_files_pass_as_a_cuda_host_sees_them():
+    """The kernel, sampler and gpu_check test files run as a GPU machine runs them (tests/cuda_host.py: is_available()
+    True, Triton's interpreter off): no test fails for a reason other than the missing GPU itself. Four did, on every
+    GPU machine, while this suite passed: CPU cases that counted on a module-level interpreter switch."""
+    files = ["tests/test_sampler.py", "tests/test_kernels.py", "tests/test_decode_attention.py",
+             "tests/test_gpu_check.py"]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "cuda_host", "-q", "-p", "no:cacheprovider", "-rs",
+                           "-k", "not as_a_cuda_host", *files], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env=os.environ | {"PYTHONPATH": str(ROOT / "tests")})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert proc.stdout.count("needs a real GPU: Torch not compiled with CUDA enabled") > 10, proc.stdout[-3000:]
+    assert "Triton's interpreter is off here" in proc.stdout  # the CPU cases of the kernels skip, saying why

@@ -2,30 +2,28 @@
 fp32 torch.log_softmax + gather on the same inputs: values and gradients.
 
 Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors; with one they also compile
-for real on CUDA tensors (every test is parametrized over the devices present).
+for real on CUDA tensors (every test is parametrized over the devices present). A Triton case on CPU tensors runs
+only in the interpreter (conftest.require_interpreted_triton): on a CUDA host it skips, saying why.
 """
-import os
-import sys
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # @triton.jit reads TRITON_INTERPRET when it decorates, i.e. when kernels.logprobs_triton is imported,
-    # so it must be set first. It stays set: without a GPU, interpreting is the only way Triton runs at all.
-    assert "kernels.logprobs_triton" not in sys.modules, "kernels.logprobs_triton imported before this test"
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import kernels  # noqa: E402
-from kernels import linear_token_logprobs, logprobs_torch, logprobs_triton, token_logprobs  # noqa: E402
+import kernels
+from conftest import require_interpreted_triton
+from kernels import linear_token_logprobs, logprobs_torch, logprobs_triton, token_logprobs
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-# Triton on CPU tensors only through the interpreter, which is off when a GPU is present
-BACKENDS = [(b, d) for d in DEVICES for b in ("torch", "triton")
-            if not (b == "triton" and d == "cpu" and torch.cuda.is_available())]
+BACKENDS = [(b, d) for d in DEVICES for b in ("torch", "triton")]
 # (atol, rtol) of values and gradients. bf16: the inputs are bf16 but the reference is fp32 math on them,
 # so only our bf16 gradient outputs (and, in the linear path, bf16 logits from the matmul) are rounded.
 TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (2e-2, 2e-2)}
+
+
+@pytest.fixture(autouse=True)
+def triton_on_cpu_needs_the_interpreter(request):
+    params = getattr(request.node, "callspec", None)
+    if params and params.params.get("backend") == "triton" and params.params.get("device") == "cpu":
+        require_interpreted_triton()
 
 
 @pytest.fixture(autouse=True)
@@ -212,6 +210,8 @@ def test_triton_at_production_blocks(monkeypatch, dtype):
     V = 3 * 4096 + 123
     assert logprobs_triton._launch_config(V)["BLOCK"] == 4096
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        require_interpreted_triton()
     logits, targets = hard_logits(5, V, device, dtype)
     targets[3] = 3 * 4096 + 7  # in the short last block
     g = torch.randn(5, generator=torch.Generator().manual_seed(1)).to(device)

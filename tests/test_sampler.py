@@ -1,10 +1,9 @@
 """sampler.py against transformers' generate and against full forwards of our own model (no cache).
 
 Every test runs on CPU, and on CUDA too when there is one (there the decode steps are CUDA graphs of the
-compiled step with the Triton decode-attention kernel, the CUDA defaults)."""
+compiled step with the Triton decode-attention kernel, the CUDA defaults). A CPU case of the kernel runs in Triton's
+interpreter (conftest.require_interpreted_triton), and skips on a CUDA host, where the kernel is compiled for the GPU."""
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
@@ -12,12 +11,8 @@ import torch
 
 import sampler as sampler_module
 from checkpoint import load_pretrained, load_tokenizer, make_tiny_model
+from conftest import require_interpreted_triton
 from sampler import Sampler, blocked_sums, draw_blocked, sample
-
-if not torch.cuda.is_available():
-    # the decode kernel runs in Triton's interpreter here; it is read when kernels.decode_attention is imported
-    assert "kernels.decode_attention" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1"
-    os.environ["TRITON_INTERPRET"] = "1"
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -94,6 +89,8 @@ def test_cached_logits_equal_full_forward(tiny_model_dir, device):
 @pytest.mark.parametrize("device,decode", [("cpu", "kernel"), ("cpu", "compiled")]
                          + ([("cuda", "sdpa"), ("cuda", "kernel")] if torch.cuda.is_available() else []))
 def test_decode_paths_match_hf_generate(tiny_model_dir, hf_model, monkeypatch, device, decode):
+    if device == "cpu":
+        require_interpreted_triton()
     if device == "cpu" and decode == "compiled":
         # inductor costs ~20 s per graph on CPU. aot_eager gets exactly what inductor would be given (dynamo's
         # capture of the whole step as one graph, dynamic shapes, the kernel's custom op through its fake) and
@@ -137,7 +134,7 @@ def test_prefill_attention_is_causal_without_a_mask(tiny_model_dir, monkeypatch)
 # ----------------------------------------------------------------------------------------------------
 # the decode modes, whatever the caller's grad mode
 
-def test_compiled_step_under_grad_mode(tiny_model_dir, monkeypatch):
+def test_compiled_step_under_grad_mode(tiny_model_dir, monkeypatch, triton_cpu):
     """The compiled step (aot_eager: dynamo and AOTAutograd as on CUDA; the kernel in the interpreter), called
     with grad on and on weights that require grad, as bench.py's decode-floor rows and the step-by-step tests
     call it: it must not trace a backward (ssr::decode_attention has none), its logits equal the eager SDPA
@@ -210,7 +207,7 @@ def test_decode_modes(tiny_model_dir, monkeypatch):
     assert set(sampler_module.DECODE_MODES) == {"auto", "compiled", "kernel", "sdpa"}
     with pytest.raises(ValueError, match="decode must be one of"):
         Sampler(model, max_batch_size=2, max_seq_len=8, device="cpu", dtype=torch.float32, decode="fast")
-    monkeypatch.delenv("TRITON_INTERPRET")  # no GPU and no interpreter: Triton cannot run here
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # a CPU tensor, no interpreter: Triton cannot run it
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         Sampler(model, max_batch_size=2, max_seq_len=8, device="cpu", dtype=torch.float32, decode="kernel")
     compiled = Sampler(model, max_batch_size=2, max_seq_len=8, device="cpu", dtype=torch.float32, decode="compiled")
