@@ -170,7 +170,8 @@ def test_every_collective_of_the_training_loop_is_on_the_run_device(tmp_path):
     The save's failure flag once was a bare torch.tensor([...]): a CPU tensor that NCCL refuses at the first
     checkpoint."""
     args = ["--dist", "fsdp", "--steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "8",
-            "--micro-batch-size", "4", "--sampler-batch-size", "4", "--reward", "judge:letter_share_reward"]
+            "--micro-batch-size", "4", "--sampler-batch-size", "4", "--reward", "judge:letter_share_reward",
+            "--judge-ema", "0.5"]  # the lagging judge's snapshot: DTensor shards, a momentum step, gathered to judge
     model_dir, out = tmp_path / "model", tmp_path / "out"
     run_ranks(_train_worker, (free_port(), str(model_dir), str(out), args), timeout=240)
     for rank in (0, 1):
@@ -178,3 +179,85 @@ def test_every_collective_of_the_training_loop_is_on_the_run_device(tmp_path):
         sites = {site.split(":")[0] for site, _ in calls}
         assert {"ssr.py", "grpo.py", "distributed.py"} <= sites, calls  # the log, the update and the save ran
         assert all(on_device for _, on_device in calls), [site for site, on_device in calls if not on_device]
+
+
+# ----------------------------------------------------------------------------------------------------
+# a checkpoint's edges on several GPUs, on CPU
+
+def _mkdir_fails_worker(rank, port, model_dir, out_dir):
+    import datetime
+
+    import torch.distributed as dist
+
+    from checkpoint import CheckpointError
+
+    # a short collective timeout: the bug this catches left rank 1 waiting in a barrier for --dist-timeout
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=30))
+    torch.set_num_threads(1)
+    model = load_pretrained(model_dir)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    if rank == 0:  # rank 0 makes the temp folder: make that fail as a read-only or full file system would
+        def refuse(self, *args, **kwargs):
+            raise PermissionError(13, "Permission denied", str(self))
+        Path.mkdir = refuse
+    start, outcome = time.monotonic(), "saved"
+    try:
+        distributed.save_checkpoint(out_dir, 1, model, optimizer, scheduler, {}, model_dir)
+    except CheckpointError as e:
+        outcome = f"CheckpointError: {e}"
+    except Exception as e:  # what the old code raised: a raw OSError on rank 0, a collective timeout elsewhere
+        outcome = f"{type(e).__name__}: {e}"
+    Path(out_dir).parent.joinpath(f"outcome_{rank}.json").write_text(
+        json.dumps({"outcome": outcome, "seconds": time.monotonic() - start}))
+    dist.destroy_process_group()
+
+
+def test_a_checkpoint_folder_rank_0_cannot_make_stops_every_rank_at_once(tmp_path):
+    """Rank 0 makes OUT/.step_N.tmp; when it cannot, every rank raises the same one-line CheckpointError at once,
+    instead of rank 0 raising alone while the others wait in a barrier for --dist-timeout (60 minutes)."""
+    model_dir = make_tiny_model(tmp_path / "m")
+    run_ranks(_mkdir_fails_worker, (free_port(), str(model_dir), str(tmp_path / "out")), timeout=240)
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"outcome_{rank}.json").read_text())
+        assert result["outcome"].startswith("CheckpointError: could not write step_1: cannot make "), result
+        assert "Permission denied" in result["outcome"] or rank == 1, result
+        assert result["seconds"] < 20, result
+
+
+def test_rng_restore_on_a_node_with_fewer_or_more_gpus(tmp_path, monkeypatch):
+    """A checkpoint's RNG file holds this rank's own GPU generator; one written by an older ssr holds every GPU the
+    saving process saw (8 on an 8-GPU node). Resuming on a 1-GPU node once called set_rng_state_all with all 8, past
+    the device count; now each rank restores its own device's state, if the file has one for it."""
+    model_dir = make_tiny_model(tmp_path / "m")
+    model = load_pretrained(model_dir)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    distributed.save_checkpoint(tmp_path / "out", 1, model, optimizer, scheduler, {}, model_dir)
+    rng_file = tmp_path / "out" / "step_1" / "rng_rank0.pt"
+    state = torch.load(rng_file, weights_only=True)
+    eight = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
+    torch.save(state | {"cuda": eight}, rng_file)  # the older layout, from an 8-GPU node
+
+    set_on = []  # a 1-GPU node: setting any device but cuda:0 raises, as torch.cuda does there
+
+    def set_rng_state(new_state, device="cuda"):
+        index = torch.device(device).index or 0
+        if index >= 1:
+            raise RuntimeError(f"invalid device ordinal {index}: this node has 1 GPU")
+        set_on.append(index)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: [set_rng_state(s, i)
+                                                                         for i, s in enumerate(states)])
+    assert distributed.load_train_state(tmp_path / "out" / "step_1", model, optimizer, scheduler) == 1
+    assert set_on == []  # a CPU run restores no CUDA generator
+    # on a GPU: the state of the rank's own device, or none where the file has none for it
+    cuda = lambda index: torch.device("cuda", index)
+    assert distributed.cuda_rng_state(eight, cuda(0)) is eight[0] and distributed.cuda_rng_state(eight, cuda(7)) is eight[7]
+    assert distributed.cuda_rng_state(eight[:1], cuda(3)) is None  # saved on 1 GPU, resumed as local rank 3 of 4
+    assert distributed.cuda_rng_state(eight[2], cuda(5)) is eight[2]  # this version's file: the rank's own state
+    assert distributed.cuda_rng_state(None, cuda(0)) is None and distributed.cuda_rng_state(eight, torch.device("cpu")) is None
