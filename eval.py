@@ -333,16 +333,27 @@ def run_metrics(outputs: dict, metrics: list[Metric], args):
 # ----------------------------------------------------------------------------------------------------
 # phase 3: report
 
-def summarize(rows: list[dict], ts: TestSet, metrics: list[Metric]) -> dict:
-    """System scores of one model on one set: corpus BLEU/chrF, the mean of per-segment COMET/self-judge scores."""
+def summarize(rows: list[dict], ts: TestSet, metrics: list[Metric], template: str) -> dict:
+    """System scores of one model on one set: corpus BLEU/chrF, the mean of per-segment COMET/self-judge scores; and
+    how many answers fail each of the trainer's answer checks (judge.check_answer; scored as written all the same)."""
     corpus = corpus_scores(rows, ts)
     scores = {m.label: corpus[m.label] if m.label in SACREBLEU_METRICS
               else statistics.fmean(r["scores"][m.label] for r in rows) for m in metrics}
     result = {"segments": len(rows), "failed_extractions": sum(not r["extracted"] for r in rows),
-              "quoted": sum(r["quoted"] for r in rows), "scores": scores}
+              "quoted": sum(r["quoted"] for r in rows), "scores": scores,
+              "answer_checks": {check: sum(bool(r["hyp"]) and judge.check_answer(r["hyp"], r["src"], ts.src_lang,
+                                                                                 ts.tgt_lang, (check,), template)
+                                           is not None for r in rows)
+                                for check in answer_checks(ts)}}
     if any(m.label == SELF_JUDGE for m in metrics):
         result["judge_parse_failures"] = sum(not r["judge_parsed"] for r in rows)
     return result
+
+
+def answer_checks(ts: TestSet) -> tuple[str, ...]:
+    """The answer checks eval.py counts on a set: all of them, but the length check only for a pair whose length
+    ratio was measured (judge.LENGTH_RATIOS)."""
+    return tuple(c for c in judge.ANSWER_CHECKS if c != "length" or (ts.src_lang, ts.tgt_lang) in judge.LENGTH_RATIOS)
 
 
 def markdown(header: list[str], rows: list[list]) -> str:
@@ -389,15 +400,20 @@ def metrics_table(results: dict, sets: list[TestSet], metrics: list[Metric], pro
     """Every metric of every set, a row per model x set, with the failures a reader must see next to them."""
     counts = ["failed_extractions", "quoted"] + (["judge_parse_failures"] if any(m.label == SELF_JUDGE for m in metrics)
                                                  else [])
+    checks = [c for c in judge.ANSWER_CHECKS if any(c in answer_checks(ts) for ts in sets)]
+    fails = lambda result, c: f"{result['answer_checks'][c]}/{result['segments']}" if c in result["answer_checks"] \
+        else "–"
     rows = [[model, prompts[model], ts.name, *(per_set[ts.name]["scores"][m.label] for m in metrics),
-             *(f"{per_set[ts.name][c]}/{per_set[ts.name]['segments']}" for c in counts)]
+             *(f"{per_set[ts.name][c]}/{per_set[ts.name]['segments']}" for c in counts),
+             *(fails(per_set[ts.name], c) for c in checks)]
             for model, per_set in results.items() for ts in sets]
-    return markdown(["Model", "Prompt", "Set", *(m.label for m in metrics), *(c.replace("_", " ") for c in counts)],
-                    rows)
+    return markdown(["Model", "Prompt", "Set", *(m.label for m in metrics), *(c.replace("_", " ") for c in counts),
+                     *(f"fails {c}" for c in checks)], rows)
 
 
 def report(models: dict[str, str], sets: list[TestSet], metrics: list[Metric], outputs: dict, out: Path, args):
-    results = {label: {ts.name: summarize(outputs[label, ts.name][1], ts, metrics) for ts in sets} for label in models}
+    results = {label: {ts.name: summarize(outputs[label, ts.name][1], ts, metrics, args.template) for ts in sets}
+               for label in models}
     prompts = prompt_names(args)
     replace_file(out / "results.json", json.dumps({
         "models": models,
@@ -415,6 +431,9 @@ def report(models: dict[str, str], sets: list[TestSet], metrics: list[Metric], o
     notes.append("- quoted: answers wrapped in quotation marks their source is not (the paper's late SSR-Zero "
                  "artifact); " + ("--strip-quotes: scored without those marks" if args.strip_quotes
                                   else "scored as written"))
+    notes.append("- fails <check>: answers the trainer's --answer-checks would refuse before judging (judge.check_answer:"
+                 " a copy of the source, the template's placeholder, another language, a length outside the pair's band,"
+                 " the wrong script), each check counted on its own; scored as written all the same")
     if args.plain_labels:
         notes.append("- prompt plain: a bare translation request, the whole response is the translation (empty: a "
                      "failed extraction)")

@@ -221,11 +221,35 @@ def test_failed_extractions_self_judge_comet_and_two_models(tiny_model_dir, tiny
     assert table in capsys.readouterr().out
     assert f"| {labels[1]} | think | test | {results['results'][labels[1]]['test']['scores']['bleu']:.2f} |" in table
     assert "| 2/5 | 0/5 | 1/5 |" in table and "empty translations" in table  # failed, quoted, judge failures
+    assert "| fails copy | fails placeholder | fails lang | fails length | fails script |" in table
     # a rerun finds everything on disk: no generation at all, same results
     ScriptedSampler.calls.clear()
     assert ev.main(argv) == 0
     assert ScriptedSampler.calls == []
     assert json.loads((out / "results.json").read_text())["results"] == results["results"]
+
+
+def test_answers_failing_each_check_are_counted_and_scored_as_written():
+    """A column per answer check (judge.check_answer), each check counted on its own over the answers a model gave;
+    an empty (failed) extraction fails none; the scores stay those of the text as written."""
+    srcs = ["The cat sleeps on the red mat today.", "The weather is nice today.", "I would like a cup of coffee.",
+            "We love music very much.", "Open the door, please."]
+    hyps = ["The cat sleeps on the red mat today.",  # a copy: also English (lang) and, for French, Latin script
+            "answer",  # the placeholder, and far too short
+            "Me gustaría tomar una taza de café, por favor.",  # Spanish for a French target
+            "",  # a failed extraction: nothing to check
+            "Ouvrez la porte, s'il vous plaît."]  # a translation: passes every check
+    refs = ["Le chat dort sur le tapis rouge aujourd'hui.", "Il fait beau aujourd'hui.",
+            "Je voudrais une tasse de café.", "Nous aimons beaucoup la musique.", "Ouvrez la porte, s'il vous plaît."]
+    ts = testsets.TestSet("t", "en", "fr", srcs, refs, "written here")
+    rows = [{"src": s, "ref": r, "hyp": h, "extracted": bool(h), "quoted": False, "scores": {}}
+            for s, r, h in zip(srcs, refs, hyps)]
+    result = ev.summarize(rows, ts, ev.parse_metrics("chrf"), "chat")
+    assert result["answer_checks"] == {"copy": 1, "placeholder": 1, "lang": 2, "length": 1, "script": 0}
+    assert result["scores"]["chrf"] == sacrebleu.corpus_chrf(hyps, [refs]).score
+    # a pair without a measured length ratio: no length column for it
+    assert "length" not in ev.summarize(rows, testsets.TestSet("t", "en", "de", srcs, refs, "x"),
+                                        ev.parse_metrics("chrf"), "chat")["answer_checks"]
 
 
 def test_quoted_answers_are_counted_and_scored_as_written_unless_stripped(tiny_model_dir, tmp_path, monkeypatch):
@@ -444,7 +468,7 @@ def bad_flag_cases(tmp_path, model):
            f"{flag} is not used here: --candidates gives the candidates, so none is sampled")
           for flag in ("--temperature", "--seed", "--max-new-tokens")),
         ("a broken --candidates file", quality("--candidates", str(tmp_path / "broken.jsonl")),
-         "broken.jsonl:2: not JSON"),
+         "broken.jsonl:2: not valid JSON"),
     ]
     (tmp_path / "locked").mkdir(mode=0o500)  # root writes there all the same: the test below denies it to root too
     cases.append(("--out not writable", run(out=tmp_path / "locked" / "out"), "locked is not writable"))
