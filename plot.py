@@ -16,14 +16,17 @@ import sys
 from pathlib import Path
 
 from data import DataError, read_jsonl
-from judge import FAILURE_KINDS
+from judge import ANSWER_CHECKS, FAILURE_KINDS
 
 # panel title -> the metrics.jsonl keys it draws (several keys: one line each, told apart by line style)
 PANELS = {
     "reward (mean)": ["reward_mean"],
     "format valid rate": ["format_valid_rate"],
+    "answer checks failed (share)": [f"answer_check_fail_{check}" for check in ANSWER_CHECKS],
     "judge parse failures": ["judge_parse_failure_rate", *(f"judge_fail_{kind}" for kind in FAILURE_KINDS)],
     "self-score (mean, 0-100)": ["self_score_mean"],
+    # does the self-judge still rank? pairwise agreement with the reference metric within groups, Spearman with COMET
+    "self-judge vs reference / COMET": ["self_ref_pairwise", "self_comet_spearman"],
     "reference metric (mean, 0-100)": ["ref_metric_mean"],
     "zero-spread groups": ["zero_spread_groups"],
     "response tokens (mean)": ["response_len_mean"],
@@ -40,7 +43,9 @@ class PlotError(ValueError):
 def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     try:
-        rows = read_jsonl(path)  # the data room's reader: unreadable file, bad UTF-8 or JSON named by line
+        # the data room's reader: unreadable file, bad UTF-8 or JSON named by line; a run still writing (or killed)
+        # may have left its last line cut short, which is no step yet
+        rows = read_jsonl(path, drop_cut_last=True)
     except DataError as e:
         raise PlotError(str(e)) from None
     for where, row in rows:

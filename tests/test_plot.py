@@ -28,7 +28,8 @@ def test_two_runs_drawn_as_a_png(tmp_path):
     ssr_run = write_run(tmp_path / "ssr", [
         {"step": s, "reward_mean": -0.8 + 0.1 * s, "format_valid_rate": s / 5, "self_score_mean": None if s < 3 else 90.0,
          "judge_parse_failure_rate": 0.5, "judge_fail_no_tags": 0.5, "zero_spread_groups": 0.25,
-         "response_len_mean": 50 - s, "kl_sampler": 1e-7, "grad_norm": 3.0} for s in range(1, 6)])
+         "response_len_mean": 50 - s, "kl_sampler": 1e-7, "grad_norm": 3.0, "answer_check_fail_copy": 0.1,
+         "self_ref_pairwise": 0.5} for s in range(1, 6)])
     ref_run = write_run(tmp_path / "ref", [{"step": s, "reward_mean": 0.1 * s, "ref_metric_mean": 20.0 + s}
                                            for s in range(1, 4)])
     out = tmp_path / "curves.png"
@@ -39,8 +40,8 @@ def test_two_runs_drawn_as_a_png(tmp_path):
     with Image.open(out) as image:
         image.verify()  # a complete, decodable PNG
     with Image.open(out) as image:
-        # 9 panels with a value in some run: a 3 x 3 grid at 80 dpi (4.2 x 2.8 inches a panel)
-        assert image.size == (3 * 336, 3 * 224)
+        # 11 panels with a value in some run: 4 rows of 3 at 80 dpi (4.2 x 2.8 inches a panel)
+        assert image.size == (3 * 336, 4 * 224)
     only_ref = tmp_path / "ref.png"
     assert run_plot(ref_run, "--out", only_ref).returncode == 0
     with Image.open(only_ref) as image:  # the keys the run lacks are skipped: 2 panels in one row
@@ -49,7 +50,7 @@ def test_two_runs_drawn_as_a_png(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     (None, ": cannot read (No such file or directory)"),
-    ('{"step": 1, "reward_mean": 0.5}\n{"step": 2, "rew', ":2: not valid JSON (Unterminated string"),
+    ('{"step": 1, "reward_mean": 0.5}\n{"step": 2, "rew\n', ":2: not valid JSON (Unterminated string"),
     ('{"reward_mean": 0.5}\n', ":1: expected a JSON object with an integer 'step'"),
     ("\n", ": no steps logged"),
 ])
@@ -63,6 +64,18 @@ def test_bad_metrics_file_is_one_line(tmp_path, content, message):
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith(f"plot: error: {run / 'metrics.jsonl'}{message}"), line
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_run_still_writing_is_drawn_to_its_last_whole_line(tmp_path):
+    """A metrics.jsonl whose last line is cut short (the run is writing it, or was killed mid-write): drawn to the
+    last whole step, as a resume would read it."""
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "reward_mean": 0.5}\n{"step": 2, "reward_mean": 0.7}\n{"step": 3, "rew')
+    proc = run_plot(run, "--out", tmp_path / "x.png")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "x.png").read_bytes().startswith(PNG_SIGNATURE)
 
 
 def test_bad_command_lines_are_one_line(tmp_path):
