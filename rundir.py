@@ -41,7 +41,8 @@ RUN_RECORD = "run.json"  # which run owns OUT: {"preset", "model"}
 # schedule and the weight decay into the restored optimizer).
 FREE_TO_CHANGE = {"steps", "save_every", "keep_last", "log_samples", "wandb", "dist_timeout", "resume",
                   "resume_override", "plan", "plan_world", "gpu_gib", "micro_batch_size", "sampler_batch_size",
-                  "grad_checkpointing", "dist", "out_dir", "preset", "decode", "logprob_backend"}
+                  "grad_checkpointing", "dist", "out_dir", "preset", "decode", "logprob_backend", "precision",
+                  "stop_on_collapse"}
 
 
 class RunDirError(ValueError):

@@ -650,6 +650,15 @@ class Sampler:
         return rows[:n]
 
 
+def compile_report() -> str | None:
+    """How long torch.compile has taken in this process (dynamo, AOTAutograd and the backend's code generation: host
+    CPU time, paid again by every process with a cold cache), or None if nothing was compiled."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    entries = compilation_time_metrics.get("_compile.compile_inner", [])
+    return f"compile: {sum(entries):.1f} s in {len(entries)} dynamo compiles" if entries else None
+
+
 def converted_copy(model: Transformer, device, dtype) -> Transformer:
     """A copy of `model` on device/dtype, built without materialising a second full-precision copy."""
     copy = empty_model(model.config, device, dtype)

@@ -47,7 +47,7 @@ from data import DataError, check_direction, parse_jsonl, read_bytes
 from kernels import LOGPROB_BACKENDS
 from model import Transformer
 from plan import GIB, cache_positions, comet_checkpoint_bytes, device_memory_bytes, memory_plan, sampler_slots
-from sampler import DECODE_MODES, Completion, Sampler
+from sampler import DECODE_MODES, Completion, Sampler, compile_report
 from smoke import make_smoke_model, warm_up
 
 
@@ -820,6 +820,8 @@ def train(cfg: Config):
         print(f"done: checkpoint {run.out / f'step_{cfg.steps}'}, metrics {run.out / 'metrics.jsonl'}"
               + (" (smoke run: a tiny model on toy data; pass --model for real training)"
                  if cfg.preset == "smoke" else ""))
+        if compiled := compile_report():  # a cold start's cost: every process compiles the decode step anew
+            print(compiled)
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -1,16 +1,23 @@
-"""The sampler's GPU core checks, one subcommand each. Each prints `PASS <name>: <figure>` or `FAIL <name>: <figure>`
-and exits 1 on a FAIL; scripts/gpu_checks.sh runs them on a GPU, and `--cpu` runs the same steps here:
+"""The sampler's GPU core checks. Each prints `PASS <name>: <figure>` or `FAIL <name>: <figure>`; the process exits 1
+if any failed. scripts/gpu_checks.sh runs all three in one process on a GPU (one torch import, one CUDA context), and
+`--cpu` runs the same checks here:
 
-    python scripts/gpu_check.py decode [--cpu]  # the 7B decode shape: the compiled step (CUDA graphs on CUDA)
-                                                # with the Triton kernel against eager SDPA, several buckets
-    python scripts/gpu_check.py graphs [--cpu]  # compiled graphs over the 7B preset's bucket grid <= GRAPH_BUDGET,
-                                                # then the grid again with no recompile allowed
-    python scripts/gpu_check.py memory [--cpu]  # a sampler with the 7B preset's cache: peak allocated vs plan.py
+    python scripts/gpu_check.py decode graphs memory [--cpu] [--backend inductor]
+      decode   the 7B decode shape: the compiled step (CUDA graphs on CUDA) with the Triton kernel against eager SDPA,
+               several buckets
+      graphs   compiled graphs over the 7B preset's bucket grid <= GRAPH_BUDGET, then the grid again with no
+               recompile allowed
+      memory   the 7B preset's KV cache against plan.py's row; on CUDA, a sampler with the preset's cache and 7B
+               widths at 2 layers (the plan's rows are per layer or per model: 2 layers prove them without a 28-layer
+               compile, ~80 s of dynamo + AOTAutograd on the host) whose peak allocation must stay within the plan
+               for that same model
 
 --cpu: CPU tensors through the same code: the kernel in Triton's interpreter (TRITON_INTERPRET=1, set before the
-kernel module is imported), torch.compile with aot_eager (dynamo and AOTAutograd as on CUDA, no code generation),
-2 layers and narrow MLP/vocab but the 7B attention shape (28 query heads on 4 key heads, head_dim 128, bf16), and
-for `decode` the split plan of a 132-SM GPU, so that long rows split and the merge kernel runs.
+kernel module is imported), torch.compile with aot_eager (dynamo and AOTAutograd as on CUDA, no code generation;
+--backend inductor generates and compiles C++ code as CUDA's inductor generates Triton, ~20 s a graph), 2 layers and
+narrow MLP/vocab but the 7B attention shape (28 query heads on 4 key heads, head_dim 128, bf16), and for `decode` the
+split plan of a 132-SM GPU, so that long rows split and the merge kernel runs. The last line, `compile: ...`, is the
+time torch.compile took in this process (host CPU time, which a GPU run pays too).
 """
 from __future__ import annotations
 
@@ -33,6 +40,10 @@ GPU_SMS_ON_CPU = 132  # an H100's SMs: the split plan --cpu uses
 # gets its own graph and every other batch and every length share one (measured on CPU with aot_eager: 2)
 GRAPH_BUDGET = 2
 DECODE_TOL = 0.02  # max |logits difference| / max |logits|: two bf16 paths round apart by ~0.006 (--cpu)
+# The decode and memory checks' model depth on CUDA: the same 2-layer model of 7B widths for both, so the second
+# finds its graphs in inductor's cache, and no 28-layer compile (~80 s of host work before any codegen) is needed
+# (check_memory says why 2 layers prove the plan's rows)
+GPU_LAYERS = 2
 
 
 def report(name: str, ok: bool, figure: str) -> bool:
@@ -40,7 +51,7 @@ def report(name: str, ok: bool, figure: str) -> bool:
     return ok
 
 
-def setup(cpu: bool):
+def setup(cpu: bool, backend: str | None = None):
     """The run's environment, set before any check imports torch or the kernels: returns (device, dtype)."""
     if cpu:
         os.environ["TRITON_INTERPRET"] = "1"  # read when kernels.decode_attention is imported
@@ -49,7 +60,7 @@ def setup(cpu: bool):
     import sampler
 
     if cpu:
-        sampler.COMPILE_BACKEND = "aot_eager"
+        sampler.COMPILE_BACKEND = backend or "aot_eager"
     elif not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device; run with --cpu")
     return torch.device("cpu" if cpu else "cuda"), torch.bfloat16
@@ -93,7 +104,7 @@ def check_decode(cpu: bool, device, dtype) -> bool:
 
     if cpu:  # plan splits as a 132-SM GPU does, so that long rows split and the merge kernel runs
         decode_attention.sm_count = lambda device: GPU_SMS_ON_CPU
-    cfg = ModelConfig(arch="qwen2", num_hidden_layers=2 if cpu else 4, num_attention_heads=HEADS,
+    cfg = ModelConfig(arch="qwen2", num_hidden_layers=2 if cpu else GPU_LAYERS, num_attention_heads=HEADS,
                       num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, **(CPU_WIDTHS if cpu else GPU_WIDTHS))
     model = random_model(cfg, device, dtype)
     slots, positions = 8 if cpu else 64, 2432  # the 7B preset's 2432 positions; --cpu: fewer slots (memory)
@@ -166,27 +177,30 @@ def check_graphs(cpu: bool, device, dtype, grid_size: tuple[int, int] | None = N
 
 
 def check_memory(cpu: bool, device, dtype) -> bool:
-    """The 7B preset's sampler (64 slots x 2432 positions of Qwen2.5-7B's K/V, bf16): its cache against plan.py's
-    row, and on CUDA the peak allocated through a full-budget prefill and decode steps against the plan's
-    sampler rows (weights, cache, graph logits, graph pool, the larger of prefill and sampling temporaries)."""
+    """The 7B preset's KV cache (64 slots x 2432 positions of Qwen2.5-7B's K/V, bf16) against plan.py's row; on CUDA,
+    a sampler with that cache geometry and Qwen2.5-7B's widths at GPU_LAYERS layers, its peak allocation through a
+    full-budget prefill and decode steps against the plan's sampler rows for that same model (weights, cache, graph
+    logits, graph pool, the larger of prefill and sampling temporaries). Each row is per layer (weights, cache, pool)
+    or per model (logits, temporaries), so 2 layers check the same formulas as 28 without a 28-layer compile."""
     import torch
 
     from model import ModelConfig
-    from plan import GIB, cache_positions, memory_plan, sampler_slots
+    from plan import GIB, cache_positions, sampler_slots
     from sampler import PREFILL_TOKENS, KVCache, Sampler
 
     c = preset_7b()
-    cfg = ModelConfig(arch="qwen2", num_hidden_layers=28, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-                      head_dim=HEAD_DIM, **GPU_WIDTHS)
-    plan = memory_plan(c, cfg, world=8, mode="fsdp", on_gpu=True, device_bytes=80 * GIB)
-    rows = {what.split(" (")[0]: n for what, n, _ in plan.rows}
+    full = ModelConfig(arch="qwen2", num_hidden_layers=28, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                       head_dim=HEAD_DIM, **GPU_WIDTHS)
     slots, positions = sampler_slots(c, 8), cache_positions(c)
-    meta = KVCache(cfg, slots, positions, "meta", dtype)  # shapes only: nothing allocated
+    rows = plan_rows(c, full)
+    meta = KVCache(full, slots, positions, "meta", dtype)  # shapes only: nothing allocated
     cache = 2 * meta.k.numel() * meta.k.element_size()
     ok = report("memory: KV cache", cache == rows["KV cache"],
                 f"{cache / GIB:.2f} GiB allocated by KVCache = plan row {rows['KV cache'] / GIB:.2f} GiB")
     if cpu:
         return report("memory", ok, "CPU: the cache against the plan; peak allocation needs CUDA")
+    cfg = ModelConfig(**{**full.__dict__, "num_hidden_layers": GPU_LAYERS})
+    rows = plan_rows(c, cfg)
     torch.cuda.reset_peak_memory_stats()
     sampler = Sampler(random_model(cfg, device, dtype), slots, positions, device, dtype)
     n, g = 16, 4  # 16 prompts x 1024 tokens: one prefill of PREFILL_TOKENS tokens, fanned out to all 64 slots
@@ -198,10 +212,90 @@ def check_memory(cpu: bool, device, dtype) -> bool:
     planned = (rows["sampler weights"] + rows["KV cache"] + rows["decode graphs' logits buffers"]
                + rows["decode graphs' memory pool"] + sample_phase)
     return report("memory", ok and peak <= planned,
-                  f"peak allocated {peak / GIB:.2f} GiB, the plan's sampler rows {planned / GIB:.2f} GiB")
+                  f"{GPU_LAYERS} layers at 7B widths: peak allocated {peak / GIB:.2f} GiB, the plan's sampler rows "
+                  f"for that model {planned / GIB:.2f} GiB")
 
 
-CHECKS = {"decode": check_decode, "graphs": check_graphs, "memory": check_memory}
+def plan_rows(c, cfg) -> dict[str, float]:
+    """plan.py's rows for config `c` training `cfg` on 8 ranks of 80 GB under FSDP2, by name (without the "(...)")."""
+    from plan import GIB, memory_plan
+
+    plan = memory_plan(c, cfg, world=8, mode="fsdp", on_gpu=True, device_bytes=80 * GIB)
+    return {what.split(" (")[0]: n for what, n, _ in plan.rows}
+
+
+def check_cold_start(cpu: bool, device, dtype) -> bool:
+    """What each core step of scripts/gpu_checks.sh pays on the host before any GPU work: torch.compile's front end
+    (dynamo's trace and AOTAutograd, measured here as CPU seconds with aot_eager: the same work CUDA's inductor is
+    handed) for every model a core step compiles, at the shapes it compiles them on a GPU, and the imports of one
+    process. Inductor's code generation and Triton's compiles come on top on a GPU, where the steps share one compile
+    cache (BENCHMARKS.md, "GPU core budget", adds them). PASS when each step's measured host work leaves at least
+    half of its GPU limit for those."""
+    import resource
+    import subprocess
+    import tempfile
+
+    import torch
+
+    import sampler as sampler_module
+    import smoke
+    from checkpoint import load_pretrained, make_tiny_model
+    from model import ModelConfig
+    from plan import cache_positions, sampler_slots
+
+    sampler_module.COMPILE_BACKEND = "aot_eager"
+    children = lambda: (lambda r: r.ru_utime + r.ru_stime)(resource.getrusage(resource.RUSAGE_CHILDREN))
+    t0 = children()
+    subprocess.run([sys.executable, "-c", "import torch, transformers, ssr, eval"], cwd=ROOT, check=True)
+    imports = children() - t0  # CPU seconds of a fresh interpreter's imports, what every step's process pays
+
+    def front_end(model, buckets, slots=8, positions=64) -> tuple[float, int]:
+        """CPU seconds and dynamo compiles of a fresh compiled Sampler's first decode steps at `buckets`."""
+        from torch._dynamo.utils import compilation_time_metrics
+
+        before = len(compilation_time_metrics.get("_compile.compile_inner", []))
+        sampler = sampler_module.Sampler(model, slots, positions, model.embed_tokens.weight.device,
+                                         model.embed_tokens.weight.dtype, decode="compiled")
+        sampler.pos_in.zero_()
+        start = time.process_time()
+        for b, length in buckets:
+            sampler._forward(b, length)
+        return time.process_time() - start, len(compilation_time_metrics["_compile.compile_inner"]) - before
+
+    c = preset_7b()
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = load_pretrained(make_tiny_model(Path(tmp) / "tiny"), dtype=torch.bfloat16)
+        smoke_model = load_pretrained(smoke.make_smoke_model(Path(tmp) / "smoke", str(ROOT / "data" / "sample.jsonl")),
+                                      dtype=torch.bfloat16)
+    wide = lambda layers: random_model(ModelConfig(arch="qwen2", num_hidden_layers=layers, num_attention_heads=HEADS,
+                                                   num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, **GPU_WIDTHS),
+                                       "cpu", torch.bfloat16)
+    graphs_cfg = ModelConfig(arch="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    two_buckets = [(1, 16), (3, 32)]  # batch 1 is its own graph: every sampler compiles twice
+    # the core steps' compiled samplers on a GPU: tests 4 (greedy vs HF, bf16, in-place updates x 2), defaults 1 (the
+    # smoke model), sampler: decode and memory at GPU_LAYERS layers of 7B width, graphs at 1 tiny layer
+    measured = {"tests": [front_end(tiny, two_buckets) for _ in range(4)],
+                "defaults": [front_end(smoke_model, two_buckets)],
+                "sampler": [front_end(wide(GPU_LAYERS), two_buckets, sampler_slots(c, 8), cache_positions(c)),
+                            front_end(random_model(graphs_cfg, "cpu", torch.bfloat16), two_buckets),
+                            front_end(wide(GPU_LAYERS), two_buckets, sampler_slots(c, 8), cache_positions(c))]}
+    processes = {"tests": 1, "fsdp": 2, "defaults": 1, "sampler": 1}
+    ok = True
+    for step, limit in CORE_LIMITS.items():
+        compiles = measured.get(step, [])
+        host = processes[step] * imports + sum(seconds for seconds, _ in compiles)
+        ok &= report(f"cold-start {step}", host <= limit / 2,
+                     f"{processes[step]} process{'es' * (processes[step] > 1)} x {imports:.1f} s of imports + "
+                     f"{sum(n for _, n in compiles)} dynamo compiles in {sum(s for s, _ in compiles):.1f} CPU s = "
+                     f"{host:.1f} s of host work, limit {limit} s on a GPU")
+    return report("cold-start", ok, f"host work of the core's steps within half their GPU limits "
+                                    f"({sum(CORE_LIMITS.values())} s in all)")
+
+
+# scripts/gpu_checks.sh's core step limits on a GPU, seconds (kept equal there; check_cold_start sizes them)
+CORE_LIMITS = {"tests": 60, "fsdp": 40, "defaults": 35, "sampler": 60}
+CHECKS = {"decode": check_decode, "graphs": check_graphs, "memory": check_memory, "cold-start": check_cold_start}
 
 
 class Parser(argparse.ArgumentParser):
@@ -211,11 +305,19 @@ class Parser(argparse.ArgumentParser):
 
 def main(argv=None) -> int:
     ap = Parser(prog="gpu_check.py", description=__doc__.split("\n")[0])
-    ap.add_argument("check", choices=CHECKS)
+    ap.add_argument("checks", nargs="+", choices=CHECKS, metavar="CHECK", help=f"any of {', '.join(CHECKS)}")
     ap.add_argument("--cpu", action="store_true", help="run on CPU: Triton's interpreter, aot_eager, fewer layers")
+    ap.add_argument("--backend", choices=["aot_eager", "inductor"], default=None,
+                    help="--cpu: torch.compile's backend (default aot_eager; inductor generates code, ~20 s a graph)")
     args = ap.parse_args(argv)
-    device, dtype = setup(args.cpu)
-    return 0 if CHECKS[args.check](args.cpu, device, dtype) else 1
+    if args.backend and not args.cpu:
+        ap.error("--backend is for --cpu (on CUDA the sampler compiles with inductor)")
+    device, dtype = setup(args.cpu, args.backend)
+    results = [CHECKS[name](args.cpu, device, dtype) for name in args.checks]
+    from sampler import compile_report
+
+    print(compile_report() or "compile: 0.0 s in 0 dynamo compiles", flush=True)
+    return 0 if all(results) else 1
 
 
 if __name__ == "__main__":

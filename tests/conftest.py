@@ -37,6 +37,15 @@ def require_interpreted_triton():
     os.environ["TRITON_INTERPRET"] = "1"  # already so: the session set it before the kernels were imported
 
 
+def pytest_terminal_summary(terminalreporter):
+    """torch.compile's time in this session: what a GPU run of these tests pays on the host before any kernel runs
+    (scripts/gpu_checks.sh budgets its steps with it)."""
+    import sampler
+
+    if report := sampler.compile_report():
+        terminalreporter.write_line(report)
+
+
 @pytest.fixture
 def triton_cpu():
     """The fixture form of require_interpreted_triton, for tests whose every case runs Triton on CPU tensors."""

@@ -58,8 +58,10 @@ def test_memory_cli():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["decod"], "argument check: invalid choice: 'decod' (choose from 'decode', 'graphs', 'memory')"),
-    ([], "the following arguments are required: check"),
+    (["decod"], "argument CHECK: invalid choice: 'decod' (choose from 'decode', 'graphs', 'memory', 'cold-start')"),
+    (["memory", "x"], "argument CHECK: invalid choice: 'x' (choose from 'decode', 'graphs', 'memory', 'cold-start')"),
+    ([], "the following arguments are required: CHECK"),
+    (["memory", "--backend", "inductor"], "--backend is for --cpu (on CUDA the sampler compiles with inductor)"),
 ])
 def test_bad_step_is_one_line(args, message):
     """A mistyped or missing step: one line and exit status 2, as every CLI of the project (not a usage block)."""
@@ -67,6 +69,17 @@ def test_bad_step_is_one_line(args, message):
                           text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.splitlines() == [f"gpu_check: error: {message}"]
+
+
+def test_core_limits_fit_the_budget():
+    """gpu_checks.sh's core step limits on a GPU are gpu_check.CORE_LIMITS (what cold-start sizes) and add up to at
+    most 200 s: a lent GPU's 15 minutes must hold the machine's start, the core, the benchmarks and a rerun."""
+    import re
+
+    script = (ROOT / "scripts" / "gpu_checks.sh").read_text()
+    core = script[script.index('echo "--- core"'):script.index("cold-start 0 1800")]
+    limits = {name: int(limit) for name, limit in re.findall(r"^\s*step (\S+) (\d+) \d+ ", core, re.M)}
+    assert limits == gpu_check.CORE_LIMITS and sum(limits.values()) <= 200, limits
 
 
 def test_gpu_test_files_pass_as_a_cuda_host_sees_them():
