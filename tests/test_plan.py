@@ -8,6 +8,7 @@ import pytest
 
 import plan
 import ssr
+from checkpoint import read_config
 from model import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,3 +159,19 @@ def test_fsdp2_gradient_row_by_hand():
     cpu = rows(plan.memory_plan(cfg, model, 8, "fsdp", False, 80 * GIB))
     assert cpu["FSDP2 unsharded grads"] == (root + layer) * 4
     assert "FSDP2 unsharded grads" not in rows(plan.memory_plan(cfg, model, 8, "ddp", True, 80 * GIB))
+
+
+def test_a_lagging_judge_is_a_row_of_the_plan(config_only_dir):
+    """--judge-refresh / --judge-ema: an fp32 snapshot of the policy, sharded like the trainer's masters: 4 bytes a
+    parameter / 8 ranks, resident; the 7B preset still fits 80 GB."""
+    P = 7_615_616_512
+    base = ssr.parse_args(["--preset", "ssr-zero-7b", "--model", str(config_only_dir)])
+    plain = plan.memory_plan(base, read_config(config_only_dir), 8, "fsdp", True, 80 * plan.GIB)
+    for flags in (["--judge-refresh", "10"], ["--judge-refresh", "0"], ["--judge-ema", "0.9"]):
+        lagging = plan.memory_plan(ssr.parse_args(["--preset", "ssr-zero-7b", "--model", str(config_only_dir),
+                                                   *flags]), read_config(config_only_dir), 8, "fsdp", True,
+                                   80 * plan.GIB)
+        rows = {what: n for what, n, phase in lagging.rows if phase == "resident"}
+        assert rows["lagging judge: fp32 policy snapshot (/ 8)"] == 4 * P / 8
+        assert lagging.peak == plain.peak + 4 * P / 8 and lagging.fits()
+    assert not any(what.startswith("lagging") for what, _, _ in plain.rows)
