@@ -102,7 +102,7 @@ smoke_run() {  # python ssr.py ARGS
 # in CUDA graphs against HF generate, the eager kernel and SDPA decode paths, bf16 sampling, and graphs that see
 # in-place weight updates. Every other CUDA case runs in the extended phase (tests-all).
 CORE_TESTS=(tests/test_decode_attention.py tests/test_kernels.py tests/test_sampler.py)
-CORE_SELECT="test_decode_attention or (cuda and (token_logprobs or greedy_matches_hf or decode_paths or bf16_cuda or in_place_weight))"
+CORE_SELECT="test_decode_attention or (cuda and (token_logprobs or greedy_matches_hf or decode_paths or bf16_logprobs or in_place_weight))"
 export CORE_SELECT
 tests() {  # tests [all]
     python -c 'import pytest' 2>/dev/null || { echo "figure: pytest is not installed here (put its wheel in ./wheels)"; exit 1; }

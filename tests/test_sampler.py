@@ -503,18 +503,27 @@ def test_in_place_weight_update_is_picked_up(tiny_model_dir, tmp_path, device):
     assert [o.tokens for o in after] == [o.tokens for o in expected] != [o.tokens for o in before]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_bf16_cuda_logprobs_close_to_full_forward(tiny_model_dir):
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_logprobs_close_to_full_forward(tiny_model_dir, device):
+    """The sampler's bf16 copy (what a GPU run samples and judges with; on CPU, --precision bf16): its sampled
+    tokens' log-probs and Sampler.score's continuation log-probs (the expected-score judge's pass) stay within bf16
+    rounding of the fp32 model's full forward. On CUDA through the compiled step in CUDA graphs."""
     fp32 = load(tiny_model_dir, "cpu")
-    sampler = Sampler(fp32, max_batch_size=8, max_seq_len=48, device="cuda", dtype=torch.bfloat16)
+    sampler = Sampler(fp32, max_batch_size=8, max_seq_len=48, device=device, dtype=torch.bfloat16)
     assert sampler.model is not fp32 and next(sampler.model.parameters()).dtype == torch.bfloat16
     prompts = random_prompts([6, 13], fp32.config.vocab_size)
     outs = sampler.generate(prompts, group_size=4, max_new_tokens=30, temperature=1.0, seed=0)
-    assert sampler.stats.graphs_captured >= 1
+    assert (sampler.stats.graphs_captured >= 1) == (device == "cuda")
     for i, o in enumerate(outs):
         ref = full_logits(fp32, prompts[i // 4], o.tokens).log_softmax(-1)
         ref = ref.gather(-1, torch.tensor(o.tokens)[:, None])[:, 0]
         assert (torch.tensor(o.logprobs) - ref).abs().max() < 0.05
+    continuations = [[7], [7, 8], [10, 11, 12]]
+    got = sampler.score(prompts, continuations)
+    for i, p in enumerate(prompts):
+        for j, c in enumerate(continuations):
+            want = full_logits(fp32, p, c).log_softmax(-1).gather(-1, torch.tensor(c)[:, None]).sum()
+            assert abs(float(got[i, j]) - float(want)) < 0.05 * len(c), (i, j)
 
 
 # ----------------------------------------------------------------------------------------------------
