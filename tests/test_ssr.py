@@ -428,7 +428,7 @@ def test_format_credit_grades_malformed_responses():
     for credit, expected in ((0.0, [1.0, -1.0, -1.0, -1.0]), (0.4, [1.0, -0.7, -0.9, -1.0])):
         run = SimpleNamespace(cfg=ssr.Config(model="m", format_credit=credit), comet=None, custom_reward=None)
         rollouts = [ssr.Rollout({"src": "x", "src_lang": "en", "tgt_lang": "fr"}, [1], Completion([2], [0.0], "stop"),
-                                text, judge.extract_answer(text),
+                                text, judge.extract_answer(text), None,
                                 judgements=[judge.parse_judgement("<answer>100</answer>")] if judge.extract_answer(text) else [])
                     for text in responses]
         ssr.assign_rewards(run, rollouts)
