@@ -549,7 +549,7 @@ def test_a_run_without_learning_signal_saves_and_stops(tmp_path, model_dir, data
     env_args = ["--model", model_dir, "--data", data_file, *SMALL, "--reward", "constant_reward:reward",
                 "--save-every", 100]
     proc = subprocess.run([sys.executable, str(ROOT / "ssr.py"), *map(str, env_args), "--out-dir", tmp_path / "dead",
-                           "--steps", 10, "--stop-on-collapse", 3], capture_output=True, text=True, cwd=ROOT,
+                           "--steps", "10", "--stop-on-collapse", "3"], capture_output=True, text=True, cwd=ROOT,
                           timeout=600, env=os.environ | {"PYTHONPATH": str(tmp_path)})
     assert proc.returncode == 1, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
@@ -558,7 +558,7 @@ def test_a_run_without_learning_signal_saves_and_stops(tmp_path, model_dir, data
     assert [m["step"] for m in metrics(tmp_path / "dead")] == [1, 2, 3]
     assert (tmp_path / "dead" / "step_3" / "trainer.pt").exists()
     proc = subprocess.run([sys.executable, str(ROOT / "ssr.py"), *map(str, env_args), "--out-dir", tmp_path / "on",
-                           "--steps", 4, "--stop-on-collapse", 0], capture_output=True, text=True, cwd=ROOT,
+                           "--steps", "4", "--stop-on-collapse", "0"], capture_output=True, text=True, cwd=ROOT,
                           timeout=600, env=os.environ | {"PYTHONPATH": str(tmp_path)})
     assert proc.returncode == 0 and [m["step"] for m in metrics(tmp_path / "on")] == [1, 2, 3, 4]
 
