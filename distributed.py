@@ -197,6 +197,14 @@ def save_checkpoint(out_dir, step: int, model, optimizer, scheduler, config: dic
     rank = dist.get_rank() if dist.is_initialized() else 0
     final, tmp = Path(out_dir) / f"step_{step}", Path(out_dir) / f".step_{step}.tmp"
     device = next(unwrap(model).parameters()).device
+    # A step_N that is no checkpoint (a folder of the user's) where this save goes is never deleted to make room: the
+    # save is refused before anything is written. (ssr.py refuses such a folder when the run starts already.)
+    if any_rank(rank == 0 and (final.exists() or final.is_symlink()) and not is_checkpoint(final), device):
+        newest = newest_checkpoint(out_dir)
+        raise CheckpointError(f"could not write {final.name}: {final} is in the way and is not a checkpoint (no "
+                              f"trainer.pt), so it is not deleted: move it out of {out_dir}, then "
+                              + (f"continue from the newest complete checkpoint, {newest}, with --resume" if newest
+                                 else "start over (no earlier checkpoint exists)"))
     made = None  # rank 0 makes the folder; if it cannot, every rank must hear so now, not after --dist-timeout
     if rank == 0:
         try:
@@ -219,7 +227,8 @@ def save_checkpoint(out_dir, step: int, model, optimizer, scheduler, config: dic
                               + (f"the newest complete checkpoint, {newest}, is intact" if newest else
                                  "no earlier checkpoint exists"))
     if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
+        if is_checkpoint(final):  # an older save of this very step: replaced, as os.replace cannot over a folder
+            shutil.rmtree(final)
         os.replace(tmp, final)
         for old in checkpoints(out_dir)[:-keep_last] if keep_last else []:
             shutil.rmtree(old)
@@ -303,11 +312,16 @@ def single_process_quiet():
         yield
 
 
+def is_checkpoint(path: Path) -> bool:
+    """Does the folder hold a trainer state (trainer.pt; an older ssr's train_state.pt)? A step_N without one is not
+    ours: saves are renamed into place whole."""
+    return (path / "trainer.pt").exists() or (path / "train_state.pt").exists()
+
+
 def checkpoints(out_dir) -> list[Path]:
     """Complete step_N checkpoints, oldest first."""
     steps = [(int(m.group(1)), p) for p in Path(out_dir).glob("step_*")
-             if (m := re.fullmatch(r"step_(\d+)", p.name)) and ((p / "trainer.pt").exists()
-                                                                 or (p / "train_state.pt").exists())]
+             if (m := re.fullmatch(r"step_(\d+)", p.name)) and is_checkpoint(p)]
     return [p for _, p in sorted(steps)]
 
 

@@ -747,3 +747,26 @@ def test_trim_logs_names_a_damaged_line_instead_of_dropping_the_rest(tmp_path, d
         rundir.trim_logs(tmp_path, 3)
     assert str(err.value) == f"{tmp_path / 'metrics.jsonl'}{message}"
     assert (tmp_path / "metrics.jsonl").read_text() == text
+
+
+# ----------------------------------------------------------------------------------------------------
+# a folder of the user's named step_N is never deleted by a save
+
+
+def test_a_save_never_deletes_a_users_step_folder(tmp_path, tiny_model_dir):
+    """The folder appeared after the start (the claim-time check could not see it): the save is refused, in one
+    CheckpointError, before anything is written, and the folder stays as it was."""
+    from checkpoint import load_pretrained
+
+    out = fake_checkpoints(tmp_path, ["step_1"])
+    (out / "step_2").mkdir()
+    (out / "step_2" / "notes.txt").write_text("mine")
+    model = load_pretrained(tiny_model_dir)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    with pytest.raises(distributed.CheckpointError) as err:
+        distributed.save_checkpoint(out, 2, model, optimizer, scheduler, {}, tiny_model_dir)
+    assert str(err.value) == (f"could not write step_2: {out / 'step_2'} is in the way and is not a checkpoint (no "
+                              f"trainer.pt), so it is not deleted: move it out of {out}, then continue from the newest "
+                              f"complete checkpoint, {out / 'step_1'}, with --resume")
+    assert (out / "step_2" / "notes.txt").read_text() == "mine" and not (out / ".step_2.tmp").exists()
