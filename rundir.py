@@ -11,7 +11,8 @@ quietly change what the run means.
 - `config_changes(...)`: on --resume, the saved config against the effective one. Flags that change what the
   run means (data, model, group size, seed, lengths, reward, judge, learning rate, ...) are refused unless
   --resume-override names them; flags about how it runs (steps, logging, batch sizes for memory) may change.
-- `trim_logs(...)`: on resume, drop what was logged after the checkpoint, through a temp file and a rename.
+- `append_lines(...)`: each step's log lines, appended whole or not at all (a full disk leaves no half line);
+  `trim_logs(...)`: on resume, drop what was logged after the checkpoint, through a temp file and a rename.
 
 eval.py's --out follows the same rules, in the second half of this file: `check_eval_out` refuses other
 settings, and another checkpoint under a known label (`fingerprint`, OUT/<label>/model.json); `load_rows`
@@ -272,6 +273,31 @@ def config_changes(saved: dict, effective: dict, overrides: set[str]) -> list[st
 
 def flag(key: str) -> str:
     return "the data file's contents" if key == "data_sha256" else "--" + key.replace("_", "-")
+
+
+def append_lines(path: Path, text: str):
+    """Append whole lines to a log (metrics.jsonl, samples.jsonl), or nothing: a write that fails (a full disk) cuts
+    the file back to its old end and raises the OSError, so no half line is left behind for a later line to follow
+    (trim_logs drops a cut last line, a kill's, but a line cut in the middle would stop a resume)."""
+    data = text.encode("utf-8")
+    with open(path, "ab", buffering=0) as f:  # unbuffered: each write reaches the file here, or fails here
+        end = f.seek(0, os.SEEK_END)
+        try:
+            written = 0
+            while written < len(data):  # a write can be short (the last bytes before a size limit)
+                written += f.write(data[written:])
+        except OSError:
+            f.truncate(end)
+            raise
+
+
+def append_failed_message(path: Path, error: OSError, step: int, newest: Path | None) -> str:
+    """What a run whose log append failed says as it stops: the file, the system's reason, and how to go on."""
+    return (f"step {step}: cannot append to {path} ({error.strerror or error}); the run stopped there: "
+            + (f"{newest}, the newest checkpoint, is intact: free some space and continue with --resume (the log lines "
+               f"after its step are dropped)" if newest else
+               f"no checkpoint was written yet: free some space, delete {' and '.join(LOGS)} in {path.parent} (or use "
+               f"another --out-dir) and start over"))
 
 
 def trim_logs(out: Path, step: int):

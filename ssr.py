@@ -921,14 +921,18 @@ def log_step(run: Run, step: int, rollouts: list[Rollout], stats: dict, judged: 
     } | grpo_stats
     if not run.master:
         return record
-    with open(run.out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-    with open(run.out / "samples.jsonl", "a", encoding="utf-8") as f:
-        for r in rollouts[:cfg.log_samples]:
-            f.write(json.dumps(r.sample_dict() | {"step": step + 1, "judge_outputs": r.judge_outputs,
-                                                  "failed_check": r.failed_check,
-                                                  "self_score": r.reward.self_score, "comet": r.reward.comet,
-                                                  "ref_metric": r.reward.ref_metric, "reward": r.reward.reward}, ensure_ascii=False) + "\n")
+    samples = [r.sample_dict() | {"step": step + 1, "judge_outputs": r.judge_outputs, "failed_check": r.failed_check,
+                                  "self_score": r.reward.self_score, "comet": r.reward.comet,
+                                  "ref_metric": r.reward.ref_metric, "reward": r.reward.reward}
+               for r in rollouts[:cfg.log_samples]]
+    lines = {"metrics.jsonl": json.dumps(record) + "\n",
+             "samples.jsonl": "".join(json.dumps(sample, ensure_ascii=False) + "\n" for sample in samples)}
+    for name, text in lines.items():
+        try:
+            rundir.append_lines(run.out / name, text)
+        except OSError as e:  # a full disk: the run stops here, its checkpoints and logs as they were
+            raise rundir.RunDirError(rundir.append_failed_message(run.out / name, e, step + 1,
+                                                                  newest_checkpoint(run.out))) from None
     self_score, ref = record["self_score_mean"], record["ref_metric_mean"]
     print(f"step {step + 1}/{cfg.steps} | reward {record['reward_mean']:.3f} "
           f"| valid {record['format_valid_rate']:.2f} | self {'-' if self_score is None else f'{self_score:.1f}'} "

@@ -770,3 +770,33 @@ def test_a_save_never_deletes_a_users_step_folder(tmp_path, tiny_model_dir):
                               f"trainer.pt), so it is not deleted: move it out of {out}, then continue from the newest "
                               f"complete checkpoint, {out / 'step_1'}, with --resume")
     assert (out / "step_2" / "notes.txt").read_text() == "mine" and not (out / ".step_2.tmp").exists()
+
+
+
+# ----------------------------------------------------------------------------------------------------
+# a full disk while appending a step's log lines
+
+
+def test_full_disk_while_logging_stops_with_one_line_and_no_half_line(tmp_path, model_dir, data_file):
+    """Step 2's metrics line does not fit (a file-size limit just above step 1's log, as a full disk would): the
+    run stops with one line naming the file, the reason and the intact checkpoint; the log is left whole, so the
+    resume that follows (with room again) runs."""
+    out = tmp_path / "run"
+    run_ssr(*common(model_dir, data_file, out, "--steps", 1, "--save-every", 1, "--log-samples", 0))
+    before = (out / "metrics.jsonl").read_bytes()
+
+    def limit_file_size():  # every file this process writes stops just past the log's current end
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) + 100, len(before) + 100))
+
+    resume = common(model_dir, data_file, out, "--steps", 2, "--save-every", 1, "--log-samples", 0, "--resume")
+    proc = subprocess.run([sys.executable, str(ROOT / "ssr.py"), *map(str, resume)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, preexec_fn=limit_file_size)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"ssr: error: step 2: cannot append to {out / 'metrics.jsonl'} (File too large); the run stopped there: "
+        f"{out / 'step_1'}, the newest checkpoint, is intact: free some space and continue with --resume (the log "
+        f"lines after its step are dropped)"]
+    assert (out / "metrics.jsonl").read_bytes() == before
+    run_ssr(*resume)
+    assert [m["step"] for m in metrics(out)] == [1, 2]
