@@ -263,6 +263,10 @@ def validate(cfg: Config, world: int):
             raise ConfigError(f"{flag(name)} {getattr(cfg, name)!r}: must be {valid}")
     if not cfg.out_dir.strip():  # an unset "$OUT" would write into the current directory
         raise ConfigError("--out-dir '': give a directory")
+    out = Path(cfg.out_dir).expanduser().resolve()
+    if out == out.parent:  # an unset "$OUT/" is "/": step_N, metrics.jsonl and the rest would land at the very top
+        raise ConfigError(f"--out-dir {cfg.out_dir}: the filesystem root; give a directory (is a variable in it "
+                          f"unset?)")
     if cfg.preset not in ("", "smoke") and not cfg.model:
         raise ConfigError(f"--preset {cfg.preset} is a recipe for a real model: pass --model (without it the run "
                           f"would be a smoke run on a tiny random model)")

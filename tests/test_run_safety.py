@@ -800,3 +800,16 @@ def test_full_disk_while_logging_stops_with_one_line_and_no_half_line(tmp_path, 
     assert (out / "metrics.jsonl").read_bytes() == before
     run_ssr(*resume)
     assert [m["step"] for m in metrics(out)] == [1, 2]
+
+
+
+# ----------------------------------------------------------------------------------------------------
+# an out-dir at the filesystem root
+
+
+@pytest.mark.parametrize("out_dir", ["/", "//", "/tmp/..", "/./"])
+def test_out_dir_at_the_filesystem_root_is_refused(model_dir, data_file, out_dir):
+    """--out-dir "$UNSET/" is "/": as root the run would write /step_1, /metrics.jsonl, ..."""
+    cfg = ssr.parse_args(["--model", str(model_dir), "--data", str(data_file), "--out-dir", out_dir])
+    with pytest.raises(ssr.ConfigError, match=f"^--out-dir {out_dir}: the filesystem root; give a directory"):
+        ssr.validate(cfg, 1)
