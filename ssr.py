@@ -594,13 +594,20 @@ def recorded_run(out: Path, newest: Path | None) -> dict | None:
 
 def check_resume(cfg: Config, newest: Path, data_sha256: str, rank: int) -> int:
     """--resume from `newest`: its step, once its saved flags and data fingerprint match ours (or the differences are
-    named in --resume-override) and it is not past --steps."""
+    named in --resume-override), it is not past --steps, and --model (if overridden) has the checkpoint's tokenizer."""
     trainer = read_trainer_state(newest)
     if trainer["step"] > cfg.steps:
         raise ConfigError(f"--steps {cfg.steps}: {newest} is already past it (step {trainer['step']}); pass a larger "
                           f"--steps to continue that run")
     overrides = {k.strip().replace("-", "_") for k in cfg.resume_override.split(",") if k.strip()}
     changed = rundir.config_changes(trainer["config"], run_config(cfg, data_sha256), overrides)
+    # The resumed weights were trained on the ids of the checkpoint's tokenizer (saved in it), and the run goes on
+    # encoding with --model's: another vocabulary would train them on other words' ids and save that tokenizer
+    # with them (a larger one indexes past the embedding).
+    if "model" in changed and (difference := tokenizer_difference(load_tokenizer(newest), load_tokenizer(cfg.model))):
+        raise ConfigError(f"--resume-override model: --model {cfg.model} has another tokenizer than {newest} "
+                          f"({difference}); its weights read their own tokenizer's ids: give a --model with the "
+                          f"checkpoint's tokenizer")
     if rank == 0 and changed:
         print(f"resuming with changed flags: {', '.join(rundir.flag(k) for k in changed)}")
     return trainer["step"]

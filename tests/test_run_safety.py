@@ -872,6 +872,35 @@ def test_smoke_run_checks_prompts_with_its_tokenizer_before_the_warm_up(tmp_path
 
 
 # ----------------------------------------------------------------------------------------------------
+# --resume-override model keeps the checkpoint's tokenizer
+
+
+def test_resume_override_model_needs_the_checkpoints_tokenizer(tokenizer_models, data_file, tmp_path, monkeypatch,
+                                                               capsys):
+    """A checkpoint trained with the policy's tokenizer (saved in it), resumed with --model of another vocabulary:
+    refused before any model loads (it used to train the checkpoint's weights on the other tokenizer's ids, or index
+    past the embedding); a model with the same tokenizer may replace it."""
+    import shutil
+
+    out = tmp_path / "run"
+    flags = ["--data", data_file, "--out-dir", out, "--max-prompt-tokens", 1024]  # byte-level tokens: long prompts
+    cfg = ssr.parse_args(list(map(str, ["--model", tokenizer_models["policy"], *flags])))
+    shutil.copytree(tokenizer_models["policy"], out / "step_2")  # its weights and tokenizer, as a save writes them
+    saved = ssr.run_config(cfg, ssr.read_data(cfg.data)[1])
+    torch.save({"step": 2, "scheduler": {}, "config": saved}, out / "step_2" / "trainer.pt")
+    resume = [*flags, "--resume", "--resume-override", "model"]
+    for name in ("other", "smaller"):
+        code, err = in_process(["--model", tokenizer_models[name], *resume], monkeypatch, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert err.startswith(f"ssr: error: --resume-override model: --model {tokenizer_models[name]} has another "
+                              f"tokenizer than {out / 'step_2'} (vocabulary of "), err
+        assert err.strip().endswith("); its weights read their own tokenizer's ids: give a --model with the "
+                                    "checkpoint's tokenizer"), err
+    same = ssr.parse_args(list(map(str, ["--model", tokenizer_models["same"], *resume])))
+    assert ssr.check_resume(same, out / "step_2", saved["data_sha256"], 0) == 2
+
+
+# ----------------------------------------------------------------------------------------------------
 # the smoke model is rebuilt when it was built for other settings
 
 
