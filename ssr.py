@@ -38,7 +38,7 @@ from tqdm import tqdm
 import grpo
 import judge
 import rundir
-from checkpoint import (CheckpointError, load_comet, load_pretrained, load_tokenizer, read_config,
+from checkpoint import (CheckpointError, hf_name, load_comet, load_pretrained, load_tokenizer, read_config, read_json,
                         tokenizer_difference)
 from distributed import (LaunchError, init_distributed, launch_environment, load_frozen_model, load_train_state,
                          load_trainer_model, local_device, newest_checkpoint, policy_snapshot, read_trainer_state,
@@ -460,6 +460,7 @@ def setup(cfg: Config, held: contextlib.ExitStack | None = None) -> Run:
     # the lagging judge's weights: the initial policy's; a resume then fills them with the saved judge's
     judge_weights = policy_snapshot(model) if lagging_judge(cfg) else None
     start = load_train_state(resume_dir, model, optimizer, scheduler, judge_weights) if resume_dir else 0
+    check_weights_finite(model, cfg.model, resume_dir)
     signal = read_trainer_state(resume_dir).get("loop", {}).get("signal", []) if resume_dir else []
     apply_schedule(cfg, optimizer, scheduler)  # a resume restored the saved LR; --resume-override lr changes it
     if rank == 0 and resume_dir:
@@ -678,6 +679,29 @@ def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     copies of the weights and of the update's compute; the trainer's master weights and AdamW stay fp32."""
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     return torch.bfloat16 if bf16 else torch.float32
+
+
+def check_weights_finite(model, model_dir: str, resume_dir: Path | None):
+    """The weights as loaded, before any update, must be finite. An inf or NaN in the base checkpoint itself makes
+    the first loss NaN, and the divergence stop would blame the learning rate; it is named here instead, file and
+    tensor (non_finite_tensors: every rank stops alike)."""
+    bad = non_finite_tensors(model)
+    if not bad.any():
+        return
+    name = hf_name([name for name, _ in unwrap(model).named_parameters()][int(bad.nonzero()[0])])
+    if resume_dir is not None:  # never saved by ssr (it refuses to save non-finite weights): a damaged copy
+        raise CheckpointError(f"{resume_dir / 'train_state'}: tensor '{name}' is not finite (inf or NaN); resume "
+                              f"from an earlier step_N by deleting {resume_dir}")
+    raise CheckpointError(f"{weights_file(model_dir, name)}: tensor '{name}' is not finite (inf or NaN) in the base "
+                          f"checkpoint itself, before any update: the checkpoint is damaged (a lower --lr would not "
+                          f"help); use an intact copy of it")
+
+
+def weights_file(model_dir: str, name: str) -> Path:
+    """The file of a checkpoint directory that holds tensor `name` (HF's name): its shard, or model.safetensors."""
+    index = Path(model_dir) / "model.safetensors.index.json"
+    shard = read_json(index).get("weight_map", {}).get(name) if index.is_file() else None
+    return Path(model_dir) / (shard or "model.safetensors")
 
 
 def make_optimizer(cfg: Config, model):
@@ -948,16 +972,22 @@ def diverged(run: Run, step: int, what: str) -> Diverged:
                        "no checkpoint was written: start over with a lower --lr"))
 
 
-@torch.no_grad()
 def weights_finite(model) -> bool:
     """Whether every weight of the model is finite: each rank checks its own shard, and all agree."""
-    bad = torch.zeros((), dtype=torch.int32, device=next(model.parameters()).device)
-    for p in model.parameters():
-        local = p.to_local() if hasattr(p, "to_local") else p
-        bad |= (~torch.isfinite(local)).any().to(torch.int32)
+    return not non_finite_tensors(model).any()
+
+
+@torch.no_grad()
+def non_finite_tensors(model) -> torch.Tensor:
+    """One flag per parameter (named_parameters' order), 1 where it holds an inf or NaN on any rank: each rank checks
+    its own shards, and the flags are all-reduced so that every rank sees the same."""
+    params = list(unwrap(model).parameters())
+    # on the model's device, named: NCCL serves CUDA tensors only (distributed.any_rank says more)
+    bad = torch.stack([(~torch.isfinite(p.to_local() if hasattr(p, "to_local") else p)).any() for p in params]).to(
+        device=params[0].device, dtype=torch.int32)
     if dist.is_initialized():
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return not bad.item()
+    return bad
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -938,7 +938,7 @@ def test_smoke_record_names_template_seed_and_data():
 
 
 # ----------------------------------------------------------------------------------------------------
-# an out-dir at the filesystem root
+# an out-dir at the filesystem root; weights not finite before any update
 
 
 @pytest.mark.parametrize("out_dir", ["/", "//", "/tmp/..", "/./"])
@@ -947,6 +947,28 @@ def test_out_dir_at_the_filesystem_root_is_refused(model_dir, data_file, out_dir
     cfg = ssr.parse_args(["--model", str(model_dir), "--data", str(data_file), "--out-dir", out_dir])
     with pytest.raises(ssr.ConfigError, match=f"^--out-dir {out_dir}: the filesystem root; give a directory"):
         ssr.validate(cfg, 1)
+
+
+def test_non_finite_base_weights_are_named_not_blamed_on_the_learning_rate(tmp_path, model_dir, data_file,
+                                                                           monkeypatch, capsys):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    bad = shutil.copytree(model_dir, tmp_path / "m")
+    weights = load_file(bad / "model.safetensors")
+    weights["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
+    monkeypatch.setattr(ssr, "Sampler", lambda *a, **k: 1 / 0)  # refused before the sampler is even built
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        ssr.main(list(map(str, ["--model", bad, "--data", data_file, "--out-dir", out, *SMALL, "--steps", 1])))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.strip().splitlines() == [
+        f"ssr: error: {bad / 'model.safetensors'}: tensor 'model.layers.1.mlp.up_proj.weight' is not finite (inf or "
+        f"NaN) in the base checkpoint itself, before any update: the checkpoint is damaged (a lower --lr would not "
+        f"help); use an intact copy of it"], err
+    assert not list(out.glob("*step_*"))
 
 
 # ----------------------------------------------------------------------------------------------------
