@@ -458,9 +458,14 @@ def test_adv_std_off_reaches_the_loop(tmp_path, model_dir, data_file, monkeypatc
 
 
 def test_sampling_temperature_reaches_the_trainer(tmp_path, model_dir, data_file, monkeypatch):
-    """At T = 0.5 the trainer's log-probs are of softmax(logits / 0.5), the sampler's distribution: on CPU (same
-    fp32 weights) their gap kl_sampler is ~0. A trainer left at T = 1 would be far from it."""
-    _, _, stats = one_real_step(tmp_path, model_dir, data_file, monkeypatch, "--temperature", 0.5)
+    """At T = 0.5 the trainer's log-probs are of softmax(logits / 0.5), the sampler's distribution: with the same fp32
+    weights their gap kl_sampler is ~0 (0.0 on CPU); a trainer left at T = 1 is ~0.03 from it. The step is a function
+    of its flags alone, whatever ran before it: the precision, decode and log-prob paths are pinned (their auto values
+    depend on the host: bf16 copies on a CUDA host would open a gap of their own), setup() refuses a launcher variable
+    left in the environment and seeds the global generators, and the data order and the sampler draw from generators
+    of their own. Checked after each in-process test of this file and test_run_safety.py, and in random orders."""
+    pinned = ["--precision", "fp32", "--decode", "sdpa", "--logprob-backend", "torch"]
+    _, _, stats = one_real_step(tmp_path, model_dir, data_file, monkeypatch, "--temperature", 0.5, *pinned)
     assert 0 <= stats["kl_sampler"] < 1e-6, stats["kl_sampler"]
 
 
