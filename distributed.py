@@ -1,6 +1,7 @@
 """Training at scale: torchrun processes, DDP/FSDP2 models, weight sync to the sampler, checkpoints, resume.
 
-    rank, world, device = init_distributed(timeout_minutes=60)  # torchrun's environment, or one process
+    launch = launch_environment()                               # torchrun's variables, checked; or one process
+    device = init_distributed(launch, timeout_minutes=60)       # this rank's device, in the process group
     model = load_trainer_model(path, "fsdp", device)            # sharded from the start: no full copy on a GPU
     sync_sampler(model, sampler.model)                          # new weights into the sampler, a tensor at a time
     save_checkpoint(...) / load_train_state(...)                # OUT/step_N: HF weights + the sharded trainer state
@@ -19,6 +20,7 @@ A checkpoint OUT/step_N/ holds
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import io
 import os
@@ -35,28 +37,86 @@ from checkpoint import CheckpointError, iter_checkpoint, load_pretrained, read_c
 from model import Transformer, empty_model
 
 
-def init_distributed(timeout_minutes: float = 60, one_rank_group: bool = False):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python ssr.py` is one process, with no process group
-    unless one_rank_group (FSDP2 needs one, even for one rank). The timeout is how long a rank waits in a
-    collective for the others (one writing a checkpoint file, a long judge batch) before the job fails.
-    Returns (rank, world size, this rank's device)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world > 1 or one_rank_group:
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """Where this process stands in the job, as the launcher said (launch_environment): one process by default."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    env: bool = False  # launched with env:// variables: the process group meets at MASTER_ADDR:MASTER_PORT
+
+
+class LaunchError(ValueError):
+    """The launcher's environment variables describe no run this process can join; the message names the variable."""
+
+
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launch_environment(environ=os.environ) -> Launch:
+    """Read and check the launcher's variables, once, before any work. torchrun (and an srun-style launcher) sets all
+    of LAUNCH_VARIABLES; a plain `python ssr.py` sets none of RANK, WORLD_SIZE and LOCAL_RANK. Anything between is a
+    leftover (an `export RANK=1` in the shell, a job script that forgot one), and trusting it would make a
+    half-distributed run: a rank 1 that writes nothing (rank 0 writes the logs), a WORLD_SIZE=2 process that trains
+    alone on half the prompts. So either the variables form a complete env:// launch with 0 <= RANK < WORLD_SIZE,
+    or the launch is refused with one LaunchError naming the variable. (MASTER_ADDR/MASTER_PORT alone, with no rank,
+    mean one process: nothing to join.)"""
+    ranks = [name for name in LAUNCH_VARIABLES[:3] if name in environ]
+    if not ranks:
+        return Launch()
+    fix = (f"a distributed launch sets all of {', '.join(LAUNCH_VARIABLES)} (torchrun does); unset "
+           f"{' and '.join(ranks)} to run one process")
+    numbers = {}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        if name in environ:
+            try:
+                numbers[name] = int(environ[name])
+            except ValueError:
+                raise LaunchError(f"environment variable {name}={environ[name]!r}: not a whole number; {fix}") from None
+    if numbers.get("WORLD_SIZE", 1) < 1:
+        raise LaunchError(f"environment variable WORLD_SIZE={numbers['WORLD_SIZE']}: must be at least 1; {fix}")
+    for name in LAUNCH_VARIABLES:
+        if not environ.get(name, "").strip():
+            given = ", ".join(f"{n}={environ[n]}" for n in ranks)
+            raise LaunchError(f"environment variable {name} is not set, but {given} is: {fix}")
+    rank, world, local_rank = numbers["RANK"], numbers["WORLD_SIZE"], numbers["LOCAL_RANK"]
+    for name, value in (("RANK", rank), ("LOCAL_RANK", local_rank)):
+        if not 0 <= value < world:
+            raise LaunchError(f"environment variable {name}={value}: must be in [0, WORLD_SIZE={world}); {fix}")
+    if not 0 < numbers["MASTER_PORT"] < 2**16:
+        raise LaunchError(f"environment variable MASTER_PORT={numbers['MASTER_PORT']}: not a port (1 to 65535); {fix}")
+    if torch.cuda.is_available() and local_rank >= torch.cuda.device_count():  # the GPU this rank would take
+        raise LaunchError(f"environment variable LOCAL_RANK={local_rank}: this node has {torch.cuda.device_count()} "
+                          f"GPU(s); start at most that many processes per node")
+    return Launch(rank, world, local_rank, env=True)
+
+
+def local_device(launch: Launch) -> torch.device:
+    """This rank's device: the GPU of its LOCAL_RANK on its node, made the current one, or the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", launch.local_rank)
+    torch.cuda.set_device(device)
+    return device
+
+
+def init_distributed(launch: Launch, timeout_minutes: float = 60, one_rank_group: bool = False) -> torch.device:
+    """Join the job as `launch` says (launch_environment) and return this rank's device (local_device). Several ranks
+    meet in a process group at MASTER_ADDR:MASTER_PORT; one process has no group unless one_rank_group (FSDP2 needs
+    one, even for one rank). The timeout is how long a rank waits in a collective for the others (one writing a
+    checkpoint file, a long judge batch) before the job fails."""
+    device = local_device(launch)
+    if launch.world > 1 or one_rank_group:
         # NCCL alone serves CUDA tensors only, and we keep it so (not "cuda:nccl,cpu:gloo"): every collective of
         # ours takes a tensor on `device` (tests/test_distributed.py checks each one on the 2-rank gloo run), so a
         # CPU backend would serve nothing but a mistake, and would serve it quietly: over TCP, on every step, with
         # a second set of connections between all ranks. Without it such a mistake raises where it is made.
-        # one process outside torchrun has no rendezvous address: it meets itself in an in-memory store
-        alone = {} if "MASTER_ADDR" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)
+        # One process outside a launcher has no rendezvous address: it meets itself in an in-memory store.
+        where = (dict(init_method="env://", rank=launch.rank, world_size=launch.world) if launch.env else
+                 dict(store=dist.HashStore(), rank=0, world_size=1))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=timeout_minutes), **alone)
-    return rank, world, device
+                                timeout=datetime.timedelta(minutes=timeout_minutes), **where)
+    return device
 
 
 def barrier():
@@ -197,6 +257,14 @@ def save_checkpoint(out_dir, step: int, model, optimizer, scheduler, config: dic
     rank = dist.get_rank() if dist.is_initialized() else 0
     final, tmp = Path(out_dir) / f"step_{step}", Path(out_dir) / f".step_{step}.tmp"
     device = next(unwrap(model).parameters()).device
+    # A step_N that is no checkpoint (a folder of the user's) where this save goes is never deleted to make room: the
+    # save is refused before anything is written. (ssr.py refuses such a folder when the run starts already.)
+    if any_rank(rank == 0 and (final.exists() or final.is_symlink()) and not is_checkpoint(final), device):
+        newest = newest_checkpoint(out_dir)
+        raise CheckpointError(f"could not write {final.name}: {final} is in the way and is not a checkpoint (no "
+                              f"trainer.pt), so it is not deleted: move it out of {out_dir}, then "
+                              + (f"continue from the newest complete checkpoint, {newest}, with --resume" if newest
+                                 else "start over (no earlier checkpoint exists)"))
     made = None  # rank 0 makes the folder; if it cannot, every rank must hear so now, not after --dist-timeout
     if rank == 0:
         try:
@@ -219,7 +287,8 @@ def save_checkpoint(out_dir, step: int, model, optimizer, scheduler, config: dic
                               + (f"the newest complete checkpoint, {newest}, is intact" if newest else
                                  "no earlier checkpoint exists"))
     if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
+        if is_checkpoint(final):  # an older save of this very step: replaced, as os.replace cannot over a folder
+            shutil.rmtree(final)
         os.replace(tmp, final)
         for old in checkpoints(out_dir)[:-keep_last] if keep_last else []:
             shutil.rmtree(old)
@@ -303,11 +372,16 @@ def single_process_quiet():
         yield
 
 
+def is_checkpoint(path: Path) -> bool:
+    """Does the folder hold a trainer state (trainer.pt; an older ssr's train_state.pt)? A step_N without one is not
+    ours: saves are renamed into place whole."""
+    return (path / "trainer.pt").exists() or (path / "train_state.pt").exists()
+
+
 def checkpoints(out_dir) -> list[Path]:
     """Complete step_N checkpoints, oldest first."""
     steps = [(int(m.group(1)), p) for p in Path(out_dir).glob("step_*")
-             if (m := re.fullmatch(r"step_(\d+)", p.name)) and ((p / "trainer.pt").exists()
-                                                                 or (p / "train_state.pt").exists())]
+             if (m := re.fullmatch(r"step_(\d+)", p.name)) and is_checkpoint(p)]
     return [p for _, p in sorted(steps)]
 
 

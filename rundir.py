@@ -7,11 +7,12 @@ quietly change what the run means.
   start in an empty directory. Logs without a checkpoint (a run stopped before its first save) are refused
   too: starting over must be explicit. The smoke run is the exception: it starts over, clearing what a smoke run
   left there, as OUT records it (its newest checkpoint's run config, or run.json); any other run's outputs are
-  refused, whatever the new run's flags say.
+  refused, whatever the new run's flags say. `check_saves_free(...)`: no folder of the user's where a save goes.
 - `config_changes(...)`: on --resume, the saved config against the effective one. Flags that change what the
   run means (data, model, group size, seed, lengths, reward, judge, learning rate, ...) are refused unless
   --resume-override names them; flags about how it runs (steps, logging, batch sizes for memory) may change.
-- `trim_logs(...)`: on resume, drop what was logged after the checkpoint, through a temp file and a rename.
+- `append_lines(...)`: each step's log lines, appended whole or not at all (a full disk leaves no half line);
+  `trim_logs(...)`: on resume, drop what was logged after the checkpoint, through a temp file and a rename.
 
 eval.py's --out follows the same rules, in the second half of this file: `check_eval_out` refuses other
 settings, and another checkpoint under a known label (`fingerprint`, OUT/<label>/model.json); `load_rows`
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from checkpoint import CheckpointError, load_tokenizer, read_config
 from data import DataError, parse_jsonl, read_bytes, read_jsonl
-from distributed import checkpoints
+from distributed import checkpoints, is_checkpoint
 
 LOGS = ("metrics.jsonl", "samples.jsonl")
 RUN_RECORD = "run.json"  # which run owns OUT: {"preset", "model"}
@@ -181,25 +182,23 @@ def release(path: Path, me: dict):
         path.unlink(missing_ok=True)
 
 
-def claim(out: Path, newest: Path | None, recorded: dict | None, resume: bool, smoke: bool, master: bool):
-    """Check that this run may use OUT as asked (see the module docstring). The smoke run starts over by clearing
-    OUT's outputs (smoke_outputs), but only those of a smoke run, as OUT itself records it (`recorded`: the newest checkpoint's
-    run config, else OUT/run.json): never on the new run's flags alone, which an empty --model "$UNSET" makes
-    a smoke run's."""
+def claim(out: Path, newest: Path | None, recorded: dict | None, resume: bool, smoke: bool) -> list[Path]:
+    """Check that this run may use OUT as asked (see the module docstring); returns what the run clears before it
+    starts (clear() it once every other check has passed): a smoke run's outputs when a smoke run starts over, else
+    nothing. Those are cleared only if OUT itself records a smoke run (`recorded`: the newest checkpoint's run
+    config, else OUT/run.json): never on the new run's flags alone, which an empty --model "$UNSET" makes a smoke
+    run's."""
     logs = [out / name for name in LOGS if (out / name).exists()]
     if resume:
         if newest is None:
             raise RunDirError(f"--resume: {out} holds no step_N checkpoint"
                               + (f" (only the logs of a run stopped before its first save: delete {out} or use "
                                  f"another --out-dir to start over)" if logs else ""))
-        return
+        return []
     if newest is None and not logs:
-        return
+        return []
     if smoke and is_smoke_run(out, recorded):
-        if master:
-            for path in smoke_outputs(out):
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        return
+        return smoke_outputs(out)
     held = newest.name if newest is not None else f"the logs of a run ({' and '.join(p.name for p in logs)})"
     if smoke:
         whose = f"a run of --model {recorded.get('model')}" if recorded else "a run it does not name (no run.json)"
@@ -213,13 +212,32 @@ def claim(out: Path, newest: Path | None, recorded: dict | None, resume: bool, s
                       f"{' and '.join(p.name for p in logs)} to start over there, or use another --out-dir")
 
 
+def clear(paths: list[Path]):
+    """Delete what claim() said a new smoke run clears."""
+    for path in paths:
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def check_saves_free(out: Path, start: int, steps: int):
+    """Every step_N this run may save (start < N <= steps: --stop-on-collapse saves at any step) must be free or a
+    checkpoint. A step_N that is no checkpoint (no trainer.pt) is the user's, and a save never deletes it to make
+    room: it is refused now rather than hours in, when distributed.save_checkpoint would refuse the save."""
+    for path in sorted(out.glob("step_*")):
+        m = re.fullmatch(r"step_(\d+)", path.name)
+        if m and start < int(m.group(1)) <= steps and not is_checkpoint(path):
+            raise RunDirError(f"{path} is not a checkpoint (no trainer.pt) but stands where this run saves step "
+                              f"{m.group(1)}, and it is never deleted to make room: move or rename it, or use another "
+                              f"--out-dir")
+
+
 def smoke_outputs(out: Path) -> list[Path]:
     """What a new smoke run clears in a smoke run's OUT: the old run's checkpoints (step_<digits> holding its
     trainer state: distributed.checkpoints, the same test --resume uses), a save it was killed in
     (.step_<digits>.tmp, distributed.save_checkpoint's temporary name) and its logs. Derived from the names a smoke
     run writes, not from a glob: a user's step_2_best/, step_notes.md or step_by_step_analysis/ is not one of them.
-    The smoke run's other files stay: tiny_model/ is reused (.tiny_model.tmp is cleared by the build that would use
-    it), run.json is rewritten by the new run, and .lock is the new run's own."""
+    The smoke run's other files stay: tiny_model/ is reused if it was built for the new run's settings, else rebuilt
+    (ssr.prepare_smoke_model; .tiny_model.tmp is cleared by the build that would use it), run.json is rewritten by
+    the new run, and .lock is the new run's own."""
     interrupted_saves = [p for p in out.glob(".step_*.tmp") if re.fullmatch(r"\.step_\d+\.tmp", p.name)]
     return [*checkpoints(out), *interrupted_saves, *(out / name for name in LOGS if (out / name).exists())]
 
@@ -273,6 +291,31 @@ def config_changes(saved: dict, effective: dict, overrides: set[str]) -> list[st
 
 def flag(key: str) -> str:
     return "the data file's contents" if key == "data_sha256" else "--" + key.replace("_", "-")
+
+
+def append_lines(path: Path, text: str):
+    """Append whole lines to a log (metrics.jsonl, samples.jsonl), or nothing: a write that fails (a full disk) cuts
+    the file back to its old end and raises the OSError, so no half line is left behind for a later line to follow
+    (trim_logs drops a cut last line, a kill's, but a line cut in the middle would stop a resume)."""
+    data = text.encode("utf-8")
+    with open(path, "ab", buffering=0) as f:  # unbuffered: each write reaches the file here, or fails here
+        end = f.seek(0, os.SEEK_END)
+        try:
+            written = 0
+            while written < len(data):  # a write can be short (the last bytes before a size limit)
+                written += f.write(data[written:])
+        except OSError:
+            f.truncate(end)
+            raise
+
+
+def append_failed_message(path: Path, error: OSError, step: int, newest: Path | None) -> str:
+    """What a run whose log append failed says as it stops: the file, the system's reason, and how to go on."""
+    return (f"step {step}: cannot append to {path} ({error.strerror or error}); the run stopped there: "
+            + (f"{newest}, the newest checkpoint, is intact: free some space and continue with --resume (the log lines "
+               f"after its step are dropped)" if newest else
+               f"no checkpoint was written yet: free some space, delete {' and '.join(LOGS)} in {path.parent} (or use "
+               f"another --out-dir) and start over"))
 
 
 def trim_logs(out: Path, step: int):

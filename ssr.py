@@ -38,12 +38,12 @@ from tqdm import tqdm
 import grpo
 import judge
 import rundir
-from checkpoint import (CheckpointError, load_comet, load_pretrained, load_tokenizer, read_config,
+from checkpoint import (CheckpointError, hf_name, load_comet, load_pretrained, load_tokenizer, read_config, read_json,
                         tokenizer_difference)
-from distributed import (init_distributed, load_frozen_model, load_train_state, load_trainer_model, newest_checkpoint,
-                         policy_snapshot, read_trainer_state, refresh_snapshot, sampler_copy, save_checkpoint,
-                         sync_sampler, unwrap)
-from data import DataError, check_direction, parse_jsonl, read_bytes
+from distributed import (LaunchError, init_distributed, launch_environment, load_frozen_model, load_train_state,
+                         load_trainer_model, local_device, newest_checkpoint, policy_snapshot, read_trainer_state,
+                         refresh_snapshot, sampler_copy, save_checkpoint, sync_sampler, unwrap)
+from data import DataError, bleu_tokenizer, check_direction, parse_jsonl, read_bytes
 from kernels import LOGPROB_BACKENDS
 from model import Transformer
 from plan import GIB, cache_positions, comet_checkpoint_bytes, device_memory_bytes, memory_plan, sampler_slots
@@ -263,6 +263,10 @@ def validate(cfg: Config, world: int):
             raise ConfigError(f"{flag(name)} {getattr(cfg, name)!r}: must be {valid}")
     if not cfg.out_dir.strip():  # an unset "$OUT" would write into the current directory
         raise ConfigError("--out-dir '': give a directory")
+    out = Path(cfg.out_dir).expanduser().resolve()
+    if out == out.parent:  # an unset "$OUT/" is "/": step_N, metrics.jsonl and the rest would land at the very top
+        raise ConfigError(f"--out-dir {cfg.out_dir}: the filesystem root; give a directory (is a variable in it "
+                          f"unset?)")
     if cfg.preset not in ("", "smoke") and not cfg.model:
         raise ConfigError(f"--preset {cfg.preset} is a recipe for a real model: pass --model (without it the run "
                           f"would be a smoke run on a tiny random model)")
@@ -302,8 +306,6 @@ def validate(cfg: Config, world: int):
     if cfg.w_comet > 0 and looks_like_path(cfg.comet_model) and not Path(cfg.comet_model).expanduser().exists():
         raise ConfigError(f"--comet-model {cfg.comet_model}: no such COMET checkpoint directory")
     rundir.check_writable(Path(cfg.out_dir))
-    if cfg.judge_model and cfg.model and not cfg.plan:
-        check_judge_tokenizer(cfg)
     if cfg.wandb:
         try:
             import wandb  # noqa: F401
@@ -325,17 +327,6 @@ def lagging_judge(cfg: Config) -> bool:
     return cfg.judge_refresh != 1 or cfg.judge_ema > 0
 
 
-def check_judge_tokenizer(cfg: Config):
-    """--judge-model must speak the policy's language: its prompts are encoded, and its outputs decoded, with the
-    policy's tokenizer. A judge with another tokenizer would read garbage (every judgement failing, training on
-    all-zero rewards) or index past its vocabulary, so it is refused rather than given its own tokenizer: the
-    judge would then also need its own stop ids, prompt lengths and cache sizes, for an ablation's sake."""
-    difference = tokenizer_difference(load_tokenizer(cfg.model), load_tokenizer(cfg.judge_model))
-    if difference:
-        raise ConfigError(f"--judge-model {cfg.judge_model}: its tokenizer is not the policy's ({difference}); the "
-                          f"judge reads prompts in the policy's tokens: give a judge with --model's tokenizer")
-
-
 def looks_like_path(name: str) -> bool:
     """A COMET model given as a path (./x, /x, ~/x, x/y/z) rather than a hub name (Org/name)."""
     return name.startswith((".", "/", "~")) or name.count("/") != 1
@@ -344,13 +335,12 @@ def looks_like_path(name: str) -> bool:
 # ----------------------------------------------------------------------------------------------------
 # data
 
-def load_data(path: str, prompt_len=None, max_prompt_tokens: int = 0,
-              need_ref: bool = False) -> tuple[list[dict], str]:
-    """Read and validate the jsonl; every problem is reported with its file and line. With `prompt_len`
-    (row -> tokens of its actor prompt), a prompt over max_prompt_tokens is a problem too. With need_ref
-    (--w-ref), every row needs a non-empty 'ref'; a row's 'ref' is kept whenever it has one. Returns the rows and
-    the SHA-256 of the very bytes they were read from: what every checkpoint records and a resume compares
-    (hashing the file again at a save would record a file rewritten mid-run, not the data trained on)."""
+def read_data(path: str, need_ref: bool = False) -> tuple[list[tuple[str, dict]], str]:
+    """Read and validate the jsonl without a tokenizer (the prompt lengths are check_tokenizer's): every problem is
+    reported with its file and line. With need_ref (--w-ref), every row needs a non-empty 'ref'; a row's 'ref' is
+    kept whenever it has one. Returns each row with its file:line, and the SHA-256 of the very bytes they were read
+    from: what every checkpoint records and a resume compares (hashing the file again at a save would record a file
+    rewritten mid-run, not the data trained on)."""
     if not Path(path).is_file():
         raise DataError(f"{path}: no such data file")
     raw = read_bytes(path)
@@ -361,13 +351,16 @@ def load_data(path: str, prompt_len=None, max_prompt_tokens: int = 0,
                 raise DataError(f"{where}: missing or empty '{key}'" + (" (--w-ref needs a reference on every row)"
                                                                          if key == "ref" else ""))
         check_direction(where, row["src_lang"], row["tgt_lang"])
-        row = {k: row[k] for k in ("src", "src_lang", "tgt_lang", "ref") if k in row}
-        if prompt_len is not None and (n := prompt_len(row)) > max_prompt_tokens:
-            raise DataError(f"{where}: the actor prompt is {n} tokens, over --max-prompt-tokens {max_prompt_tokens}")
-        rows.append(row)
+        rows.append((where, {k: row[k] for k in ("src", "src_lang", "tgt_lang", "ref") if k in row}))
     if not rows:
         raise DataError(f"{path}: no data")
     return rows, hashlib.sha256(raw).hexdigest()
+
+
+def load_data(path: str, need_ref: bool = False) -> tuple[list[dict], str]:
+    """read_data's rows without their file:line, and the SHA-256 of the bytes read."""
+    located, sha256 = read_data(path, need_ref)
+    return [row for _, row in located], sha256
 
 
 def step_sources(rows: list[dict], step: int, cfg: Config, rank: int, world: int) -> list[dict]:
@@ -417,35 +410,44 @@ class Run:
         return self.rank == 0
 
 
-def setup(cfg: Config) -> Run:
-    rank, world, device = init_distributed(cfg.dist_timeout, one_rank_group=cfg.dist == "fsdp")
+def setup(cfg: Config, held: contextlib.ExitStack | None = None) -> Run:
+    """Everything the loop needs, built once, as a checklist in cost order: first every check that reads nothing but
+    the command line, the environment and the input files (nothing written, nothing built), then the out-dir (locked,
+    what it holds checked against this run, claimed), the smoke model, the memory plan, and only then the models.
+    A mistake is refused before the step that costs. `held` (ssr.main's) keeps the out-dir's lock until the run
+    ends, however it ends; without it (a test, bench.py) nothing is locked."""
+    # 1. the flags and the launcher's environment, read once
+    launch = launch_environment()
+    validate(cfg, launch.world)
+    if cfg.plan_world:  # a plan for another world size is refused exactly as a run of that size would be
+        validate(cfg, cfg.plan_world)
+    rank, world = launch.rank, launch.world
     mode = dist_mode(cfg, world)
-    out = Path(cfg.out_dir)
     if cfg.plan:
-        plan_only(cfg, world, mode, device, rank)  # exits; writes nothing
+        plan_only(cfg, world, mode, local_device(launch), rank)  # exits; writes nothing
+    # 2. the inputs: every data row, the reward spec, and (when there is one already) the policy's tokenizer
+    located, data_sha256 = check_data(cfg)
+    custom_reward = judge.load_custom_reward(cfg.reward) if cfg.reward else None
     smoke = not cfg.model
-    if smoke:  # the smoke run's tiny model lives in OUT, built once OUT is ours
+    if not smoke:  # the smoke model's tokenizer is built with it, in 4
+        check_tokenizer(cfg, located, load_tokenizer(cfg.model))
+    # 3. the out-dir made this run's alone (rank 0 holds its lock to the end); the ranks meet; OUT checked, claimed
+    out = Path(cfg.out_dir)
+    if held is not None and rank == 0:
+        held.callback(rundir.lock(out))
+    device = init_distributed(launch, cfg.dist_timeout, one_rank_group=cfg.dist == "fsdp")
+    if smoke:  # the smoke run's tiny model lives in OUT
         cfg.model = str(out / "tiny_model")
-    newest = claim_out_dir(cfg, out, smoke, rank)
+    resume_dir = claim_out_dir(cfg, out, smoke, data_sha256, rank)
+    # 4. the smoke model, then the memory plan: the last check before any model is loaded
     if smoke:
-        prepare_smoke_model(cfg, out, rank, device)
-        if cfg.judge_model:  # validate() could not compare with a model not yet built
-            check_judge_tokenizer(cfg)
+        prepare_smoke_model(cfg, out, located, data_sha256, rank, device)
     check_memory(cfg, world, mode, device, rank)
+    # 5. the models and the rest of what the loop holds
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    custom_reward = judge.load_custom_reward(cfg.reward) if cfg.reward else None  # fail fast on a bad spec
     wandb_run = start_wandb(cfg) if cfg.wandb and rank == 0 else None
-
     tok = load_tokenizer(cfg.model)
-    prompt_len = lambda r: len(tok.encode(judge.actor_prompt(r["src"], r["src_lang"], r["tgt_lang"], cfg.template,
-                                                             cfg.think_prefill)))
-    rows, data_sha256 = load_data(cfg.data, prompt_len, cfg.max_prompt_tokens, need_ref=cfg.w_ref != 0)
-    if "length" in answer_checks(cfg):  # the length check needs each pair's measured ratio: refuse before any model
-        for pair in sorted({(r["src_lang"], r["tgt_lang"]) for r in rows}):
-            judge.length_ratio(*pair)
-    resume_dir = check_resume(cfg, newest, data_sha256, rank) if cfg.resume else None
-
     comet = (judge.CometScorer(load_comet(cfg.comet_model), cfg.comet_model, device=device) if cfg.w_comet > 0
              else None)
     # fp32 master weights, sharded from the start under FSDP2 (a resume fills them from the saved state); on GPU
@@ -458,6 +460,7 @@ def setup(cfg: Config) -> Run:
     # the lagging judge's weights: the initial policy's; a resume then fills them with the saved judge's
     judge_weights = policy_snapshot(model) if lagging_judge(cfg) else None
     start = load_train_state(resume_dir, model, optimizer, scheduler, judge_weights) if resume_dir else 0
+    check_weights_finite(model, cfg.model, resume_dir)
     signal = read_trainer_state(resume_dir).get("loop", {}).get("signal", []) if resume_dir else []
     apply_schedule(cfg, optimizer, scheduler)  # a resume restored the saved LR; --resume-override lr changes it
     if rank == 0 and resume_dir:
@@ -474,15 +477,9 @@ def setup(cfg: Config) -> Run:
     # bf16 compute on the fp32 masters: autocast for none/ddp; FSDP2 casts the gathered weights itself (shard)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                               enabled=gen_dtype == torch.bfloat16 and mode != "fsdp")
-    return Run(cfg, rank, world, device, out, tok, rows, data_sha256, model, optimizer, scheduler, sampler,
-               judge_sampler, judge_weights, ref_model, comet, custom_reward, autocast, start, signal, wandb_run)
-
-
-def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
-    """--precision: bf16 (auto on CUDA) or fp32 (auto on CPU). The dtype of the sampler's, judge's and reference's
-    copies of the weights and of the update's compute; the trainer's master weights and AdamW stay fp32."""
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    return torch.bfloat16 if bf16 else torch.float32
+    return Run(cfg, rank, world, device, out, tok, [row for _, row in located], data_sha256, model, optimizer,
+               scheduler, sampler, judge_sampler, judge_weights, ref_model, comet, custom_reward, autocast, start,
+               signal, wandb_run)
 
 
 def dist_mode(cfg: Config, world: int) -> str:
@@ -523,46 +520,66 @@ def check_memory(cfg: Config, world: int, mode: str, device: torch.device, rank:
                           f"{plan.device_bytes / GIB:.0f} GiB there are: {plan.advice()}")
 
 
-def start_wandb(cfg: Config):
-    import wandb
-
-    return wandb.init(project=cfg.wandb, config=dataclasses.asdict(cfg))
-
-
-def prepare_smoke_model(cfg: Config, out: Path, rank: int, device: torch.device):
-    """No --model: the smoke run trains smoke.py's tiny model (cfg.model, OUT/tiny_model), built and warmed up
-    once under the out-dir (in a temporary directory first, so an interrupted build is never mistaken for a
-    finished one)."""
-    if rank == 0:
-        print(f"SMOKE RUN: a tiny 2-layer model, warmed up for a few seconds on toy responses and judgements "
-              f"written in code (smoke.py), then {cfg.steps} RL steps on {cfg.data} on {device.type}, rewarded by "
-              f"{cfg.reward or 'its own judge (SSR-Zero)'}. It shows every phase of the loop; it does not learn "
-              "to translate. For real training pass --model and --data (see README).", flush=True)
-    if rank == 0 and not (out / "tiny_model" / "config.json").exists():
-        rows, _ = load_data(cfg.data)  # a bad data line is reported before any building
-        t0, tmp = time.perf_counter(), out / ".tiny_model.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        make_smoke_model(tmp, cfg.data, cfg.seed)
-        loss = warm_up(tmp, rows, cfg.template, cfg.seed)
-        tmp.rename(out / "tiny_model")
-        print(f"smoke model built and warmed up in {time.perf_counter() - t0:.1f}s (loss {loss:.2f})", flush=True)
-    if dist.is_initialized():
-        dist.barrier()
+def check_data(cfg: Config) -> tuple[list[tuple[str, dict]], str]:
+    """The training rows (each with its file:line) and the SHA-256 of the bytes read, once every row is known to
+    work in this run as far as can be told without a tokenizer: its fields (a reference on each with --w-ref), its
+    direction, the BLEU tokenizer of every target language a reference is scored in (--ref-metric bleu: MeCab for
+    ja and ko), and every pair's length ratio (--answer-checks length)."""
+    located, data_sha256 = read_data(cfg.data, need_ref=cfg.w_ref != 0)
+    rows = [row for _, row in located]
+    if cfg.ref_metric == "bleu":  # a row's reference is scored whatever --w-ref (the log's self_ref_pairwise)
+        for tgt_lang in sorted({row["tgt_lang"] for row in rows if "ref" in row}):
+            try:
+                bleu_tokenizer(tgt_lang)
+            except DataError as e:
+                raise DataError(f"--ref-metric bleu on {cfg.data}: {e}") from None
+    if "length" in answer_checks(cfg):  # the length check needs each pair's measured ratio
+        for pair in sorted({(row["src_lang"], row["tgt_lang"]) for row in rows}):
+            judge.length_ratio(*pair)
+    return located, data_sha256
 
 
-def claim_out_dir(cfg: Config, out: Path, smoke: bool, rank: int) -> Path | None:
-    """OUT's newest checkpoint, after checking that this run may use OUT (rundir.claim: a fresh run must not mix
-    with an old one; the smoke run clears only a smoke run's outputs, as OUT records them). A fresh run then
-    records itself in OUT/run.json."""
-    newest = newest_checkpoint(cfg.out_dir)
+def check_tokenizer(cfg: Config, located: list[tuple[str, dict]], tok):
+    """What the judge and the data need of the policy's tokenizer `tok`: a --judge-model that reads the same tokens
+    (check_judge_tokenizer), and every actor prompt within --max-prompt-tokens."""
+    if cfg.judge_model:
+        check_judge_tokenizer(cfg, tok)
+    for where, row in located:
+        prompt = judge.actor_prompt(row["src"], row["src_lang"], row["tgt_lang"], cfg.template, cfg.think_prefill)
+        if (n := len(tok.encode(prompt))) > cfg.max_prompt_tokens:
+            raise DataError(f"{where}: the actor prompt is {n} tokens, over --max-prompt-tokens "
+                            f"{cfg.max_prompt_tokens}")
+
+
+def check_judge_tokenizer(cfg: Config, tok):
+    """--judge-model must speak the policy's language: its prompts are encoded, and its outputs decoded, with the
+    policy's tokenizer `tok`. A judge with another tokenizer would read garbage (every judgement failing, training on
+    all-zero rewards) or index past its vocabulary, so it is refused rather than given its own tokenizer: the
+    judge would then also need its own stop ids, prompt lengths and cache sizes, for an ablation's sake."""
+    difference = tokenizer_difference(tok, load_tokenizer(cfg.judge_model))
+    if difference:
+        raise ConfigError(f"--judge-model {cfg.judge_model}: its tokenizer is not the policy's ({difference}); the "
+                          f"judge reads prompts in the policy's tokens: give a judge with --model's tokenizer")
+
+
+def claim_out_dir(cfg: Config, out: Path, smoke: bool, data_sha256: str, rank: int) -> Path | None:
+    """Check that this run may use OUT as asked, and return the checkpoint it resumes (None: a fresh run). OUT must
+    hold no other run's outputs (rundir.claim: a fresh run must not mix with an old one; the smoke run clears only a
+    smoke run's outputs, as OUT records them), a resumed checkpoint must be this run's (check_resume), and no folder
+    of the user's may stand where this run will save (rundir.check_saves_free). Only then is OUT changed: what a
+    fresh smoke run clears is cleared, and a fresh run records itself in OUT/run.json."""
+    newest = newest_checkpoint(out)
     recorded = recorded_run(out, newest) if smoke and not cfg.resume else None
-    rundir.claim(out, newest, recorded, cfg.resume, smoke, rank == 0)
+    cleared = rundir.claim(out, newest, recorded, cfg.resume, smoke)
+    resumed_step = check_resume(cfg, newest, data_sha256, rank) if cfg.resume else 0
+    rundir.check_saves_free(out, resumed_step, cfg.steps)
     if rank == 0 and not cfg.resume:
+        rundir.clear(cleared)
         out.mkdir(parents=True, exist_ok=True)
         rundir.write_run_record(out, cfg.preset, cfg.model)
     if dist.is_initialized():
         dist.barrier()  # rank 0 has cleared what the smoke run clears before anyone reads OUT again
-    return newest
+    return newest if cfg.resume else None
 
 
 def recorded_run(out: Path, newest: Path | None) -> dict | None:
@@ -576,23 +593,115 @@ def recorded_run(out: Path, newest: Path | None) -> dict | None:
         return None
 
 
-def check_resume(cfg: Config, newest: Path, data_sha256: str, rank: int) -> Path:
-    """--resume: the checkpoint to continue from, once its saved flags and data fingerprint match ours (or the
-    differences are named in --resume-override) and it is not past --steps."""
+def check_resume(cfg: Config, newest: Path, data_sha256: str, rank: int) -> int:
+    """--resume from `newest`: its step, once its saved flags and data fingerprint match ours (or the differences are
+    named in --resume-override), it is not past --steps, and --model (if overridden) has the checkpoint's tokenizer."""
     trainer = read_trainer_state(newest)
     if trainer["step"] > cfg.steps:
         raise ConfigError(f"--steps {cfg.steps}: {newest} is already past it (step {trainer['step']}); pass a larger "
                           f"--steps to continue that run")
     overrides = {k.strip().replace("-", "_") for k in cfg.resume_override.split(",") if k.strip()}
     changed = rundir.config_changes(trainer["config"], run_config(cfg, data_sha256), overrides)
+    # The resumed weights were trained on the ids of the checkpoint's tokenizer (saved in it), and the run goes on
+    # encoding with --model's: another vocabulary would train them on other words' ids and save that tokenizer
+    # with them (a larger one indexes past the embedding).
+    if "model" in changed and (difference := tokenizer_difference(load_tokenizer(newest), load_tokenizer(cfg.model))):
+        raise ConfigError(f"--resume-override model: --model {cfg.model} has another tokenizer than {newest} "
+                          f"({difference}); its weights read their own tokenizer's ids: give a --model with the "
+                          f"checkpoint's tokenizer")
     if rank == 0 and changed:
         print(f"resuming with changed flags: {', '.join(rundir.flag(k) for k in changed)}")
-    return newest
+    return trainer["step"]
 
 
 def run_config(cfg: Config, data_sha256: str) -> dict:
     """What a checkpoint records of the run: the flags (paths resolved), and the fingerprint of the data read."""
     return rundir.resolved_paths(dataclasses.asdict(cfg)) | {"data_sha256": data_sha256}
+
+
+SMOKE_RECORD = "built_for.json"  # in OUT/tiny_model: what the smoke model was built and warmed up for
+
+
+def prepare_smoke_model(cfg: Config, out: Path, located: list[tuple[str, dict]], data_sha256: str, rank: int,
+                        device: torch.device):
+    """No --model: the smoke run trains smoke.py's tiny model (cfg.model, OUT/tiny_model), built and warmed up under
+    the out-dir. A fresh run reuses OUT's only if it was built for the same template, seed and data (smoke_record,
+    kept beside it): one warmed up for another template never writes this one's format, and its tokenizer was
+    trained on the data. A resume keeps the model its run started with: the checkpoint's tokenizer is its. The
+    build goes through a temporary directory, so an interrupted one is never mistaken for a finished one, and the
+    prompts are checked with the new tokenizer before the warm-up's seconds are spent."""
+    if rank == 0:
+        print(f"SMOKE RUN: a tiny 2-layer model, warmed up for a few seconds on toy responses and judgements "
+              f"written in code (smoke.py), then {cfg.steps} RL steps on {cfg.data} on {device.type}, rewarded by "
+              f"{cfg.reward or 'its own judge (SSR-Zero)'}. It shows every phase of the loop; it does not learn "
+              "to translate. For real training pass --model and --data (see README).", flush=True)
+    tiny, built_for = out / "tiny_model", smoke_record(cfg, data_sha256)
+    built = (tiny / "config.json").exists()
+    if rank == 0 and built and (cfg.resume or read_smoke_record(tiny) == built_for):
+        check_tokenizer(cfg, located, load_tokenizer(tiny))
+    elif rank == 0:
+        t0, tmp = time.perf_counter(), out / ".tiny_model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        make_smoke_model(tmp, cfg.data, cfg.seed)
+        check_tokenizer(cfg, located, load_tokenizer(tmp))
+        loss = warm_up(tmp, [row for _, row in located], cfg.template, cfg.seed)
+        (tmp / SMOKE_RECORD).write_text(json.dumps(built_for) + "\n")
+        shutil.rmtree(tiny, ignore_errors=True)  # one built for other settings
+        tmp.rename(tiny)
+        print(f"smoke model {'re' if built else ''}built and warmed up in {time.perf_counter() - t0:.1f}s (loss "
+              f"{loss:.2f})" + (" for this run's template, seed and data" if built else ""), flush=True)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def smoke_record(cfg: Config, data_sha256: str) -> dict:
+    """What shapes the smoke model: the prompts it is warmed up on (template), its random weights and the order of
+    its warm-up batches (seed), and the text its tokenizer is trained on and its warm-up examples (data)."""
+    return {"template": cfg.template, "seed": cfg.seed, "data_sha256": data_sha256}
+
+
+def read_smoke_record(tiny: Path) -> dict | None:
+    """OUT/tiny_model's record of what built it; None if absent or unreadable (an older ssr built it: rebuilt)."""
+    try:
+        return json.loads((tiny / SMOKE_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def start_wandb(cfg: Config):
+    import wandb
+
+    return wandb.init(project=cfg.wandb, config=dataclasses.asdict(cfg))
+
+
+def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """--precision: bf16 (auto on CUDA) or fp32 (auto on CPU). The dtype of the sampler's, judge's and reference's
+    copies of the weights and of the update's compute; the trainer's master weights and AdamW stay fp32."""
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def check_weights_finite(model, model_dir: str, resume_dir: Path | None):
+    """The weights as loaded, before any update, must be finite. An inf or NaN in the base checkpoint itself makes
+    the first loss NaN, and the divergence stop would blame the learning rate; it is named here instead, file and
+    tensor (non_finite_tensors: every rank stops alike)."""
+    bad = non_finite_tensors(model)
+    if not bad.any():
+        return
+    name = hf_name([name for name, _ in unwrap(model).named_parameters()][int(bad.nonzero()[0])])
+    if resume_dir is not None:  # never saved by ssr (it refuses to save non-finite weights): a damaged copy
+        raise CheckpointError(f"{resume_dir / 'train_state'}: tensor '{name}' is not finite (inf or NaN); resume "
+                              f"from an earlier step_N by deleting {resume_dir}")
+    raise CheckpointError(f"{weights_file(model_dir, name)}: tensor '{name}' is not finite (inf or NaN) in the base "
+                          f"checkpoint itself, before any update: the checkpoint is damaged (a lower --lr would not "
+                          f"help); use an intact copy of it")
+
+
+def weights_file(model_dir: str, name: str) -> Path:
+    """The file of a checkpoint directory that holds tensor `name` (HF's name): its shard, or model.safetensors."""
+    index = Path(model_dir) / "model.safetensors.index.json"
+    shard = read_json(index).get("weight_map", {}).get(name) if index.is_file() else None
+    return Path(model_dir) / (shard or "model.safetensors")
 
 
 def make_optimizer(cfg: Config, model):
@@ -643,10 +752,10 @@ class Rollout:
         return self.source | {"response": self.response, "answer": self.answer}
 
 
-def bar(desc: str, total: int):
+def bar(run: Run, desc: str, total: int):
     """A progress bar on rank 0 that disappears when done (the step's summary line stays). Off when stderr
     is not a terminal: in a log file the per-step line says it all."""
-    show = int(os.environ.get("RANK", "0")) == 0 and sys.stderr.isatty()
+    show = run.master and sys.stderr.isatty()
     return tqdm(total=total, desc=desc, unit="seq", leave=False, disable=not show, dynamic_ncols=True)
 
 
@@ -656,7 +765,7 @@ def sample_translations(run: Run, sources: list[dict], seed: int) -> list[Rollou
     prompts = [tok.encode(judge.actor_prompt(s["src"], s["src_lang"], s["tgt_lang"], cfg.template, cfg.think_prefill))
                for s in sources]
     prefill = judge.think_prefill(cfg.template) if cfg.think_prefill else ""  # part of the prompt, not trained on
-    with bar("sample", len(prompts) * cfg.group_size) as progress:
+    with bar(run, "sample", len(prompts) * cfg.group_size) as progress:
         completions = run.sampler.generate(prompts, group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
                                            temperature=cfg.temperature, top_p=cfg.top_p, stop_token_ids=tok.eos_ids,
                                            stop_strings=judge.STOP_STRINGS, tokenizer=tok, seed=seed,
@@ -689,7 +798,7 @@ def judge_translations(run: Run, rollouts: list[Rollout], seed: int) -> dict:
         prompts = [tok.encode(t.prompt) for t in tasks]
         # a group prompt holds up to G translations and can outgrow the cache: its judgements fail (too_long)
         fit = [t for t, p in enumerate(prompts) if len(p) < run.judge_sampler.max_seq_len]
-        with bar("judge", len(fit) * n) as progress:
+        with bar(run, "judge", len(fit) * n) as progress:
             outs = run.judge_sampler.generate([prompts[t] for t in fit], group_size=n,
                                               max_new_tokens=cfg.judge_max_new_tokens,
                                               temperature=0.0 if n == 1 else cfg.judge_temperature,
@@ -754,7 +863,7 @@ def update_policy(run: Run, rollouts: list[Rollout]) -> dict:
                                 in_loss=[not (cfg.mask_truncated and r.completion.finish_reason == "length")
                                          for r in rollouts]).to(run.device)
     run.model.train()
-    with run.autocast, bar("update", len(batch) * cfg.mini_batches) as progress:
+    with run.autocast, bar(run, "update", len(batch) * cfg.mini_batches) as progress:
         # "Old" log-probs come from the training model itself, not the sampler (bf16, other kernels), so the
         # ratio is exactly 1 before the first update. With one update per batch that is all they are:
         # grpo_update then uses its own detached log-probs and we skip a forward pass over the batch.
@@ -785,8 +894,8 @@ def timed(times: dict, name: str):
 # ----------------------------------------------------------------------------------------------------
 # the loop
 
-def train(cfg: Config):
-    run = setup(cfg)
+def train(cfg: Config, held: contextlib.ExitStack | None = None):
+    run = setup(cfg, held)
     for step in range(run.start, cfg.steps):
         t_step, times = time.perf_counter(), {}
         sources = step_sources(run.rows, step, cfg, run.rank, run.world)
@@ -865,16 +974,22 @@ def diverged(run: Run, step: int, what: str) -> Diverged:
                        "no checkpoint was written: start over with a lower --lr"))
 
 
-@torch.no_grad()
 def weights_finite(model) -> bool:
     """Whether every weight of the model is finite: each rank checks its own shard, and all agree."""
-    bad = torch.zeros((), dtype=torch.int32, device=next(model.parameters()).device)
-    for p in model.parameters():
-        local = p.to_local() if hasattr(p, "to_local") else p
-        bad |= (~torch.isfinite(local)).any().to(torch.int32)
+    return not non_finite_tensors(model).any()
+
+
+@torch.no_grad()
+def non_finite_tensors(model) -> torch.Tensor:
+    """One flag per parameter (named_parameters' order), 1 where it holds an inf or NaN on any rank: each rank checks
+    its own shards, and the flags are all-reduced so that every rank sees the same."""
+    params = list(unwrap(model).parameters())
+    # on the model's device, named: NCCL serves CUDA tensors only (distributed.any_rank says more)
+    bad = torch.stack([(~torch.isfinite(p.to_local() if hasattr(p, "to_local") else p)).any() for p in params]).to(
+        device=params[0].device, dtype=torch.int32)
     if dist.is_initialized():
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return not bad.item()
+    return bad
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -923,14 +1038,18 @@ def log_step(run: Run, step: int, rollouts: list[Rollout], stats: dict, judged: 
     } | grpo_stats
     if not run.master:
         return record
-    with open(run.out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-    with open(run.out / "samples.jsonl", "a", encoding="utf-8") as f:
-        for r in rollouts[:cfg.log_samples]:
-            f.write(json.dumps(r.sample_dict() | {"step": step + 1, "judge_outputs": r.judge_outputs,
-                                                  "failed_check": r.failed_check,
-                                                  "self_score": r.reward.self_score, "comet": r.reward.comet,
-                                                  "ref_metric": r.reward.ref_metric, "reward": r.reward.reward}, ensure_ascii=False) + "\n")
+    samples = [r.sample_dict() | {"step": step + 1, "judge_outputs": r.judge_outputs, "failed_check": r.failed_check,
+                                  "self_score": r.reward.self_score, "comet": r.reward.comet,
+                                  "ref_metric": r.reward.ref_metric, "reward": r.reward.reward}
+               for r in rollouts[:cfg.log_samples]]
+    lines = {"metrics.jsonl": json.dumps(record) + "\n",
+             "samples.jsonl": "".join(json.dumps(sample, ensure_ascii=False) + "\n" for sample in samples)}
+    for name, text in lines.items():
+        try:
+            rundir.append_lines(run.out / name, text)
+        except OSError as e:  # a full disk: the run stops here, its checkpoints and logs as they were
+            raise rundir.RunDirError(rundir.append_failed_message(run.out / name, e, step + 1,
+                                                                  newest_checkpoint(run.out))) from None
     self_score, ref = record["self_score_mean"], record["ref_metric_mean"]
     print(f"step {step + 1}/{cfg.steps} | reward {record['reward_mean']:.3f} "
           f"| valid {record['format_valid_rate']:.2f} | self {'-' if self_score is None else f'{self_score:.1f}'} "
@@ -946,16 +1065,12 @@ def log_step(run: Run, step: int, rollouts: list[Rollout], stats: dict, judged: 
 
 
 def main(argv=None):
-    release = cfg = None
+    cfg = None
     try:
         cfg = parse_args(argv)
-        validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-        if cfg.plan_world:  # a plan for another world size is refused exactly as a run of that size would be
-            validate(cfg, cfg.plan_world)
-        if not cfg.plan and int(os.environ.get("RANK", "0")) == 0:  # rank 0 owns the out-dir for the whole run
-            release = rundir.lock(Path(cfg.out_dir))
-        train(cfg)
-    except (CheckpointError, DataError, ConfigError, judge.RewardError, rundir.RunDirError) as e:
+        with contextlib.ExitStack() as held:  # what the run holds (the out-dir's lock) is let go however it ends
+            train(cfg, held)
+    except (CheckpointError, DataError, ConfigError, LaunchError, judge.RewardError, rundir.RunDirError) as e:
         # bad input: one line that says what to fix, no traceback
         print(f"ssr: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -966,9 +1081,6 @@ def main(argv=None):
         if cfg is not None:
             print(rundir.interrupted_message(Path(cfg.out_dir), newest_checkpoint(cfg.out_dir)), file=sys.stderr)
         sys.exit(130)
-    finally:
-        if release is not None:
-            release()
 
 
 if __name__ == "__main__":

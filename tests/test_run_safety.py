@@ -321,8 +321,8 @@ def test_a_smoke_run_never_wipes_a_real_run(tmp_path, data_file, monkeypatch, ca
 def test_the_smoke_run_clears_only_what_a_smoke_run_left(tmp_path):
     smoke_out = tmp_path / "smoke"
     fake_run(smoke_out, "smoke", str(smoke_out / "tiny_model"))
-    rundir.claim(smoke_out, smoke_out / "step_3", {"preset": "smoke", "model": str(smoke_out / "tiny_model")},
-                 resume=False, smoke=True, master=True)
+    recorded = {"preset": "smoke", "model": str(smoke_out / "tiny_model")}
+    rundir.clear(rundir.claim(smoke_out, smoke_out / "step_3", recorded, resume=False, smoke=True))
     assert list(smoke_out.iterdir()) == []
     # logs of a run stopped before its first save: run.json says whose they are; no record, no clearing
     for record, cleared in (({"preset": "smoke", "model": "{out}/tiny_model"}, True),
@@ -334,10 +334,10 @@ def test_the_smoke_run_clears_only_what_a_smoke_run_left(tmp_path):
         if record:
             (out / "run.json").write_text(json.dumps(record).replace("{out}", str(out)))
         if cleared:
-            rundir.claim(out, None, rundir.read_run_record(out), resume=False, smoke=True, master=True)
+            rundir.clear(rundir.claim(out, None, rundir.read_run_record(out), resume=False, smoke=True))
         else:
             with pytest.raises(rundir.RunDirError, match="not a smoke run's"):
-                rundir.claim(out, None, rundir.read_run_record(out), resume=False, smoke=True, master=True)
+                rundir.claim(out, None, rundir.read_run_record(out), resume=False, smoke=True)
         assert (out / "metrics.jsonl").exists() != cleared
 
 
@@ -359,7 +359,7 @@ def test_clearing_a_smoke_run_removes_its_outputs_and_nothing_else(tmp_path):
         (out / name).mkdir()
         (out / name / "notes.txt").write_text("mine")
     (out / "step_notes.md").write_text("mine")
-    rundir.claim(out, out / "step_10", {"preset": "smoke", "model": str(tiny)}, resume=False, smoke=True, master=True)
+    rundir.clear(rundir.claim(out, out / "step_10", {"preset": "smoke", "model": str(tiny)}, resume=False, smoke=True))
     assert sorted(p.name for p in out.iterdir()) == sorted(users + ["step_notes.md", "tiny_model", "run.json"])
     assert all((out / name / "notes.txt").read_text() == "mine" for name in users)
 
@@ -631,9 +631,12 @@ def test_judge_with_another_tokenizer_is_refused_before_any_work(tokenizer_model
 
 
 def test_judge_with_the_same_tokenizer_is_accepted(tokenizer_models, data_file, tmp_path):
+    from checkpoint import load_tokenizer
+
     cfg = ssr.parse_args(["--model", str(tokenizer_models["policy"]), "--judge-model", str(tokenizer_models["same"]),
-                          "--data", str(data_file), "--out-dir", str(tmp_path / "o")])
+                          "--data", str(data_file), "--out-dir", str(tmp_path / "o"), "--max-prompt-tokens", "1024"])
     ssr.validate(cfg, 1)
+    ssr.check_tokenizer(cfg, ssr.read_data(cfg.data)[0], load_tokenizer(cfg.model))  # byte-level: long prompts
 
 
 def test_plan_validates_as_a_run_of_that_size_would(model_dir, data_file, tmp_path, capsys):
@@ -747,3 +750,289 @@ def test_trim_logs_names_a_damaged_line_instead_of_dropping_the_rest(tmp_path, d
         rundir.trim_logs(tmp_path, 3)
     assert str(err.value) == f"{tmp_path / 'metrics.jsonl'}{message}"
     assert (tmp_path / "metrics.jsonl").read_text() == text
+
+
+# ----------------------------------------------------------------------------------------------------
+# the launcher's variables: a complete env:// launch, or one process, or one line naming the variable
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"RANK": "1"}, "environment variable WORLD_SIZE is not set, but RANK=1 is: a distributed launch sets all of "
+                    "RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT (torchrun does); unset RANK to run one "
+                    "process"),
+    ({"WORLD_SIZE": "2"}, "environment variable RANK is not set, but WORLD_SIZE=2 is"),
+    ({"WORLD_SIZE": "0"}, "environment variable WORLD_SIZE=0: must be at least 1"),
+    ({"WORLD_SIZE": "abc"}, "environment variable WORLD_SIZE='abc': not a whole number"),
+    ({"LOCAL_RANK": "0"}, "environment variable RANK is not set, but LOCAL_RANK=0 is"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "environment variable MASTER_ADDR is not set"),
+    ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"},
+     "environment variable RANK=2: must be in [0, WORLD_SIZE=2)"),
+    ({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "port"},
+     "environment variable MASTER_PORT='port': not a whole number"),
+])
+def test_leftover_launcher_variables_are_refused(tmp_path, model_dir, data_file, monkeypatch, capsys, env, message):
+    """RANK=1 alone used to run as a rank 1 that wrote nothing (rank 0 writes the logs) and exit 0; WORLD_SIZE=2 alone
+    trained one process on half the prompts; WORLD_SIZE=0 or abc was a traceback. Refused before anything is
+    read or written."""
+    for name in distributed.LAUNCH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "o"
+    code, err = in_process(["--model", model_dir, "--data", data_file, "--out-dir", out], monkeypatch, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith(f"ssr: error: {message}"), err
+    assert not out.exists()
+
+
+def test_leftover_rank_through_a_real_subprocess(tmp_path, model_dir, data_file):
+    env = {k: v for k, v in os.environ.items() if k not in distributed.LAUNCH_VARIABLES} | {"RANK": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "ssr.py"), "--model", str(model_dir), "--data", str(data_file),
+                           "--out-dir", str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "ssr: error: environment variable WORLD_SIZE is not set, but RANK=1 is: a distributed launch sets all of RANK, "
+        "WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT (torchrun does); unset RANK to run one process"]
+
+
+def test_a_complete_launch_is_read_as_that_rank():
+    """What torchrun (or srun with the same variables) sets is one rank of a job to join; none of the rank variables
+    is one process, whatever MASTER_ADDR and MASTER_PORT say."""
+    torchrun = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "node-3", "MASTER_PORT": "29500"}
+    assert distributed.launch_environment(torchrun) == distributed.Launch(rank=1, world=2, local_rank=1, env=True)
+    assert distributed.launch_environment({}) == distributed.Launch(rank=0, world=1, local_rank=0, env=False)
+    assert distributed.launch_environment({"MASTER_ADDR": "node-3", "MASTER_PORT": "29500"}) == distributed.Launch()
+
+
+# ----------------------------------------------------------------------------------------------------
+# setup is a checklist in cost order: data, tokenizers and resume compatibility before the plan, the out-dir and
+# any model (the smoke model included)
+
+
+def refused_before(args, monkeypatch, capsys, traps) -> tuple[str, str]:
+    """ssr.main(args) with each of `traps` (ssr's functions) booby-trapped: it must exit 2 with one line before
+    reaching any of them. Returns (stdout, the error line)."""
+    for name in traps:
+        monkeypatch.setattr(ssr, name, lambda *a, **k: 1 / 0)
+    with pytest.raises(SystemExit) as exit_info:
+        ssr.main(list(map(str, args)))
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    return out, err.strip()
+
+
+BUILDS = ("make_smoke_model", "warm_up", "check_memory", "load_trainer_model", "load_pretrained")
+
+
+def test_smoke_run_refuses_rows_without_references_before_building_anything(tmp_path, monkeypatch, capsys):
+    """--w-ref without --model: the data is read before the smoke model is built and warmed up (~20 s) and the plan
+    printed, and before the out-dir is made."""
+    data = write_jsonl(tmp_path / "train.jsonl", [{"src": "hi", "src_lang": "en", "tgt_lang": "zh"}])
+    out = tmp_path / "o"
+    stdout, err = refused_before(["--data", data, "--out-dir", out, "--w-ref", 1], monkeypatch, capsys, BUILDS)
+    assert err == f"ssr: error: {data}:1: missing or empty 'ref' (--w-ref needs a reference on every row)"
+    assert "memory plan" not in stdout and "SMOKE RUN" not in stdout and not out.exists()
+
+
+def test_bleu_without_mecab_is_refused_before_building_anything(tmp_path, monkeypatch, capsys):
+    """--ref-metric bleu on rows with Japanese references, on a machine without MeCab (sacrebleu's own test for it,
+    made true here): one line from data.bleu_tokenizer before the smoke model is built."""
+    import sacrebleu.tokenizers.tokenizer_ja_mecab as ja_mecab
+
+    import data
+
+    monkeypatch.setattr(ja_mecab, "MeCab", None)
+    data.bleu_tokenizer.cache_clear()  # an earlier test may have built the tokenizer (its success is cached)
+    rows = write_jsonl(tmp_path / "train.jsonl",
+                       [{"src": "hi", "ref": "こんにちは", "src_lang": "en", "tgt_lang": "ja"}])
+    out = tmp_path / "o"
+    stdout, err = refused_before(["--data", rows, "--out-dir", out, "--w-ref", 1, "--ref-metric", "bleu"],
+                                 monkeypatch, capsys, BUILDS)
+    assert err.startswith(f"ssr: error: --ref-metric bleu on {rows}: BLEU for Japanese targets needs sacrebleu's "
+                          f"ja-mecab tokenizer"), err
+    assert not out.exists()
+
+
+def test_long_prompts_are_refused_before_the_plan_and_the_out_dir(tmp_path, model_dir, data_file, monkeypatch,
+                                                                  capsys):
+    out = tmp_path / "o"
+    stdout, err = refused_before(["--model", model_dir, "--data", data_file, "--out-dir", out,
+                                  "--max-prompt-tokens", 5], monkeypatch, capsys, BUILDS)
+    assert err.startswith(f"ssr: error: {data_file}:1: the actor prompt is ") and err.endswith(
+        " tokens, over --max-prompt-tokens 5"), err
+    assert "memory plan" not in stdout and not out.exists()
+
+
+def test_smoke_run_checks_prompts_with_its_tokenizer_before_the_warm_up(tmp_path, data_file, monkeypatch, capsys):
+    """The smoke model's tokenizer is built with it (a second); the warm-up (~20 s) comes after the prompts fit."""
+    stdout, err = refused_before(["--data", data_file, "--out-dir", tmp_path / "o", "--max-prompt-tokens", 5],
+                                 monkeypatch, capsys, ("warm_up", "check_memory", "load_trainer_model"))
+    assert err.startswith(f"ssr: error: {data_file}:1: the actor prompt is "), err
+    assert "memory plan" not in stdout
+
+
+# ----------------------------------------------------------------------------------------------------
+# --resume-override model keeps the checkpoint's tokenizer
+
+
+def test_resume_override_model_needs_the_checkpoints_tokenizer(tokenizer_models, data_file, tmp_path, monkeypatch,
+                                                               capsys):
+    """A checkpoint trained with the policy's tokenizer (saved in it), resumed with --model of another vocabulary:
+    refused before any model loads (it used to train the checkpoint's weights on the other tokenizer's ids, or index
+    past the embedding); a model with the same tokenizer may replace it."""
+    import shutil
+
+    out = tmp_path / "run"
+    flags = ["--data", data_file, "--out-dir", out, "--max-prompt-tokens", 1024]  # byte-level tokens: long prompts
+    cfg = ssr.parse_args(list(map(str, ["--model", tokenizer_models["policy"], *flags])))
+    shutil.copytree(tokenizer_models["policy"], out / "step_2")  # its weights and tokenizer, as a save writes them
+    saved = ssr.run_config(cfg, ssr.read_data(cfg.data)[1])
+    torch.save({"step": 2, "scheduler": {}, "config": saved}, out / "step_2" / "trainer.pt")
+    resume = [*flags, "--resume", "--resume-override", "model"]
+    for name in ("other", "smaller"):
+        code, err = in_process(["--model", tokenizer_models[name], *resume], monkeypatch, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert err.startswith(f"ssr: error: --resume-override model: --model {tokenizer_models[name]} has another "
+                              f"tokenizer than {out / 'step_2'} (vocabulary of "), err
+        assert err.strip().endswith("); its weights read their own tokenizer's ids: give a --model with the "
+                                    "checkpoint's tokenizer"), err
+    same = ssr.parse_args(list(map(str, ["--model", tokenizer_models["same"], *resume])))
+    assert ssr.check_resume(same, out / "step_2", saved["data_sha256"], 0) == 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# the smoke model is rebuilt when it was built for other settings
+
+
+def test_smoke_model_is_rebuilt_for_another_template(tmp_path, model_dir, data_file):
+    """OUT's smoke model, recorded as built for r1 (here: the session's unwarmed smoke model), is reused by a smoke run
+    with r1's settings and rebuilt (warmed up for chat, recorded so) by one with --template chat: a model warmed up
+    for r1 gave valid 0.00 under chat, where a model warmed up for chat gives ~0.8."""
+    import shutil
+
+    out = tmp_path / "smoke"
+    tiny = shutil.copytree(model_dir, out / "tiny_model")
+    sha = ssr.read_data(str(data_file))[1]
+    (tiny / ssr.SMOKE_RECORD).write_text(json.dumps({"template": "r1", "seed": 0, "data_sha256": sha}))
+    unwarmed = load_file(tiny / "model.safetensors")
+    smoke = ["--data", data_file, "--out-dir", out, "--steps", 1, "--prompts-per-step", 2, "--log-samples", 0]
+    run_ssr(*smoke)
+    reused = load_file(tiny / "model.safetensors")
+    assert all(torch.equal(reused[k], unwarmed[k]) for k in unwarmed)
+    proc = run_ssr(*smoke, "--template", "chat")
+    assert "smoke model rebuilt and warmed up" in proc.stdout
+    rebuilt = load_file(tiny / "model.safetensors")
+    assert any(not torch.equal(rebuilt[k], unwarmed[k]) for k in unwarmed)
+    assert json.loads((tiny / ssr.SMOKE_RECORD).read_text()) == {"template": "chat", "seed": 0, "data_sha256": sha}
+    assert metrics(out)[0]["format_valid_rate"] > 0.5
+
+
+def test_smoke_record_names_template_seed_and_data():
+    """What the reuse is decided on: each of template, seed and data changes the record; the RL flags do not."""
+    base = ssr.parse_args([])
+    record = ssr.smoke_record(base, "sha-a")
+    assert record != ssr.smoke_record(ssr.parse_args(["--template", "chat"]), "sha-a")
+    assert record != ssr.smoke_record(ssr.parse_args(["--seed", "1"]), "sha-a")
+    assert record != ssr.smoke_record(base, "sha-b")
+    assert record == ssr.smoke_record(ssr.parse_args(["--lr", "1e-3", "--steps", "3"]), "sha-a")
+
+
+# ----------------------------------------------------------------------------------------------------
+# an out-dir at the filesystem root; weights not finite before any update
+
+
+@pytest.mark.parametrize("out_dir", ["/", "//", "/tmp/..", "/./"])
+def test_out_dir_at_the_filesystem_root_is_refused(model_dir, data_file, out_dir):
+    """--out-dir "$UNSET/" is "/": as root the run would write /step_1, /metrics.jsonl, ..."""
+    cfg = ssr.parse_args(["--model", str(model_dir), "--data", str(data_file), "--out-dir", out_dir])
+    with pytest.raises(ssr.ConfigError, match=f"^--out-dir {out_dir}: the filesystem root; give a directory"):
+        ssr.validate(cfg, 1)
+
+
+def test_non_finite_base_weights_are_named_not_blamed_on_the_learning_rate(tmp_path, model_dir, data_file,
+                                                                           monkeypatch, capsys):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    bad = shutil.copytree(model_dir, tmp_path / "m")
+    weights = load_file(bad / "model.safetensors")
+    weights["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
+    monkeypatch.setattr(ssr, "Sampler", lambda *a, **k: 1 / 0)  # refused before the sampler is even built
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        ssr.main(list(map(str, ["--model", bad, "--data", data_file, "--out-dir", out, *SMALL, "--steps", 1])))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.strip().splitlines() == [
+        f"ssr: error: {bad / 'model.safetensors'}: tensor 'model.layers.1.mlp.up_proj.weight' is not finite (inf or "
+        f"NaN) in the base checkpoint itself, before any update: the checkpoint is damaged (a lower --lr would not "
+        f"help); use an intact copy of it"], err
+    assert not list(out.glob("*step_*"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# a folder of the user's named step_N is never deleted by a save
+
+
+def test_a_users_step_folder_where_the_run_saves_is_refused_at_the_start(tmp_path, model_dir, data_file, monkeypatch,
+                                                                         capsys):
+    out = tmp_path / "run"
+    (out / "step_2").mkdir(parents=True)
+    (out / "step_2" / "notes.txt").write_text("mine")
+    (out / "step_9").mkdir()  # past --steps: never in the way
+    code, err = in_process(["--model", model_dir, "--data", data_file, "--out-dir", out, "--steps", 3], monkeypatch,
+                           capsys)
+    assert code == 2 and err.strip().splitlines() == [
+        f"ssr: error: {out / 'step_2'} is not a checkpoint (no trainer.pt) but stands where this run saves step 2, "
+        f"and it is never deleted to make room: move or rename it, or use another --out-dir"]
+    assert (out / "step_2" / "notes.txt").read_text() == "mine"
+    rundir.check_saves_free(out, 2, 8)  # a resume from step 2 saves 3..8 only
+
+
+def test_a_save_never_deletes_a_users_step_folder(tmp_path, tiny_model_dir):
+    """The folder appeared after the start (the claim-time check could not see it): the save is refused, in one
+    CheckpointError, before anything is written, and the folder stays as it was."""
+    from checkpoint import load_pretrained
+
+    out = fake_checkpoints(tmp_path, ["step_1"])
+    (out / "step_2").mkdir()
+    (out / "step_2" / "notes.txt").write_text("mine")
+    model = load_pretrained(tiny_model_dir)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    with pytest.raises(distributed.CheckpointError) as err:
+        distributed.save_checkpoint(out, 2, model, optimizer, scheduler, {}, tiny_model_dir)
+    assert str(err.value) == (f"could not write step_2: {out / 'step_2'} is in the way and is not a checkpoint (no "
+                              f"trainer.pt), so it is not deleted: move it out of {out}, then continue from the newest "
+                              f"complete checkpoint, {out / 'step_1'}, with --resume")
+    assert (out / "step_2" / "notes.txt").read_text() == "mine" and not (out / ".step_2.tmp").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# a full disk while appending a step's log lines
+
+
+def test_full_disk_while_logging_stops_with_one_line_and_no_half_line(tmp_path, model_dir, data_file):
+    """Step 2's metrics line does not fit (a file-size limit just above step 1's log, as a full disk would): the
+    run stops with one line naming the file, the reason and the intact checkpoint; the log is left whole, so the
+    resume that follows (with room again) runs."""
+    out = tmp_path / "run"
+    run_ssr(*common(model_dir, data_file, out, "--steps", 1, "--save-every", 1, "--log-samples", 0))
+    before = (out / "metrics.jsonl").read_bytes()
+
+    def limit_file_size():  # every file this process writes stops just past the log's current end
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) + 100, len(before) + 100))
+
+    resume = common(model_dir, data_file, out, "--steps", 2, "--save-every", 1, "--log-samples", 0, "--resume")
+    proc = subprocess.run([sys.executable, str(ROOT / "ssr.py"), *map(str, resume)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, preexec_fn=limit_file_size)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"ssr: error: step 2: cannot append to {out / 'metrics.jsonl'} (File too large); the run stopped there: "
+        f"{out / 'step_1'}, the newest checkpoint, is intact: free some space and continue with --resume (the log "
+        f"lines after its step are dropped)"]
+    assert (out / "metrics.jsonl").read_bytes() == before
+    run_ssr(*resume)
+    assert [m["step"] for m in metrics(out)] == [1, 2]

@@ -428,7 +428,7 @@ def test_format_credit_grades_malformed_responses():
     for credit, expected in ((0.0, [1.0, -1.0, -1.0, -1.0]), (0.4, [1.0, -0.7, -0.9, -1.0])):
         run = SimpleNamespace(cfg=ssr.Config(model="m", format_credit=credit), comet=None, custom_reward=None)
         rollouts = [ssr.Rollout({"src": "x", "src_lang": "en", "tgt_lang": "fr"}, [1], Completion([2], [0.0], "stop"),
-                                text, judge.extract_answer(text),
+                                text, judge.extract_answer(text), None,
                                 judgements=[judge.parse_judgement("<answer>100</answer>")] if judge.extract_answer(text) else [])
                     for text in responses]
         ssr.assign_rewards(run, rollouts)
@@ -458,9 +458,14 @@ def test_adv_std_off_reaches_the_loop(tmp_path, model_dir, data_file, monkeypatc
 
 
 def test_sampling_temperature_reaches_the_trainer(tmp_path, model_dir, data_file, monkeypatch):
-    """At T = 0.5 the trainer's log-probs are of softmax(logits / 0.5), the sampler's distribution: on CPU (same
-    fp32 weights) their gap kl_sampler is ~0. A trainer left at T = 1 would be far from it."""
-    _, _, stats = one_real_step(tmp_path, model_dir, data_file, monkeypatch, "--temperature", 0.5)
+    """At T = 0.5 the trainer's log-probs are of softmax(logits / 0.5), the sampler's distribution: with the same fp32
+    weights their gap kl_sampler is ~0 (0.0 on CPU); a trainer left at T = 1 is ~0.03 from it. The step is a function
+    of its flags alone, whatever ran before it: the precision, decode and log-prob paths are pinned (their auto values
+    depend on the host: bf16 copies on a CUDA host would open a gap of their own), setup() refuses a launcher variable
+    left in the environment and seeds the global generators, and the data order and the sampler draw from generators
+    of their own. Checked after each in-process test of this file and test_run_safety.py, and in random orders."""
+    pinned = ["--precision", "fp32", "--decode", "sdpa", "--logprob-backend", "torch"]
+    _, _, stats = one_real_step(tmp_path, model_dir, data_file, monkeypatch, "--temperature", 0.5, *pinned)
     assert 0 <= stats["kl_sampler"] < 1e-6, stats["kl_sampler"]
 
 
@@ -549,7 +554,7 @@ def test_a_run_without_learning_signal_saves_and_stops(tmp_path, model_dir, data
     env_args = ["--model", model_dir, "--data", data_file, *SMALL, "--reward", "constant_reward:reward",
                 "--save-every", 100]
     proc = subprocess.run([sys.executable, str(ROOT / "ssr.py"), *map(str, env_args), "--out-dir", tmp_path / "dead",
-                           "--steps", 10, "--stop-on-collapse", 3], capture_output=True, text=True, cwd=ROOT,
+                           "--steps", "10", "--stop-on-collapse", "3"], capture_output=True, text=True, cwd=ROOT,
                           timeout=600, env=os.environ | {"PYTHONPATH": str(tmp_path)})
     assert proc.returncode == 1, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
@@ -558,7 +563,7 @@ def test_a_run_without_learning_signal_saves_and_stops(tmp_path, model_dir, data
     assert [m["step"] for m in metrics(tmp_path / "dead")] == [1, 2, 3]
     assert (tmp_path / "dead" / "step_3" / "trainer.pt").exists()
     proc = subprocess.run([sys.executable, str(ROOT / "ssr.py"), *map(str, env_args), "--out-dir", tmp_path / "on",
-                           "--steps", 4, "--stop-on-collapse", 0], capture_output=True, text=True, cwd=ROOT,
+                           "--steps", "4", "--stop-on-collapse", "0"], capture_output=True, text=True, cwd=ROOT,
                           timeout=600, env=os.environ | {"PYTHONPATH": str(tmp_path)})
     assert proc.returncode == 0 and [m["step"] for m in metrics(tmp_path / "on")] == [1, 2, 3, 4]
 
