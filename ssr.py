@@ -601,7 +601,9 @@ def check_resume(cfg: Config, newest: Path, data_sha256: str, rank: int) -> int:
         raise ConfigError(f"--steps {cfg.steps}: {newest} is already past it (step {trainer['step']}); pass a larger "
                           f"--steps to continue that run")
     overrides = {k.strip().replace("-", "_") for k in cfg.resume_override.split(",") if k.strip()}
-    changed = rundir.config_changes(trainer["config"], run_config(cfg, data_sha256), overrides)
+    # a checkpoint written before a flag existed ran with what is now that flag's default
+    saved = {f.name: f.default for f in dataclasses.fields(Config)} | trainer["config"]
+    changed = rundir.config_changes(saved, run_config(cfg, data_sha256), overrides)
     # The resumed weights were trained on the ids of the checkpoint's tokenizer (saved in it), and the run goes on
     # encoding with --model's: another vocabulary would train them on other words' ids and save that tokenizer
     # with them (a larger one indexes past the embedding).

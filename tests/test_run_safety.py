@@ -184,6 +184,11 @@ def test_resume_refuses_changed_meaning_and_accepts_steps_and_overrides(tmp_path
     out = tmp_path / "run"
     run = lambda *extra, **kw: run_ssr(*common(model_dir, data_file, out, "--warmup-steps", 4, *extra), **kw)
     run("--steps", 2, "--save-every", 2)
+    # as an older ssr wrote it, before these flags existed: it ran with what are now their defaults
+    state = torch.load(out / "step_2" / "trainer.pt", weights_only=True)
+    newer = ("answer_checks", "judge_refresh", "judge_ema", "stop_on_collapse", "precision")
+    torch.save(state | {"config": {k: v for k, v in state["config"].items() if k not in newer}},
+               out / "step_2" / "trainer.pt")
     changed = run("--steps", 3, "--resume", "--group-size", 8, expect_ok=False)
     assert changed.returncode == 2 and "Traceback" not in changed.stderr
     assert changed.stderr.strip() == ("ssr: error: --resume with changed settings (--group-size 4 -> 8): resume with "
