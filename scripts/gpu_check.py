@@ -139,9 +139,11 @@ def check_decode(cpu: bool, device, dtype) -> bool:
 
 
 def check_graphs(cpu: bool, device, dtype, grid_size: tuple[int, int] | None = None) -> bool:
-    """Every (batch bucket, length bucket) the 7B preset's sampler can run, on a 1-layer model with the same
-    bucket logic: unique compiled graphs <= GRAPH_BUDGET; then the grid again, where a recompile is an error.
-    grid_size=(slots, positions) runs a smaller grid through the same code (the test suite's twin)."""
+    """Every (batch bucket, length bucket) the 7B preset's sampler can run: unique compiled graphs <= GRAPH_BUDGET;
+    then the grid again, where a recompile is an error. On CUDA the decode check's model (GPU_LAYERS layers of 7B
+    widths: inductor's cache already holds its graphs, and the 80 captures are real 7B-shape graphs); on CPU a
+    1-layer tiny model with the same bucket logic (the guards are what is under test). grid_size=(slots, positions)
+    runs a smaller grid through the same code (the test suite's twin)."""
     import torch
     from torch._dynamo.utils import counters
 
@@ -151,8 +153,10 @@ def check_graphs(cpu: bool, device, dtype, grid_size: tuple[int, int] | None = N
 
     c = preset_7b()
     slots, positions = grid_size or (sampler_slots(c, 8), cache_positions(c))
-    cfg = ModelConfig(arch="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    cfg = (ModelConfig(arch="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=16) if cpu else
+           ModelConfig(arch="qwen2", num_hidden_layers=GPU_LAYERS, num_attention_heads=HEADS,
+                       num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, **GPU_WIDTHS))
     sampler = Sampler(random_model(cfg, device, dtype), slots, positions, device, dtype, decode="compiled")
     lengths = [min(k * GRAPH_LEN_STEP, positions) for k in range(1, math.ceil(positions / GRAPH_LEN_STEP) + 1)]
     grid = [(b, L) for b in batch_buckets(slots) for L in lengths]
@@ -270,16 +274,14 @@ def check_cold_start(cpu: bool, device, dtype) -> bool:
     wide = lambda layers: random_model(ModelConfig(arch="qwen2", num_hidden_layers=layers, num_attention_heads=HEADS,
                                                    num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, **GPU_WIDTHS),
                                        "cpu", torch.bfloat16)
-    graphs_cfg = ModelConfig(arch="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                             num_attention_heads=2, num_key_value_heads=1, head_dim=16)
     two_buckets = [(1, 16), (3, 32)]  # batch 1 is its own graph: every sampler compiles twice
     # the core steps' compiled samplers on a GPU: tests 4 (greedy vs HF, bf16, in-place updates x 2), defaults 1 (the
-    # smoke model), sampler: decode and memory at GPU_LAYERS layers of 7B width, graphs at 1 tiny layer
+    # smoke model), sampler 3 (decode, graphs and memory, each a Sampler of the same GPU_LAYERS-layer 7B-width model)
+    seven_b = wide(GPU_LAYERS)
     measured = {"tests": [front_end(tiny, two_buckets) for _ in range(4)],
                 "defaults": [front_end(smoke_model, two_buckets)],
-                "sampler": [front_end(wide(GPU_LAYERS), two_buckets, sampler_slots(c, 8), cache_positions(c)),
-                            front_end(random_model(graphs_cfg, "cpu", torch.bfloat16), two_buckets),
-                            front_end(wide(GPU_LAYERS), two_buckets, sampler_slots(c, 8), cache_positions(c))]}
+                "sampler": [front_end(seven_b, two_buckets, sampler_slots(c, 8), cache_positions(c))
+                            for _ in range(3)]}
     processes = {"tests": 1, "fsdp": 2, "defaults": 1, "sampler": 1}
     ok = True
     for step, limit in CORE_LIMITS.items():

@@ -10,8 +10,9 @@
 #               --resume for one more step (DCP load, NCCL collectives of the save and the log)
 #     defaults  python ssr.py --steps 2 --save-every 1: the smoke run with every default on (CUDA: the compiled
 #               decode step in CUDA graphs with the Triton decode kernel, the Triton log-prob head, bf16)
-#     sampler   scripts/gpu_check.py decode graphs memory, one process: the 7B-shape decode (compiled + graphs +
-#               kernel) against eager SDPA, the unique-graph count, the sampler's peak allocation against the plan
+#     sampler   scripts/gpu_check.py decode graphs memory: one process, one 2-layer model of 7B widths (inductor
+#               compiles its graphs once): the decode (compiled + graphs + kernel) against eager SDPA, the
+#               unique-graph count over the preset's bucket grid, the sampler's peak allocation against the plan
 #   extended (~7 minutes): only when every core step passed, and not with --core: the benchmarks, then every other
 #   CUDA test case
 #
