@@ -743,7 +743,7 @@ class Rollout:
     completion: Completion  # sample: the response's token ids (stopping token included), log-probs, why it ended
     response: str  # sample: the decoded response, special tokens skipped
     answer: str | None  # sample: the translation, or None when the format is invalid or an answer check failed
-    failed_check: str | None  # sample: the answer check (--answer-checks) the translation failed, if any
+    failed_check: str | None = None  # sample: the answer check (--answer-checks) the translation failed, if any
     judge_outputs: list[str] = field(default_factory=list)  # judge: the judge's outputs (none if not judged)
     judgements: list[judge.Judgement] = field(default_factory=list)  # judge: the score read from each output
     comet: float | None = None  # judge: the COMET QE score (SSR-X)
