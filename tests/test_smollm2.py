@@ -164,7 +164,8 @@ def test_judge_on_real_translations(smollm2):
     answers = [r["ref"] for r in rows] + [rows[0]["src"]]  # three references and an untranslated copy
     cfg = ssr.Config(model="smollm2", template="chat", judge_max_new_tokens=16)
     sampler = Sampler(ours, max_batch_size=4, max_seq_len=256, device="cpu", dtype=torch.float32)
-    run = SimpleNamespace(cfg=cfg, tok=tok, judge_sampler=sampler, judge_weights=None, comet=None, custom_reward=None)
+    run = SimpleNamespace(cfg=cfg, tok=tok, judge_sampler=sampler, judge_weights=None, comet=None,
+                          custom_reward=None, master=True)
     rollouts = [ssr.Rollout(row, [1], Completion([2], [0.0], "stop"), f"<think>x</think> <answer>{a}</answer>", a)
                 for row, a in zip(rows + rows[:1], answers)]
     ssr.judge_translations(run, rollouts, seed=0)
