@@ -4,13 +4,15 @@ ranked like chrF, and the step at which --stop-on-collapse would stop (or stoppe
 
     python scripts/guard_table.py out/self-a out/self-b ... --template chat --out results/guards.json
 
-Reads each run's metrics.jsonl and samples.jsonl (every rollout logged: --log-samples >= prompts x group size).
+Reads each run's metrics.jsonl and samples.jsonl, or samples.jsonl.gz as results/ keeps it (every rollout logged:
+--log-samples >= prompts x group size).
 The placeholder share is read from the responses themselves (judge.check_answer's rule on the extracted answer),
 so it is comparable between a run that refused placeholders and one that rewarded them.
 """
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import statistics
 import sys
@@ -18,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules, run from anywhere
 import judge  # noqa: E402
-from data import DataError, read_jsonl  # noqa: E402
+from data import DataError, parse_jsonl, read_jsonl  # noqa: E402
 from ssr import COLLAPSE_AT  # noqa: E402
 
 WINDOW = 10
@@ -40,7 +42,9 @@ def collapse_step(metrics: list[dict], patience: int) -> int | None:
 
 def summarize(run: Path, template: str, patience: int) -> dict:
     metrics = [row for _, row in read_jsonl(run / "metrics.jsonl", drop_cut_last=True)]
-    samples = [row for _, row in read_jsonl(run / "samples.jsonl", drop_cut_last=True)]
+    packed = run / "samples.jsonl.gz"
+    samples = [row for _, row in (parse_jsonl(packed, gzip.decompress(packed.read_bytes()), drop_cut_last=True)
+                                  if packed.exists() else read_jsonl(run / "samples.jsonl", drop_cut_last=True))]
     windows = []
     for start in range(1, metrics[-1]["step"] + 1, WINDOW):
         steps = range(start, start + WINDOW)
