@@ -1,11 +1,14 @@
 """A training run's curves as one PNG: metrics.jsonl (one line a step, written by ssr.py) drawn as a grid of
-small panels, several runs overlaid and labelled by their directory.
+small panels, several runs overlaid: one colour a run, named in the first panel's legend by the shortest tail of
+its path that tells the runs apart (`self-a`, or `seed0/run` and `seed1/run`).
 
     python plot.py out/smollm2-judge out/smollm2-ref --out curves.png
 
 matplotlib is a dev dependency (requirements-dev.txt), not a training one: only this file imports it.
 A metric a run did not log (an SSR run has no ref_metric_mean; a step with nothing judged logs null) is
-left out of that run's line; a panel no run has a value for is left out of the grid.
+left out of that run's line; a panel no run has a value for is left out of the grid. A panel of several metrics
+(the judge's failure kinds, the answer checks) tells them apart by line style, in its own legend, and leaves out a
+metric that is 0 in every run: six runs x seven failure kinds would otherwise be 42 lines, most of them flat at 0.
 """
 from __future__ import annotations
 
@@ -63,6 +66,16 @@ def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [s for s, _ in points], [v for _, v in points]
 
 
+def run_labels(run_dirs: list[Path]) -> list[str]:
+    """The shortest tail of each run's path that tells the runs apart: `self-a`, or `s0/run` and `s1/run`."""
+    parts = [Path(os.path.abspath(d)).parts for d in run_dirs]
+    for k in range(1, max(map(len, parts)) + 1):
+        labels = ["/".join(p[-k:]).lstrip("/") or "/" for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    raise PlotError(f"{run_dirs[0]}: the same run given twice")
+
+
 def plot(run_dirs: list[Path], out_arg: str):
     out = Path(out_arg)
     if not out.name:  # '', '.' or '/': nothing to write to
@@ -71,35 +84,46 @@ def plot(run_dirs: list[Path], out_arg: str):
         raise PlotError(f"--out {out}: is a directory; give the PNG to write, e.g. {out / 'curves.png'}")
     if not out.parent.is_dir():
         raise PlotError(f"--out {out}: no such directory {out.parent}")
-    runs = {str(d): read_metrics(d) for d in run_dirs}
+    runs = dict(zip(run_labels(run_dirs), (read_metrics(d) for d in run_dirs)))
 
     import matplotlib  # after the checks: bad input is refused without loading it
     matplotlib.use("Agg")  # files only: no display on a training box
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
-    panels = {title: keys for title, keys in PANELS.items()
-              if any(series(rows, k)[0] for rows in runs.values() for k in keys)}
+    def drawn(key, several):  # a key with a value in some run; in a panel of several keys, a value other than 0
+        return any(any(v != 0 for v in series(rows, key)[1]) if several else series(rows, key)[0]
+                   for rows in runs.values())
+
+    panels = {title: [k for k in keys if drawn(k, len(keys) > 1)] for title, keys in PANELS.items()}
+    panels = {title: keys for title, keys in panels.items() if keys}
     if not panels:
         raise PlotError(f"{', '.join(runs)}: no metric to draw")
     cols = min(3, len(panels))
     nrows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 2.8 * nrows), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (title, keys) in zip(axes.flat, panels.items()):
-        for i, (label, rows) in enumerate(runs.items()):
-            for style, key in zip(STYLES, keys):
+    styles = {key: STYLES[keys.index(key)] for keys in PANELS.values() for key in keys}  # fixed per key, any run set
+    for n, (ax, (title, keys)) in enumerate(zip(axes.flat, panels.items())):
+        for i, rows in enumerate(runs.values()):
+            for key in keys:
                 steps, values = series(rows, key)
                 if steps:
-                    name = label if len(keys) == 1 else f"{label}: {key.removeprefix('judge_')}"
-                    ax.plot(steps, values, linestyle=style, color=colors[i % len(colors)], label=name, lw=1.3)
+                    ax.plot(steps, values, linestyle=styles[key], color=colors[i % len(colors)], lw=1.3)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-        if len(keys) > 1 or len(runs) > 1:
-            ax.legend(fontsize=6)
+        handles = []
+        if n == 0 and len(runs) > 1:  # which colour is which run: once, in the first panel
+            handles += [Line2D([], [], color=colors[i % len(colors)], label=label) for i, label in enumerate(runs)]
+        if len(keys) > 1:  # which line style is which metric: in the panel that draws several
+            handles += [Line2D([], [], color="grey", linestyle=styles[key], label=key.removeprefix("judge_")
+                               .removeprefix("answer_check_")) for key in keys]
+        if handles:
+            ax.legend(handles=handles, fontsize=6)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     fig.tight_layout()

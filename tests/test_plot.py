@@ -112,3 +112,25 @@ def test_a_full_disk_at_savefig_is_one_line_and_leaves_nothing(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.splitlines() == [f"plot: error: --out {out}: cannot write it (File too large)"]
     assert not out.exists() and not (tmp_path / "curves.png.tmp").exists()
+
+
+def test_runs_are_named_by_the_shortest_tail_that_tells_them_apart(tmp_path):
+    from plot import PlotError, run_labels
+
+    assert run_labels([tmp_path / "self-a", tmp_path / "self-b"]) == ["self-a", "self-b"]
+    assert run_labels([tmp_path / "s0" / "run", tmp_path / "s1" / "run"]) == ["s0/run", "s1/run"]
+    with pytest.raises(PlotError, match="the same run given twice"):
+        run_labels([tmp_path / "run", tmp_path / "x" / ".." / "run"])
+
+
+def test_a_metric_at_0_in_every_run_is_left_out_of_a_panel_of_several(tmp_path):
+    """Seven judge failure kinds a run: only those that ever happened are drawn (and named in the legend); a panel
+    of one metric keeps it at 0 (a zero-spread rate of 0 is news)."""
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    run = write_run(tmp_path / "run", [{"step": s, "judge_parse_failure_rate": 0.0, "judge_fail_no_tags": 0.0,
+                                        "zero_spread_groups": 0.0} for s in range(1, 4)])
+    assert run_plot(run, "--out", tmp_path / "x.png").returncode == 0
+    with Image.open(tmp_path / "x.png") as image:  # the failures panel (every key 0) is gone: one panel is left
+        assert image.size == (336, 224)
