@@ -1,13 +1,15 @@
-"""Self-rewarding runs, ten steps at a time: how often the actor answered with the template's placeholder, how often
-each answer check refused an answer, how often the judge failed, how often groups tied, whether the judge still
+"""Self-rewarding runs, ten steps at a time: how often the actor answered with the template's placeholder, a copy of
+its source or another language than the target, how often each answer check refused an answer, how often the judge failed, how often groups tied, whether the judge still
 ranked like chrF, and the step at which --stop-on-collapse would stop (or stopped) the run. RESULTS.md section 6.
 
     python scripts/guard_table.py out/self-a out/self-b ... --template chat --out results/guards.json
 
 Reads each run's metrics.jsonl and samples.jsonl, or samples.jsonl.gz as results/ keeps it (every rollout logged:
 --log-samples >= prompts x group size).
-The placeholder share is read from the responses themselves (judge.check_answer's rule on the extracted answer),
-so it is comparable between a run that refused placeholders and one that rewarded them.
+The placeholder, copy and language shares are read from the responses themselves (judge.check_answer's rules on
+the extracted answer, each counted under the first it fails; a response with no answer counts as none of them), so they compare a run that refused such
+answers with one that rewarded them, or one that never checked (a reference-reward run). The `fails <check>`
+columns are what a run's own --answer-checks refused, from its metrics.jsonl.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from data import DataError, parse_jsonl, read_jsonl  # noqa: E402
 from ssr import COLLAPSE_AT  # noqa: E402
 
 WINDOW = 10
+READ_RULES = ("placeholder", "copy", "lang")  # judge.check_answer's rules applied to every logged answer
 
 
 def mean(values) -> float | None:
@@ -51,13 +54,15 @@ def summarize(run: Path, template: str, patience: int) -> dict:
         ms = [m for m in metrics if m["step"] in steps]
         rollouts = [s for s in samples if s["step"] in steps]
         answers = [judge.extract_answer(s["response"]) for s in rollouts]
-        placeholder = [a is not None and judge.check_answer(a, s["src"], s["src_lang"], s["tgt_lang"],
-                                                           ("placeholder",), template) is not None
-                       for a, s in zip(answers, rollouts)]
+        # the first rule each answer fails, in check_answer's order: a copied English source is a copy, not also
+        # a wrong language, so the shares add up
+        first = [a and judge.check_answer(a, s["src"], s["src_lang"], s["tgt_lang"], READ_RULES, template)
+                 for a, s in zip(answers, rollouts)]
+        read = {rule: mean(f == rule for f in first) for rule in READ_RULES}
         windows.append({
             "steps": f"{start}-{ms[-1]['step']}",
             "rollouts": len(rollouts),
-            "placeholder": mean(placeholder),
+            **read,
             **{f"fail_{c}": mean(m.get(f"answer_check_fail_{c}") for m in ms) for c in judge.ANSWER_CHECKS
                if any(f"answer_check_fail_{c}" in m for m in ms)},
             "format_valid": mean(m["format_valid_rate"] for m in ms),
@@ -70,21 +75,21 @@ def summarize(run: Path, template: str, patience: int) -> dict:
             "windows": windows}
 
 
-def markdown(summaries: list[dict]) -> str:
+def markdown(summaries: list[dict], patience: int = 20) -> str:
     fmt = lambda v: "–" if v is None else f"{v:.2f}"
     checks = [c for c in judge.ANSWER_CHECKS if any(f"fail_{c}" in w for s in summaries for w in s["windows"])]
-    head = ["run", "steps", "placeholder", *(f"fails {c}" for c in checks), "valid", "judge fails", "zero-spread",
+    head = ["run", "steps", "placeholder", "copy", "wrong lang", *(f"fails {c}" for c in checks), "valid", "judge fails", "zero-spread",
             "judge~chrF (pairs)"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for s in summaries:
         for w in s["windows"]:
-            lines.append("| " + " | ".join([s["run"], w["steps"], fmt(w["placeholder"]),
+            lines.append("| " + " | ".join([s["run"], w["steps"], *(fmt(w[rule]) for rule in READ_RULES),
                                             *(fmt(w.get(f"fail_{c}")) for c in checks), fmt(w["format_valid"]),
                                             fmt(w["judge_parse_failure"]), fmt(w["zero_spread"]),
                                             f"{fmt(w['self_ref_pairwise'])} ({w['self_ref_pairs']})"]) + " |")
     lines.append("")
-    lines += [f"- {s['run']}: {s['steps']} steps; --stop-on-collapse 20 stops it after step {s['collapse_stop']}"
-              if s["collapse_stop"] else f"- {s['run']}: {s['steps']} steps; --stop-on-collapse 20 never stops it"
+    lines += [f"- {s['run']}: {s['steps']} steps; --stop-on-collapse {patience} stops it after step {s['collapse_stop']}"
+              if s["collapse_stop"] else f"- {s['run']}: {s['steps']} steps; --stop-on-collapse {patience} never stops it"
               for s in summaries]
     return "\n".join(lines) + "\n"
 
@@ -100,7 +105,7 @@ def main(argv=None):
         summaries = [summarize(run, args.template, args.patience) for run in args.runs]
     except DataError as e:
         sys.exit(f"guard_table: error: {e}")
-    print(markdown(summaries), end="")
+    print(markdown(summaries, args.patience), end="")
     if args.out:
         args.out.write_text(json.dumps(summaries, indent=1) + "\n")
 
