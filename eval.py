@@ -560,8 +560,11 @@ def judge_quality(models: dict[str, str], sets: list[TestSet], out: Path, args):
                                  batch_size=args.batch_size, group_size=k, decode=args.decode,
                                  desc=f"{label} {ts.name} candidates")
                 candidates = [[r["hyp"] for r in made[i * k:(i + 1) * k]] for i in range(len(ts.srcs))]
-            replace_file(folder / "candidates.jsonl", jsonl([{"src": s, "candidates": c}
-                                                              for s, c in zip(ts.srcs, candidates)]))
+            written = folder / "candidates.jsonl"
+            # --candidates may be this very file (a rerun into the same --out with another judge): it is the input,
+            # possibly holding other sets' sources too, so it is left as it is rather than cut down to this set
+            if given is None or not (written.exists() and written.samefile(args.candidates)):
+                replace_file(written, jsonl([{"src": s, "candidates": c} for s, c in zip(ts.srcs, candidates)]))
             judged = self_judge(model, tok, [s for s in ts.srcs for _ in range(k)], [c for cs in candidates for c in cs],
                                 ts.src_lang, ts.tgt_lang, groups=[i for i in range(len(ts.srcs)) for _ in range(k)],
                                 mode=mode, score=score, template=args.template, think_prefill=args.think_prefill,

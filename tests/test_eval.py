@@ -750,6 +750,14 @@ def test_judge_quality_end_to_end(tiny_model_dir, tmp_path, monkeypatch, capsys)
     baseline = json.loads((out / "judge-quality-pointwise-expected.json").read_text())[1]
     assert baseline["judge"] == "length closest to source"
     assert (baseline["accuracy"], baseline["pairs"], baseline["agree"]) == (1.0, 15, 15)
+    # a rerun with another judge that reads its own output as --candidates: the file is its input, and a source of
+    # another set in it (which this run ignores) survives the run
+    own = out / label / "test" / "candidates.jsonl"
+    own.write_text(own.read_text() + json.dumps({"src": "A source of another set.", "candidates": ["x"] * 3}) + "\n")
+    before = own.read_bytes()
+    assert ev.main(argv + ["--judge-mode", "group", "--candidates", str(own), "--out", str(out)]) == 0
+    assert own.read_bytes() == before
+    capsys.readouterr()
     # bad candidates: one line naming the file and line
     candidates.write_text('{"src": "x", "candidates": ["a"]}\n')
     assert ev.main(argv + ["--candidates", str(candidates), "--out", str(tmp_path / "bad")]) == 2
