@@ -84,6 +84,9 @@ def plot(run_dirs: list[Path], out_arg: str):
         raise PlotError(f"--out {out}: is a directory; give the PNG to write, e.g. {out / 'curves.png'}")
     if not out.parent.is_dir():
         raise PlotError(f"--out {out}: no such directory {out.parent}")
+    for d in run_dirs:  # the PNG must not replace what it is drawn from
+        if out.resolve() == (d / "metrics.jsonl").resolve():
+            raise PlotError(f"--out {out}: is the metrics.jsonl of run {d}; give the PNG to write, e.g. curves.png")
     runs = dict(zip(run_labels(run_dirs), (read_metrics(d) for d in run_dirs)))
 
     import matplotlib  # after the checks: bad input is refused without loading it

@@ -134,3 +134,13 @@ def test_a_metric_at_0_in_every_run_is_left_out_of_a_panel_of_several(tmp_path):
     assert run_plot(run, "--out", tmp_path / "x.png").returncode == 0
     with Image.open(tmp_path / "x.png") as image:  # the failures panel (every key 0) is gone: one panel is left
         assert image.size == (336, 224)
+
+
+def test_out_naming_a_runs_metrics_is_refused(tmp_path):
+    run = write_run(tmp_path / "run", [{"step": 1, "reward_mean": 0.5}])
+    before = (run / "metrics.jsonl").read_bytes()
+    proc = run_plot(run, "--out", run / "metrics.jsonl")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == (f"plot: error: --out {run / 'metrics.jsonl'}: is the metrics.jsonl of run {run}; "
+                                   "give the PNG to write, e.g. curves.png")
+    assert (run / "metrics.jsonl").read_bytes() == before
