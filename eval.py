@@ -431,9 +431,10 @@ def report(models: dict[str, str], sets: list[TestSet], metrics: list[Metric], o
     notes.append("- quoted: answers wrapped in quotation marks their source is not (the paper's late SSR-Zero "
                  "artifact); " + ("--strip-quotes: scored without those marks" if args.strip_quotes
                                   else "scored as written"))
-    notes.append("- fails <check>: answers the trainer's --answer-checks would refuse before judging (judge.check_answer:"
-                 " a copy of the source, the template's placeholder, another language, a length outside the pair's band,"
-                 " the wrong script), each check counted on its own; scored as written all the same")
+    notes.append("- fails <check>: answers the trainer's --answer-checks would refuse before judging "
+                 "(judge.check_answer: a copy of the source, the template's placeholder, another language, a length "
+                 "outside the pair's band, the wrong script), each check counted on its own; scored as written all "
+                 "the same")
     if args.plain_labels:
         notes.append("- prompt plain: a bare translation request, the whole response is the translation (empty: a "
                      "failed extraction)")

@@ -1,14 +1,16 @@
 """Self-rewarding runs, ten steps at a time: how often the actor answered with the template's placeholder, a copy of
-its source or another language than the target, how often each answer check refused an answer, how often the judge failed, how often groups tied, whether the judge still
-ranked like chrF, and the step at which --stop-on-collapse would stop (or stopped) the run. RESULTS.md section 6.
+its source or another language than the target, how often each answer check refused an answer, how often the judge
+failed, how often groups tied, whether the judge still ranked like chrF, and the step at which --stop-on-collapse
+would stop (or stopped) the run. RESULTS.md section 6.
 
     python scripts/guard_table.py out/self-a out/self-b ... --template chat --out results/guards.json
 
 Reads each run's metrics.jsonl and samples.jsonl, or samples.jsonl.gz as results/ keeps it (every rollout logged:
 --log-samples >= prompts x group size).
 The placeholder, copy and language shares are read from the responses themselves (judge.check_answer's rules on
-the extracted answer, each counted under the first it fails; a response with no answer counts as none of them), so they compare a run that refused such
-answers with one that rewarded them, or one that never checked (a reference-reward run). The `fails <check>`
+the extracted answer, each counted under the first it fails; a response with no answer counts as none of them), so
+they compare a run that refused such answers with one that rewarded them, or one that never checked (a
+reference-reward run). The `fails <check>`
 columns are what a run's own --answer-checks refused, from its metrics.jsonl.
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules, run from anywhere
 import judge  # noqa: E402
 from data import DataError, parse_jsonl, read_jsonl  # noqa: E402
-from ssr import COLLAPSE_AT  # noqa: E402
+from ssr import COLLAPSE_AT, collapse_metric  # noqa: E402
 
 WINDOW = 10
 READ_RULES = ("placeholder", "copy", "lang")  # judge.check_answer's rules applied to every logged answer
@@ -35,12 +37,9 @@ def mean(values) -> float | None:
 
 
 def collapse_step(metrics: list[dict], patience: int) -> int | None:
-    """The first step after which the last `patience` steps all met a COLLAPSE_AT threshold (ssr.collapse_metric)."""
-    for end in range(patience, len(metrics) + 1):
-        recent = metrics[end - patience:end]
-        if any(all(m.get(k) is not None and m[k] >= t for m in recent) for k, t in COLLAPSE_AT.items()):
-            return recent[-1]["step"]
-    return None
+    """The first step at which the trainer's own rule (ssr.collapse_metric) stops, or would stop, the run."""
+    signal = [{k: m.get(k) for k in COLLAPSE_AT} for m in metrics]
+    return next((m["step"] for end, m in enumerate(metrics, 1) if collapse_metric(signal[:end], patience)), None)
 
 
 def summarize(run: Path, template: str, patience: int) -> dict:
@@ -78,8 +77,8 @@ def summarize(run: Path, template: str, patience: int) -> dict:
 def markdown(summaries: list[dict], patience: int = 20) -> str:
     fmt = lambda v: "–" if v is None else f"{v:.2f}"
     checks = [c for c in judge.ANSWER_CHECKS if any(f"fail_{c}" in w for s in summaries for w in s["windows"])]
-    head = ["run", "steps", "placeholder", "copy", "wrong lang", *(f"fails {c}" for c in checks), "valid", "judge fails", "zero-spread",
-            "judge~chrF (pairs)"]
+    head = ["run", "steps", "placeholder", "copy", "wrong lang", *(f"fails {c}" for c in checks), "valid",
+            "judge fails", "zero-spread", "judge~chrF (pairs)"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for s in summaries:
         for w in s["windows"]:
@@ -88,8 +87,8 @@ def markdown(summaries: list[dict], patience: int = 20) -> str:
                                             fmt(w["judge_parse_failure"]), fmt(w["zero_spread"]),
                                             f"{fmt(w['self_ref_pairwise'])} ({w['self_ref_pairs']})"]) + " |")
     lines.append("")
-    lines += [f"- {s['run']}: {s['steps']} steps; --stop-on-collapse {patience} stops it after step {s['collapse_stop']}"
-              if s["collapse_stop"] else f"- {s['run']}: {s['steps']} steps; --stop-on-collapse {patience} never stops it"
+    lines += [f"- {s['run']}: {s['steps']} steps; --stop-on-collapse {patience} "
+              + (f"stops it after step {s['collapse_stop']}" if s["collapse_stop"] else "never stops it")
               for s in summaries]
     return "\n".join(lines) + "\n"
 
