@@ -100,6 +100,10 @@ def main(argv=None):
     ap.add_argument("--patience", type=int, default=20, help="--stop-on-collapse to evaluate (default 20)")
     ap.add_argument("--out", type=Path, help="also write the summaries as JSON here")
     args = ap.parse_args(argv)
+    inputs = {(run / name).resolve() for run in args.runs
+              for name in ("metrics.jsonl", "samples.jsonl", "samples.jsonl.gz")}
+    if args.out and args.out.resolve() in inputs:  # the JSON must not replace a log it summarizes
+        sys.exit(f"guard_table: error: --out {args.out}: is one of the runs' logs; give a new file, e.g. guards.json")
     try:
         summaries = [summarize(run, args.template, args.patience) for run in args.runs]
     except DataError as e:

@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 import guard_table  # noqa: E402
@@ -50,3 +52,12 @@ def test_ten_step_windows_and_the_collapse_stop(tmp_path):
     assert packed["collapse_stop"] is None and packed["windows"][1]["placeholder"] == 0.0
     table = guard_table.markdown([hacked, packed])
     assert "| hacked | 11-20 | 0.50 | 0.25 | 0.25 |" in table and "stops it after step 23" in table and "never stops it" in table
+
+
+def test_out_naming_a_runs_log_is_refused(tmp_path):
+    write_run(tmp_path / "run", steps=3, placeholder_from=30, dead_from=30)
+    for log in ("metrics.jsonl", "samples.jsonl"):
+        before = (tmp_path / "run" / log).read_bytes()
+        with pytest.raises(SystemExit, match=f"--out .*{log}: is one of the runs' logs"):
+            guard_table.main([str(tmp_path / "run"), "--out", str(tmp_path / "run" / log)])
+        assert (tmp_path / "run" / log).read_bytes() == before
