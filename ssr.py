@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import json
 import math
@@ -933,6 +934,12 @@ def train(cfg: Config, held: contextlib.ExitStack | None = None):
                  if cfg.preset == "smoke" else ""))
         if compiled := compile_report():  # a cold start's cost: every process compiles the decode step anew
             print(compiled)
+    # The model goes before the process group. DDP's Reducer holds a reference to the group: freed after
+    # destroy_process_group, it drops the group's last reference while holding the GIL, and gloo's destructor then
+    # joins a worker thread that may be waiting for the GIL to free a finished all-reduce's tensors: a hang at exit
+    # (pytorch/pytorch#56297; it hung a 2-rank test of this repo). DDP sits in reference cycles, hence the collect.
+    del run
+    gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
 

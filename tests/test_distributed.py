@@ -1,6 +1,7 @@
 """distributed.py on 2 ranks (gloo, CPU, real FSDP2): sharded loading equals a plain load, and the weight sync and
 the checkpoint save hold at most one gathered tensor besides the one being gathered (counted, not assumed); every
-collective the training loop makes takes a tensor on the run's device, as NCCL requires."""
+collective the training loop makes takes a tensor on the run's device, as NCCL requires; the trainer frees its
+model before it destroys the process group (a hang at exit otherwise)."""
 import json
 import os
 import sys
@@ -8,6 +9,7 @@ import time
 import weakref
 from pathlib import Path
 
+import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
@@ -145,6 +147,28 @@ def record_collectives(calls: list):
         setattr(dist, name, wrap(name, getattr(dist, name)))
 
 
+def record_model_alive_at_destroy(ssr, alive: list):
+    """Keep a weak reference to the model the trainer wraps (DDP or FSDP2) and, when it destroys the process group,
+    append whether that model is still alive. A DDP Reducer that outlives the group frees the group's last reference
+    with the GIL held and can deadlock in gloo's destructor (pytorch/pytorch#56297). It hung test_grpo's 2-rank DDP
+    test in CI, and 4 of 24 repeats of it after test_gpu_check (none of 30 run alone): a race, too rare to catch by
+    running it once, so this records its precondition."""
+    import torch.distributed as dist
+
+    models, real_load, real_destroy = [], ssr.load_trainer_model, dist.destroy_process_group
+
+    def load_trainer_model(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        models.append(weakref.ref(model))
+        return model
+
+    def destroy_process_group(*args, **kwargs):
+        alive.append(any(ref() is not None for ref in models))
+        return real_destroy(*args, **kwargs)
+
+    ssr.load_trainer_model, dist.destroy_process_group = load_trainer_model, destroy_process_group
+
+
 def _train_worker(rank, port, model_dir, out_dir, args):
     import smoke
     import ssr
@@ -158,20 +182,24 @@ def _train_worker(rank, port, model_dir, out_dir, args):
         os.rename(model_dir + ".tmp", model_dir)
     while not os.path.exists(model_dir):  # run_ranks' timeout bounds the wait
         time.sleep(0.1)
-    calls = []
+    calls, alive_at_destroy = [], []
     record_collectives(calls)
+    record_model_alive_at_destroy(ssr, alive_at_destroy)
     with RunDeviceTracker(torch.device("cpu")):
         ssr.main(["--model", model_dir, "--data", data, "--out-dir", out_dir, *args])
     Path(out_dir, f"collectives_{rank}.json").write_text(json.dumps(calls))
+    Path(out_dir, f"alive_at_destroy_{rank}.json").write_text(json.dumps(alive_at_destroy))
 
 
-def test_every_collective_of_the_training_loop_is_on_the_run_device(tmp_path):
-    """2 ranks of the FSDP2 training loop (sample, update, log, save): each collective of ours takes device tensors.
-    The save's failure flag once was a bare torch.tensor([...]): a CPU tensor that NCCL refuses at the first
-    checkpoint."""
-    args = ["--dist", "fsdp", "--steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "8",
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+def test_training_loop_collectives_on_device_and_model_freed_before_the_group(tmp_path, mode):
+    """2 ranks of the training loop (sample, update, log, save): each collective of ours takes device tensors, and
+    the trainer's model is gone when the process group is destroyed. The save's failure flag once was a bare
+    torch.tensor([...]): a CPU tensor that NCCL refuses at the first checkpoint. The DDP model once outlived the
+    group: a hang at exit that a CI run met (see record_model_alive_at_destroy)."""
+    args = ["--dist", mode, "--steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "8",
             "--micro-batch-size", "4", "--sampler-batch-size", "4", "--reward", "judge:letter_share_reward",
-            "--judge-ema", "0.5"]  # the lagging judge's snapshot: DTensor shards, a momentum step, gathered to judge
+            "--judge-ema", "0.5"]  # the lagging judge: a snapshot (DTensor shards under fsdp), a momentum step
     model_dir, out = tmp_path / "model", tmp_path / "out"
     run_ranks(_train_worker, (free_port(), str(model_dir), str(out), args), timeout=240)
     for rank in (0, 1):
@@ -179,6 +207,7 @@ def test_every_collective_of_the_training_loop_is_on_the_run_device(tmp_path):
         sites = {site.split(":")[0] for site, _ in calls}
         assert {"ssr.py", "grpo.py", "distributed.py"} <= sites, calls  # the log, the update and the save ran
         assert all(on_device for _, on_device in calls), [site for site, on_device in calls if not on_device]
+        assert json.loads((out / f"alive_at_destroy_{rank}.json").read_text()) == [False], rank
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """grpo.py against formulas written out independently here, and the invariances the trainer relies on:
 the update's gradients do not depend on how the batch is split into micro-batches, mini-batches or ranks."""
+import gc
 import math
 
 import pytest
@@ -370,6 +371,8 @@ def _ddp_worker(rank, port, tiny, out):
         results[loss_agg] = {"params": [p.detach().clone() for p in model.parameters()], "stats": stats}
     if rank == 0:
         torch.save(results, out)
+    del ddp  # before the group, as ssr.train does: a Reducer that outlives it can hang the exit (see there)
+    gc.collect()
     dist.destroy_process_group()
 
 
