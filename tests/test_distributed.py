@@ -175,6 +175,9 @@ def _train_worker(rank, port, model_dir, out_dir, args):
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
+    # the gloo twin of a GPU run, on any host: on a GPU machine the trainer would take cuda:RANK over NCCL (2 ranks
+    # on 1 GPU fail) and every tensor would be on a device RunDeviceTracker(cpu) does not follow
+    torch.cuda.is_available = lambda: False
     torch.set_num_threads(1)
     data = str(ROOT / "data" / "sample.jsonl")
     if rank == 0:  # built here, not in the parent: forking after the tokenizers library has run can crash
