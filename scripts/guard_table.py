@@ -10,8 +10,8 @@ Reads each run's metrics.jsonl and samples.jsonl, or samples.jsonl.gz as results
 The placeholder, copy and language shares are read from the responses themselves (judge.check_answer's rules on
 the extracted answer, each counted under the first it fails; a response with no answer counts as none of them), so
 they compare a run that refused such answers with one that rewarded them, or one that never checked (a
-reference-reward run). The `fails <check>`
-columns are what a run's own --answer-checks refused, from its metrics.jsonl.
+reference-reward run). The `fails <check>` columns are what a run's own --answer-checks refused, from its
+metrics.jsonl.
 """
 from __future__ import annotations
 
