@@ -296,7 +296,7 @@ def check_cold_start(cpu: bool, device, dtype) -> bool:
 
 
 # scripts/gpu_checks.sh's core step limits on a GPU, seconds (kept equal there; check_cold_start sizes them)
-CORE_LIMITS = {"tests": 60, "fsdp": 40, "defaults": 35, "sampler": 60}
+CORE_LIMITS = {"tests": 60, "fsdp": 35, "defaults": 35, "sampler": 65}
 CHECKS = {"decode": check_decode, "graphs": check_graphs, "memory": check_memory, "cold-start": check_cold_start}
 
 

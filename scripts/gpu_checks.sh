@@ -179,9 +179,9 @@ export -f smoke_run tests metrics_steps fsdp defaults sampler_checks bench
     python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
     echo "--- core"
     step tests 60 900 tests
-    step fsdp 40 900 fsdp
+    step fsdp 35 900 fsdp
     step defaults 35 900 defaults
-    step sampler 60 1800 sampler_checks
+    step sampler 65 1800 sampler_checks
     if [ "$cpu" = 1 ]; then  # what sizes the core's GPU limits: each step's host work, measured here
         step cold-start 0 1800 "python scripts/gpu_check.py cold-start --cpu"
     fi
